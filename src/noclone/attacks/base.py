@@ -1,0 +1,204 @@
+"""What every personalization attack shares: its config, the subject data, the DreamBooth loss, the run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from noclone.data.images import file_sha256, load_image_folder
+from noclone.errors import NocloneError
+from noclone.training.data import LatentSet, SubjectData, pipeline_resolution
+from noclone.training.diffusion import diffusion_loss, encode_prompts, step_generator
+from noclone.training.loop import LoopConfig, run_training
+
+log = logging.getLogger(__name__)
+
+MIN_SUBJECT_IMAGES = 2
+
+
+@dataclass
+class PersonalizationConfig:
+    """Settings of one personalization run; defaults are tuned for the sandbox model (64 px)."""
+
+    class_noun: str = "person"
+    token: str = "sks"
+    template: str = "a photo of {token} {class_noun}"
+    class_template: str = "a photo of a {class_noun}"
+    steps: int = 200
+    lr: float = 2e-4
+    batch_size: int = 4
+    seed: int = 0
+    prior_preservation: bool = True
+    prior_weight: float = 1.0
+    num_class_images: int = 50
+    class_image_steps: int = 25
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None
+    lora_rank: int = 4
+    lora_alpha: float | None = None
+    checkpoint_every: int = 50
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def instance_prompt(self) -> str:
+        return self.template.format(token=self.token, class_noun=self.class_noun)
+
+    @property
+    def class_prompt(self) -> str:
+        return self.class_template.format(class_noun=self.class_noun)
+
+    def fingerprint(self) -> str:
+        fields = {k: v for k, v in asdict(self).items() if k not in ("progress", "checkpoint_every", "steps")}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise NocloneError("--steps and --batch-size must be at least 1")
+        if not (0 < self.lr < 1):
+            raise NocloneError(f"--lr {self.lr} is outside (0, 1)")
+        if not self.token.strip() or " " in self.token:
+            raise NocloneError(f"--token {self.token!r} must be one non-empty word")
+
+
+def load_subject_images(folder: str | Path, min_count: int = MIN_SUBJECT_IMAGES):
+    """The subject's photos (one clear error per bad file), as (paths, images)."""
+    loaded = load_image_folder(folder, min_count=min_count)
+    return [p for p, _ in loaded], [im for _, im in loaded]
+
+
+def subject_fingerprint(paths) -> list[str]:
+    """Hashes of the subject's photos, never the photos themselves."""
+    return [file_sha256(p) for p in paths]
+
+
+def build_subject_data(pipe, images, config: PersonalizationConfig, class_cache: Path | None = None) -> SubjectData:
+    from noclone.class_images import class_images
+
+    resolution = pipeline_resolution(pipe)
+    instance = LatentSet.from_images(pipe.vae, images, config.instance_prompt, resolution)
+    prior = None
+    if config.prior_preservation:
+        priors = class_images(pipe, config.class_prompt, config.num_class_images, seed=config.seed,
+                              steps=config.class_image_steps, cache=class_cache, progress=config.progress)
+        prior = LatentSet.from_images(pipe.vae, priors, config.class_prompt, resolution)
+    return SubjectData(instance, prior)
+
+
+def dreambooth_loss(unet, text_encoder, tokenizer, scheduler, data: SubjectData, generator: torch.Generator,
+                    batch_size: int, prior_weight: float = 1.0, cond_cache: dict | None = None) -> dict[str, torch.Tensor]:
+    """L_per = L_simple(instance) + prior_weight * L_ppl(class): the DreamBooth objective (shared with defences)."""
+
+    def cond(prompt: str) -> torch.Tensor:
+        if cond_cache is not None and not text_encoder.training and prompt in cond_cache:
+            return cond_cache[prompt]
+        with torch.set_grad_enabled(any(p.requires_grad for p in text_encoder.parameters())):
+            hidden = encode_prompts(text_encoder, tokenizer, [prompt])
+        if cond_cache is not None and not hidden.requires_grad:
+            cond_cache[prompt] = hidden
+        return hidden
+
+    latents = data.instance.batch(generator, batch_size)
+    instance_cond = cond(data.instance.prompt).expand(batch_size, -1, -1)
+    loss_instance = diffusion_loss(unet, scheduler, latents, instance_cond, generator)
+    out = {"loss": loss_instance, "instance": loss_instance}
+    if data.prior is not None and prior_weight > 0:
+        prior_latents = data.prior.batch(generator, batch_size)
+        prior_cond = cond(data.prior.prompt).expand(batch_size, -1, -1)
+        loss_prior = diffusion_loss(unet, scheduler, prior_latents, prior_cond, generator)
+        out["loss"] = loss_instance + prior_weight * loss_prior
+        out["prior"] = loss_prior
+    return out
+
+
+class Personalization(ABC):
+    """Base of DreamBooth / LoRA / textual inversion: subclasses choose what trains and how it is saved."""
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, config: PersonalizationConfig):
+        config.validate()
+        self.config = config
+
+    # --- subclass hooks ---
+    @abstractmethod
+    def prepare(self, pipe) -> list[tuple[str, torch.nn.Parameter]]:
+        """Set requires_grad and return the named trainable parameters."""
+
+    def optimizer(self, params: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for _, p in params], lr=self.config.lr, weight_decay=1e-2)
+
+    @abstractmethod
+    def save(self, pipe, out: Path, card: dict) -> None:
+        """Write the personalized result (a pipeline directory or adapter weights) atomically to `out`."""
+
+    def after_step(self, pipe, step: int) -> None:
+        pass
+
+    # --- the shared run ---
+    def train(self, pipe, images, checkpoint_dir: Path | None = None, class_cache: Path | None = None) -> list[dict]:
+        """Fine-tune `pipe` in place on the subject's images; returns the loss history."""
+        config = self.config
+        torch.manual_seed(config.seed)
+        pipe.vae.requires_grad_(False)
+        pipe.unet.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        data = build_subject_data(pipe, images, config, class_cache)
+        params = self.prepare(pipe)
+        optimizer = self.optimizer(params)
+        cond_cache: dict = {}
+
+        def step_fn(step: int) -> dict[str, torch.Tensor]:
+            generator = step_generator(config.seed, step, self.name)
+            return dreambooth_loss(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, data, generator,
+                                   config.batch_size, config.prior_weight if config.prior_preservation else 0.0,
+                                   cond_cache)
+
+        if checkpoint_dir is not None:
+            _check_checkpoint_matches(checkpoint_dir, config)
+        history = run_training(
+            params, optimizer, step_fn,
+            LoopConfig(config.steps, checkpoint_dir, config.checkpoint_every, f"{self.name}", config.progress),
+            after_step=lambda step: self.after_step(pipe, step),
+        )
+        for module in (pipe.unet, pipe.text_encoder):
+            module.eval()
+            module.requires_grad_(False)
+        return history
+
+    def run(self, pipe, images_dir: str | Path, out: str | Path, overwrite: bool = False,
+            checkpoint_dir: str | Path | None = None) -> Path:
+        """Load photos, train with checkpoints beside `out`, save atomically, drop the checkpoints."""
+        from noclone.models.pipeline import model_fingerprint
+
+        out = Path(out)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise NocloneError(f"{out}/: output exists and is not empty (pass --overwrite to replace it)")
+        paths, images = load_subject_images(images_dir)
+        base_fingerprint = model_fingerprint(pipe)
+        ckpt = Path(checkpoint_dir) if checkpoint_dir else out.parent / f".{out.name}.checkpoint"
+        history = self.train(pipe, images, ckpt)
+        card = {
+            "method": self.name, "config": asdict(self.config), "base_model_fingerprint": base_fingerprint,
+            "subject_sha256": subject_fingerprint(paths), "instance_prompt": self.config.instance_prompt,
+            "loss_first_last": [history[0]["loss"], history[-1]["loss"]],
+        }
+        self.save(pipe, out, card)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return out
+
+
+def _check_checkpoint_matches(directory: Path, config: PersonalizationConfig) -> None:
+    marker = directory / "config_fingerprint.txt"
+    if marker.is_file() and marker.read_text().strip() != config.fingerprint():
+        raise NocloneError(f"{directory}: checkpoint belongs to a run with other settings; delete it or change --out")
+    directory.mkdir(parents=True, exist_ok=True)
+    marker.write_text(config.fingerprint())

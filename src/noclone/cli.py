@@ -1,0 +1,301 @@
+"""The `noclone` command line: every subcommand maps onto one function of the importable API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from noclone.errors import NocloneError
+
+log = logging.getLogger("noclone")
+
+
+def _quiet_third_party() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+def _model_arg(value: str) -> str:
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="sandbox", type=_model_arg,
+                   help="diffusers directory, .safetensors file, or 'sandbox' for the embedded model (default)")
+    p.add_argument("--config", help="local diffusers directory describing an original-layout single-file checkpoint")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt/.bin/.pt)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+
+
+def load_model(args: argparse.Namespace, gradient_checkpointing: bool = False):
+    from noclone.models.pipeline import load_pipeline
+    from noclone.sandbox.assets import model_dir
+
+    path = model_dir() if args.model == "sandbox" else Path(args.model)
+    return load_pipeline(path, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                         config=args.config, gradient_checkpointing=gradient_checkpointing)
+
+
+def cmd_personalize(args: argparse.Namespace) -> None:
+    from noclone.attacks import METHODS, PersonalizationConfig
+
+    config = PersonalizationConfig(
+        class_noun=args.class_noun, token=args.token, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        seed=args.seed, prior_preservation=not args.no_prior, prior_weight=args.prior_weight,
+        num_class_images=args.num_class_images, train_text_encoder=args.train_text_encoder,
+        lora_rank=args.rank, checkpoint_every=args.checkpoint_every, progress=not args.quiet,
+        **({"template": args.template} if args.template else {}),
+    )
+    if args.lr is None:
+        config.lr = DEFAULT_LR[args.method]
+    attack = METHODS[args.method](config)
+    _refuse_existing(args.out, args.overwrite)
+    pipe = load_model(args, gradient_checkpointing=args.gradient_checkpointing)
+    out = attack.run(pipe, args.images, args.out, overwrite=args.overwrite)
+    log.info("personalized model written to %s", out)
+
+
+DEFAULT_LR = {"dreambooth": 2e-4, "lora": 1e-3, "ti": 5e-3}
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from noclone.generation import GenerationConfig, generate_to_dir
+
+    _refuse_existing(args.out, args.overwrite)
+    config = GenerationConfig(n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                              scheduler=args.scheduler, batch_size=args.batch_size, negative_prompt=args.negative_prompt)
+    pipe = load_model(args)
+    if args.lora:
+        load_lora(pipe, args.lora, allow_pickle=args.allow_pickle)
+    generate_to_dir(pipe, args.prompt, args.out, config, overwrite=args.overwrite,
+                    extra_manifest={"model": str(args.model), "lora": args.lora}, progress=not args.quiet)
+    log.info("%d images written to %s", config.n * len(args.prompt), args.out)
+
+
+def load_lora(pipe, path: str, allow_pickle: bool = False) -> None:
+    """Load diffusers-format LoRA weights from a local directory or .safetensors file."""
+    lora = Path(path)
+    if not lora.exists():
+        raise NocloneError(f"{lora}: no such LoRA file or directory")
+    files = [lora] if lora.is_file() else sorted(lora.glob("*.safetensors"))
+    if not files:
+        if any(lora.glob("*.bin")) and not allow_pickle:
+            raise NocloneError(f"{lora}/: LoRA weights are pickle files (.bin); refused unless --allow-pickle is given")
+        raise NocloneError(f"{lora}/: no LoRA weights (*.safetensors) found")
+    if files[0].suffix != ".safetensors" and not allow_pickle:
+        raise NocloneError(f"{lora}: pickle LoRA file refused; pass --allow-pickle if you trust it")
+    pipe.load_lora_weights(str(files[0].parent), weight_name=files[0].name)
+
+
+def cmd_sandbox_render(args: argparse.Namespace) -> None:
+    from noclone.data.atomic import atomic_output_dir
+    from noclone.data.images import save_image
+    from noclone.sandbox import render
+
+    if not 1 <= args.n <= 10_000:
+        raise NocloneError(f"--n {args.n} must be between 1 and 10000")
+    _refuse_existing(args.out, args.overwrite)
+    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+        for photo in range(args.first_photo, args.first_photo + args.n):
+            image = render.render(args.class_noun, args.identity, photo, size=args.size)
+            save_image(image, tmp / f"{args.class_noun}_{args.identity}_{photo:04d}.png")
+    log.info("%d renders written to %s", args.n, args.out)
+
+
+def cmd_sandbox_model(args: argparse.Namespace) -> None:
+    import shutil
+
+    from noclone.data.atomic import atomic_output_dir
+    from noclone.sandbox.assets import model_dir
+
+    _refuse_existing(args.out, args.overwrite)
+    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+        shutil.copytree(model_dir(), tmp, dirs_exist_ok=True)
+    log.info("sandbox model written to %s (load with StableDiffusionPipeline.from_pretrained)", args.out)
+
+
+def cmd_sandbox_train(args: argparse.Namespace) -> None:
+    from noclone.sandbox.train import SandboxTrainConfig, train_sandbox_model
+
+    config = SandboxTrainConfig(seed=args.seed)
+    if args.quick:
+        config = SandboxTrainConfig(seed=args.seed, identities_per_class=50, photos_per_identity=2, vae_steps=20,
+                                    unet_steps=20, vae_batch=8, unet_batch=8)
+    for name in ("identities_per_class", "vae_steps", "unet_steps"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(config, name, value)
+    _refuse_existing(args.out, args.overwrite)
+    train_sandbox_model(args.out, config)
+
+
+def cmd_sandbox_train_evaluator(args: argparse.Namespace) -> None:
+    from noclone.sandbox.evaluator import train_evaluator
+
+    _refuse_existing(args.out, args.overwrite)
+    train_evaluator(args.out, seed=args.seed)
+
+
+def cmd_sandbox_validate(args: argparse.Namespace) -> None:
+    import json
+
+    from noclone.sandbox.evaluator import load_default_evaluator, validate
+
+    report = validate(load_default_evaluator(), n_identities=args.identities, seed=args.seed)
+    print(json.dumps(report, indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from noclone.eval.evaluate import evaluate_folders, print_table
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    result = evaluate_folders(args.generated, args.reference, metrics=metrics, backend=args.backend,
+                              class_noun=args.class_noun, json_out=args.json)
+    print_table(result)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from noclone.demo import DemoConfig, run_demo
+
+    out = run_demo(DemoConfig(out=Path(args.out), class_noun=args.class_noun, identity=args.identity,
+                              seed=args.seed, steps=args.steps, n_generated=args.n, overwrite=args.overwrite,
+                              progress=not args.quiet))
+    print(f"demo report: {out / 'report.html'}")
+
+
+def _refuse_existing(out: str | Path, overwrite: bool) -> None:
+    out = Path(out)
+    if out.is_file():
+        raise NocloneError(f"{out}: exists and is a file, expected an output directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise NocloneError(f"{out}/: output exists and is not empty (pass --overwrite to replace it)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from noclone import __version__
+
+    parser = argparse.ArgumentParser(prog="noclone", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"noclone {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the whole story on the embedded sandbox: personalize a subject, measure, report")
+    p.add_argument("--out", default="noclone-demo")
+    p.add_argument("--class-noun", default="person", choices=("person", "dog", "cat"))
+    p.add_argument("--identity", type=int, default=0, help="index of the held-out sandbox identity")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="attack training steps (default: the attack's default)")
+    p.add_argument("--n", type=int, default=32, help="images generated per model")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("personalize", help="fine-tune a model on a subject's photos (DreamBooth, LoRA, textual inversion)")
+    _add_model_args(p)
+    p.add_argument("--images", required=True, help="folder of the subject's photos")
+    p.add_argument("--class-noun", required=True)
+    p.add_argument("--method", required=True, choices=("dreambooth", "lora", "ti"))
+    p.add_argument("--token", default="sks")
+    p.add_argument("--template", help="instance prompt template, default 'a photo of {token} {class_noun}'")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=None, help="default: 2e-4 dreambooth, 1e-3 lora, 5e-3 ti (sandbox)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-prior", action="store_true", help="disable prior preservation")
+    p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument("--num-class-images", type=int, default=50)
+    p.add_argument("--train-text-encoder", action="store_true")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_personalize)
+
+    p = sub.add_parser("generate", help="generate images for prompts with fixed seeds, plus manifest.json")
+    _add_model_args(p)
+    p.add_argument("--lora", help="LoRA weights (directory or .safetensors) to load")
+    p.add_argument("--prompt", action="append", required=True, help="may be repeated")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", help="ddim, dpm++, euler, euler-a, pndm, ddpm, lms, unipc (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="identity and quality metrics of generated images against references")
+    p.add_argument("--generated", required=True)
+    p.add_argument("--reference", required=True)
+    p.add_argument("--metrics", default="ism,fdfr")
+    p.add_argument("--backend", default="sandbox")
+    p.add_argument("--class-noun", default="person")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_evaluate)
+
+    sandbox = sub.add_parser("sandbox", help="the embedded world: renders, model, evaluator").add_subparsers(dest="sandbox_command", required=True)
+    p = sandbox.add_parser("render", help="render photos of one sandbox identity")
+    p.add_argument("--class-noun", required=True, choices=("person", "dog", "cat"))
+    p.add_argument("--identity", type=int, required=True)
+    p.add_argument("--n", type=int, default=5)
+    p.add_argument("--first-photo", type=int, default=0)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_sandbox_render)
+    p = sandbox.add_parser("model", help="write the embedded sandbox model as a standalone diffusers directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_sandbox_model)
+    p = sandbox.add_parser("train", help="reproduce the sandbox model from scratch")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a tiny smoke-test run (minutes), not a usable model")
+    p.add_argument("--identities-per-class", type=int)
+    p.add_argument("--vae-steps", type=int)
+    p.add_argument("--unet-steps", type=int)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_sandbox_train)
+    p = sandbox.add_parser("train-evaluator", help="reproduce the sandbox identity evaluator")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_sandbox_train_evaluator)
+    p = sandbox.add_parser("validate", help="measure the shipped evaluator's validity on held-out identities")
+    p.add_argument("--identities", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(func=cmd_sandbox_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_third_party()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("diffusers", "transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        args.func(args)
+    except NocloneError as exc:
+        print(f"noclone: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("noclone: interrupted (rerun the same command to resume where supported)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Reproduce the embedded sandbox model from scratch: render a world, train a VAE, then the UNet + text encoder.
+
+    noclone sandbox train --out DIR [--seed 0] [--identities 3000] [--unet-steps 4000]
+
+Stages are cached in `DIR/work/` (renders, VAE, latents, UNet checkpoints), so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from noclone.data.atomic import atomic_write_json
+from noclone.models.architectures import build_pipeline
+from noclone.sandbox import render as world
+from noclone.sandbox.splits import GENERATOR_IDENTITIES
+from noclone.training.diffusion import encode_prompts, noised, prediction_error, sample_latents, step_generator
+from noclone.training.loop import LoopConfig, run_training
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = ("a photo of a {}", "a portrait of a {}", "a picture of a {}", "a close-up photo of a {}")
+
+
+@dataclass
+class SandboxTrainConfig:
+    seed: int = 0
+    identities_per_class: int = 3000
+    photos_per_identity: int = 6
+    vae_steps: int = 1000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    unet_steps: int = 4000
+    unet_batch: int = 32
+    unet_lr: float = 4e-4
+    text_lr: float = 1e-4
+    ema_decay: float = 0.999
+    uncond_prob: float = 0.1
+    attribute_prob: float = 0.5
+
+
+def caption(class_noun: str, identity: int, rng: np.random.Generator, cfg: SandboxTrainConfig) -> str:
+    """A training caption: a class template, sometimes with attribute words, sometimes empty (for CFG)."""
+    if rng.random() < cfg.uncond_prob:
+        return ""
+    text = TEMPLATES[rng.integers(len(TEMPLATES))].format(class_noun)
+    if rng.random() < cfg.attribute_prob:
+        attrs = world.caption_attributes(class_noun, identity)
+        chosen = [a for a in attrs if rng.random() < 0.6] or attrs[:1]
+        text += " with " + (" and ".join(chosen) if len(chosen) < 3 else ", ".join(chosen[:-1]) + " and " + chosen[-1])
+    return text
+
+
+def render_dataset(work: Path, cfg: SandboxTrainConfig) -> tuple[np.ndarray, list[tuple[str, int]]]:
+    """uint8 [N,64,64,3] renders and their (class, identity), cached as work/renders.npz."""
+    cache = work / "renders.npz"
+    if cache.is_file():
+        data = np.load(cache)
+        return data["images"], [(str(c), int(i)) for c, i in zip(data["classes"], data["identities"])]
+    rng = np.random.default_rng(cfg.seed)
+    subjects = []
+    for class_noun in world.CLASSES:
+        ids = rng.choice(len(GENERATOR_IDENTITIES), size=cfg.identities_per_class, replace=False)
+        subjects += [(class_noun, int(GENERATOR_IDENTITIES.start + i)) for i in ids]
+    images = np.zeros((len(subjects) * cfg.photos_per_identity, 64, 64, 3), np.uint8)
+    labels = []
+    for n, (class_noun, identity) in enumerate(tqdm(subjects, desc="rendering", leave=False)):
+        photos = list(range(cfg.photos_per_identity))
+        images[n * len(photos) : (n + 1) * len(photos)] = world.render_array(class_noun, [identity] * len(photos), photos)
+        labels += [(class_noun, identity)] * len(photos)
+    np.savez(cache, images=images, classes=np.array([c for c, _ in labels]), identities=np.array([i for _, i in labels]))
+    return images, labels
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def train_vae(pipe, images: np.ndarray, work: Path, cfg: SandboxTrainConfig) -> None:
+    vae = pipe.vae
+    path = work / "vae"
+    if (path / "config.json").is_file():
+        pipe.vae = type(vae).from_pretrained(str(path))
+        return
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
+
+    def step(i: int) -> dict[str, torch.Tensor]:
+        g = step_generator(cfg.seed, i, "vae")
+        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
+        x = to_pixels(images[idx.numpy()])
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+        recon = vae.decode(z).sample
+        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        kl = dist.kl().mean() / x[0].numel()
+        return {"loss": rec + 1e-4 * kl, "rec": rec}
+
+    run_training(vae.named_parameters(), opt, step, LoopConfig(cfg.vae_steps, work / "vae-ckpt", 200, "VAE"),
+                 after_step=lambda i: sched.step())
+    vae.eval()
+    with torch.no_grad():
+        z = vae.encode(to_pixels(images[:512])).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    vae.save_pretrained(str(path))
+
+
+def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTrainConfig) -> None:
+    from noclone.training.diffusion import encode_images
+
+    latent_cache = work / "latents.pt"
+    if latent_cache.is_file():
+        mean, std = torch.load(latent_cache, weights_only=True)
+    else:
+        mean, std = encode_images(pipe.vae, to_pixels(images), batch_size=256)
+        torch.save((mean, std), latent_cache)
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    unet.train()
+    text_encoder.train()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    params = [("unet." + n, p) for n, p in unet.named_parameters()] + [("text." + n, p) for n, p in text_encoder.named_parameters()]
+    opt = torch.optim.AdamW([
+        {"params": list(unet.parameters()), "lr": cfg.unet_lr},
+        {"params": list(text_encoder.parameters()), "lr": cfg.text_lr},
+    ], weight_decay=1e-2)
+    warmup = 200
+    lr_lambda = lambda s: min(1.0, (s + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.unet_steps))) * 0.9 + 0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    ema_path = work / "ema.safetensors"
+
+    def step(i: int) -> dict[str, torch.Tensor]:
+        g = step_generator(cfg.seed, i, "unet")
+        idx = torch.randint(0, len(images), (cfg.unet_batch,), generator=g).tolist()
+        rng = np.random.default_rng([cfg.seed, i])
+        prompts = [caption(labels[j][0], labels[j][1], rng, cfg) for j in idx]
+        latents = sample_latents(mean[idx], std[idx], g)
+        cond = encode_prompts(text_encoder, pipe.tokenizer, prompts)
+        noisy, t, target = noised(pipe.scheduler, latents, g)
+        return {"loss": prediction_error(unet, noisy, t, cond, target)}
+
+    def after(i: int) -> None:
+        sched.step()
+        decay = min(cfg.ema_decay, (1 + i) / (10 + i))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+        if (i + 1) % 200 == 0:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(ema_path))
+
+    ckpt = work / "unet-ckpt"
+    if ema_path.is_file() and (ckpt / "state.json").is_file():
+        from safetensors.torch import load_file
+
+        ema.load_state_dict(load_file(str(ema_path)))
+        done = __import__("json").loads((ckpt / "state.json").read_text())["step"]
+        for _ in range(done):
+            sched.step()
+    run_training(params, opt, step, LoopConfig(cfg.unet_steps, ckpt, 200, "UNet+text", max_grad_norm=1.0), after_step=after)
+    pipe.unet = ema
+    pipe.unet.eval()
+    text_encoder.eval()
+
+
+def train_sandbox_model(out: str | Path, cfg: SandboxTrainConfig | None = None, work: str | Path | None = None) -> Path:
+    """Train the sandbox pipeline and write it as an fp16 diffusers directory at `out`."""
+    from noclone.models.pipeline import save_pipeline
+
+    cfg = cfg or SandboxTrainConfig()
+    out = Path(out)
+    work = Path(work) if work else out.parent / (out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    started = time.time()
+    pipe = build_pipeline("sandbox", seed=cfg.seed)
+    images, labels = render_dataset(work, cfg)
+    log.info("rendered %d images (%.0f s)", len(images), time.time() - started)
+    train_vae(pipe, images, work, cfg)
+    log.info("VAE ready (%.0f s)", time.time() - started)
+    train_denoiser(pipe, images, labels, work, cfg)
+    pipe.to(torch.float16)
+    save_pipeline(pipe, out, overwrite=True,
+                  extra_files={"sandbox_training.json": __import__("json").dumps({**asdict(cfg), "seconds": round(time.time() - started)}, indent=2)})
+    log.info("sandbox model written to %s (%.0f s)", out, time.time() - started)
+    return out

@@ -1,0 +1,83 @@
+"""The diffusion-training pieces every attack and defence shares: prompt encoding, latents, noising, the loss."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def step_generator(seed: int, step: int, stream: str = "") -> torch.Generator:
+    """A generator seeded from (seed, step, stream): a step's randomness does not depend on what ran before it."""
+    digest = hashlib.sha256(f"{seed}:{step}:{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Text-encoder hidden states [N, 77, D] (gradients flow if the encoder requires them)."""
+    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior (mean, std) of [-1, 1] images, already multiplied by the VAE scaling factor."""
+    means, stds = [], []
+    scale = vae.config.scaling_factor
+    for start in range(0, len(pixels), batch_size):
+        chunk = pixels[start : start + batch_size].to(vae.device, vae.dtype)
+        dist = vae.encode(chunk).latent_dist
+        means.append(dist.mean.float().cpu() * scale)
+        stds.append(dist.std.float().cpu() * scale)
+    return torch.cat(means), torch.cat(stds)
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return mean + std * torch.randn(mean.shape, generator=generator)
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict: the noise (epsilon) or the velocity (v-prediction, SD2.x 768)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def noised(scheduler, latents: torch.Tensor, generator: torch.Generator, timesteps: torch.Tensor | None = None):
+    """(noisy latents, timesteps, target) with t ~ U{0..T-1} and fresh Gaussian noise from `generator`."""
+    noise = torch.randn(latents.shape, generator=generator)
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    return noisy, timesteps, diffusion_target(scheduler, latents, noise, timesteps)
+
+
+def prediction_error(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, target: torch.Tensor,
+                     reduction: str = "mean") -> torch.Tensor:
+    """Squared error of the UNet prediction: 'mean' scalar, 'per-sample' [N], or 'none' (elementwise)."""
+    device, dtype = unet.device, unet.dtype
+    pred = unet(noisy.to(device, dtype), timesteps.to(device), cond.to(device, dtype)).sample.float()
+    err = F.mse_loss(pred, target.to(device).float(), reduction="none")
+    if reduction == "none":
+        return err
+    if reduction == "per-sample":
+        return err.flatten(1).mean(1)
+    return err.mean()
+
+
+def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
+                   reduction: str = "mean") -> torch.Tensor:
+    """The standard denoising loss E||eps_theta(z_t, t, c) - target||^2."""
+    noisy, timesteps, target = noised(scheduler, latents, generator)
+    return prediction_error(unet, noisy, timesteps, cond, target, reduction)
