@@ -45,25 +45,21 @@ def load_model(args: argparse.Namespace, gradient_checkpointing: bool = False):
 
 
 def cmd_personalize(args: argparse.Namespace) -> None:
-    from noclone.attacks import METHODS, PersonalizationConfig
+    from noclone.attacks import METHODS
+    from noclone.attacks.base import preset_config
 
-    config = PersonalizationConfig(
-        class_noun=args.class_noun, token=args.token, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-        seed=args.seed, prior_preservation=not args.no_prior, prior_weight=args.prior_weight,
-        num_class_images=args.num_class_images, train_text_encoder=args.train_text_encoder,
-        lora_rank=args.rank, checkpoint_every=args.checkpoint_every, progress=not args.quiet,
-        **({"template": args.template} if args.template else {}),
+    config = preset_config(
+        args.method, args.preset, class_noun=args.class_noun, token=args.token, steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, seed=args.seed, prior_preservation=False if args.no_prior else None,
+        prior_weight=args.prior_weight, num_class_images=args.num_class_images,
+        train_text_encoder=args.train_text_encoder or None, lora_rank=args.rank,
+        checkpoint_every=args.checkpoint_every, progress=not args.quiet, template=args.template,
     )
-    if args.lr is None:
-        config.lr = DEFAULT_LR[args.method]
     attack = METHODS[args.method](config)
     _refuse_existing(args.out, args.overwrite)
     pipe = load_model(args, gradient_checkpointing=args.gradient_checkpointing)
     out = attack.run(pipe, args.images, args.out, overwrite=args.overwrite)
     log.info("personalized model written to %s", out)
-
-
-DEFAULT_LR = {"dreambooth": 2e-4, "lora": 1e-3, "ti": 5e-3}
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -205,15 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=("dreambooth", "lora", "ti"))
     p.add_argument("--token", default="sks")
     p.add_argument("--template", help="instance prompt template, default 'a photo of {token} {class_noun}'")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=None, help="default: 2e-4 dreambooth, 1e-3 lora, 5e-3 ti (sandbox)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--preset", default="sandbox", choices=("sandbox", "sd15"),
+                   help="default settings: sandbox (64 px embedded model) or sd15 (the papers' 512 px protocol)")
+    p.add_argument("--steps", type=int, help="training steps (preset default)")
+    p.add_argument("--lr", type=float, help="learning rate (preset default)")
+    p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-prior", action="store_true", help="disable prior preservation")
-    p.add_argument("--prior-weight", type=float, default=1.0)
-    p.add_argument("--num-class-images", type=int, default=50)
+    p.add_argument("--prior-weight", type=float)
+    p.add_argument("--num-class-images", type=int)
     p.add_argument("--train-text-encoder", action="store_true")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    p.add_argument("--rank", type=int, help="LoRA rank")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--out", required=True)

@@ -16,7 +16,7 @@ import torch
 from noclone.data.images import file_sha256, load_image_folder
 from noclone.errors import NocloneError
 from noclone.training.data import LatentSet, SubjectData, pipeline_resolution
-from noclone.training.diffusion import diffusion_loss, encode_prompts, step_generator
+from noclone.training.diffusion import diffusion_loss, encode_prompts, step_generator, training_scheduler
 from noclone.training.loop import LoopConfig, run_training
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,32 @@ class PersonalizationConfig:
             raise NocloneError(f"--lr {self.lr} is outside (0, 1)")
         if not self.token.strip() or " " in self.token:
             raise NocloneError(f"--token {self.token!r} must be one non-empty word")
+
+
+# Attack settings by target scale. "sandbox": the embedded 64 px model (the default everywhere). "sd15": the
+# protocol of the APDM / Anti-DreamBooth papers on SD1.5 at 512 px (diffusers' DreamBooth script settings).
+PRESETS: dict[str, dict[str, dict]] = {
+    "sandbox": {
+        "dreambooth": dict(steps=200, lr=2e-4, batch_size=4, num_class_images=50),
+        "lora": dict(steps=200, lr=1e-3, batch_size=4, num_class_images=50, lora_rank=4),
+        "ti": dict(steps=200, lr=5e-3, batch_size=4, num_class_images=50, prior_preservation=False),
+    },
+    "sd15": {
+        "dreambooth": dict(steps=800, lr=5e-6, batch_size=1, num_class_images=200, class_image_steps=50),
+        "lora": dict(steps=800, lr=1e-4, batch_size=1, num_class_images=200, class_image_steps=50, lora_rank=32),
+        "ti": dict(steps=3000, lr=5e-4, batch_size=1, prior_preservation=False),
+    },
+}
+
+
+def preset_config(method: str, preset: str = "sandbox", **overrides) -> PersonalizationConfig:
+    """The preset's settings for `method`, with explicit overrides (None values are ignored)."""
+    if preset not in PRESETS:
+        raise NocloneError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if method not in PRESETS[preset]:
+        raise NocloneError(f"unknown method {method!r}; choose from {', '.join(PRESETS[preset])}")
+    fields = {**PRESETS[preset][method], **{k: v for k, v in overrides.items() if v is not None}}
+    return PersonalizationConfig(**fields)
 
 
 def load_subject_images(folder: str | Path, min_count: int = MIN_SUBJECT_IMAGES):
@@ -155,10 +181,11 @@ class Personalization(ABC):
         params = self.prepare(pipe)
         optimizer = self.optimizer(params)
         cond_cache: dict = {}
+        scheduler = training_scheduler(pipe)
 
         def step_fn(step: int) -> dict[str, torch.Tensor]:
             generator = step_generator(config.seed, step, self.name)
-            return dreambooth_loss(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, data, generator,
+            return dreambooth_loss(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, data, generator,
                                    config.batch_size, config.prior_weight if config.prior_preservation else 0.0,
                                    cond_cache)
 

@@ -704,8 +704,8 @@ def _quantize_fp16_(model: nn.Module) -> None:
                 t.copy_(t.half().float())
 
 
-def train_evaluator(out_dir, seed: int = 0, n_identities: int = 300, photos_per_identity: int = 10,
-                    steps: int = 1000, batch_size: int = 128, lr: float = 3e-3, weight_decay: float = 5e-4,
+def train_evaluator(out_dir, seed: int = 0, n_identities: int = 150, photos_per_identity: int = 12,
+                    steps: int = 900, batch_size: int = 128, lr: float = 3e-3, weight_decay: float = 5e-4,
                     arc_s: float = 30.0, arc_m: float = 0.3, cls_weight: float = 3.0, neg_fraction: float = 0.375,
                     max_blur: float = 1.0,
                     n_nonsubject: int | None = None,
@@ -780,7 +780,8 @@ def train_evaluator(out_dir, seed: int = 0, n_identities: int = 300, photos_per_
     for step in bar:
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step)
-        m = arc_m * min(1.0, step / max(1, 0.2 * steps))  # margin warm-up
+        # margin warm-up: plain normalized softmax for the first 10% of steps, full margin from 40%
+        m = arc_m * min(1.0, max(0.0, (step - 0.1 * steps) / max(1.0, 0.3 * steps)))
         pi = torch.randint(0, n_total, (n_pos,), generator=g)
         x_pos = images[pi].float() / 255.0
         kind_idx = torch.multinomial(neg_weights, n_neg, replacement=True, generator=g)
@@ -827,7 +828,7 @@ def train_evaluator(out_dir, seed: int = 0, n_identities: int = 300, photos_per_
         "batch_size": batch_size,
         "positives_per_batch": n_pos,
         "optimizer": {"name": "AdamW", "lr": lr, "weight_decay": weight_decay, "schedule": "linear warmup + cosine"},
-        "arcface": {"s": arc_s, "m": arc_m, "margin_warmup_fraction": 0.2},
+        "arcface": {"s": arc_s, "m": arc_m, "margin_warmup": "0 until 10% of steps, linear to m at 40%"},
         "cls_weight": cls_weight,
         "negatives": dict(zip(neg_kinds, neg_weights.tolist())),
         "neg_fraction": neg_fraction,
@@ -873,9 +874,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = sub.add_parser("train", help="train, validate and save an evaluator")
     t.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--identities", type=int, default=300, help="training identities per class")
-    t.add_argument("--photos", type=int, default=10, help="photos per training identity")
-    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--identities", type=int, default=150, help="training identities per class")
+    t.add_argument("--photos", type=int, default=12, help="photos per training identity")
+    t.add_argument("--steps", type=int, default=900)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it slightly)")
     v = sub.add_parser("validate", help="validate a saved evaluator on held-out identities")

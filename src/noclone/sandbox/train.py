@@ -8,6 +8,7 @@ Stages are cached in `DIR/work/` (renders, VAE, latents, UNet checkpoints), so a
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -106,7 +107,9 @@ def train_vae(pipe, images: np.ndarray, work: Path, cfg: SandboxTrainConfig) -> 
         kl = dist.kl().mean() / x[0].numel()
         return {"loss": rec + 1e-4 * kl, "rec": rec}
 
-    run_training(vae.named_parameters(), opt, step, LoopConfig(cfg.vae_steps, work / "vae-ckpt", 200, "VAE"),
+    for _ in range(_completed_steps(work / "vae-ckpt")):
+        sched.step()
+    run_training(vae.named_parameters(), opt, step, LoopConfig(cfg.vae_steps, work / "vae-ckpt", 100, "VAE"),
                  after_step=lambda i: sched.step())
     vae.eval()
     with torch.no_grad():
@@ -164,13 +167,17 @@ def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTra
         from safetensors.torch import load_file
 
         ema.load_state_dict(load_file(str(ema_path)))
-        done = __import__("json").loads((ckpt / "state.json").read_text())["step"]
-        for _ in range(done):
+        for _ in range(_completed_steps(ckpt)):
             sched.step()
     run_training(params, opt, step, LoopConfig(cfg.unet_steps, ckpt, 200, "UNet+text", max_grad_norm=1.0), after_step=after)
     pipe.unet = ema
     pipe.unet.eval()
     text_encoder.eval()
+
+
+def _completed_steps(checkpoint_dir: Path) -> int:
+    state = checkpoint_dir / "state.json"
+    return int(json.loads(state.read_text())["step"]) if state.is_file() else 0
 
 
 def train_sandbox_model(out: str | Path, cfg: SandboxTrainConfig | None = None, work: str | Path | None = None) -> Path:
@@ -189,8 +196,11 @@ def train_sandbox_model(out: str | Path, cfg: SandboxTrainConfig | None = None, 
     train_vae(pipe, images, work, cfg)
     log.info("VAE ready (%.0f s)", time.time() - started)
     train_denoiser(pipe, images, labels, work, cfg)
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # good images in ~25 steps
     pipe.to(torch.float16)
     save_pipeline(pipe, out, overwrite=True,
-                  extra_files={"sandbox_training.json": __import__("json").dumps({**asdict(cfg), "seconds": round(time.time() - started)}, indent=2)})
+                  extra_files={"sandbox_training.json": json.dumps({**asdict(cfg), "seconds": round(time.time() - started)}, indent=2)})
     log.info("sandbox model written to %s (%.0f s)", out, time.time() - started)
     return out

@@ -44,6 +44,17 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Gener
     return mean + std * torch.randn(mean.shape, generator=generator)
 
 
+def training_scheduler(pipe):
+    """A DDPM scheduler with the pipeline's noise schedule: what training adds noise with, whatever samples."""
+    from diffusers import DDPMScheduler
+
+    cached = getattr(pipe, "_noclone_training_scheduler", None)
+    if cached is None or cached.config.num_train_timesteps != pipe.scheduler.config.num_train_timesteps:
+        cached = DDPMScheduler.from_config(pipe.scheduler.config)
+        pipe._noclone_training_scheduler = cached
+    return cached
+
+
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet should predict: the noise (epsilon) or the velocity (v-prediction, SD2.x 768)."""
     kind = scheduler.config.prediction_type

@@ -27,6 +27,9 @@ class LoopConfig:
     description: str = "training"
     progress: bool = True
     max_grad_norm: float | None = 1.0
+    # True: `step_fn` fills the parameters' `.grad` itself (e.g. gradients gathered at other weights, as in
+    # APDM's learning-to-protect) and the loop does not call `loss.backward()`; clipping and the step still apply.
+    manual_backward: bool = False
 
 
 def _trainable(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.nn.Parameter]:
@@ -75,7 +78,9 @@ def run_training(
     """Run `config.steps` optimizer steps of `step_fn(step) -> {"loss": tensor, ...}`; resume from a checkpoint.
 
     `step_fn` must draw all randomness from the step index (see `step_generator`) so that a resumed run
-    equals an uninterrupted one. Returns the per-step history of float losses.
+    equals an uninterrupted one. With `config.manual_backward` the step function sets the gradients of the
+    parameters itself (they are cleared before each call) and the returned "loss" is only checked and recorded.
+    Returns the per-step history of float losses.
     """
     params = _trainable(named_params)
     start, history = 0, []
@@ -90,7 +95,8 @@ def run_training(
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise NocloneError(f"{config.description}: loss became {loss.item()} at step {step}; lower the learning rate")
-        loss.backward()
+        if not config.manual_backward:
+            loss.backward()
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
         optimizer.step()

@@ -1,0 +1,81 @@
+"""Acceptance figures of the sandbox (issue: the sandbox): base-model sanity, then attacks on held-out subjects.
+
+    .venv/bin/python benchmarks/sandbox_acceptance.py --out /tmp/acceptance [--classes person,dog,cat]
+        [--methods dreambooth,lora] [--identity 0] [--n 32] [--seed 0] [--model sandbox]
+
+Prints a table and writes results.json. Every stage is cached in --out, so a rerun only computes what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def base_sanity(model: Path, work: Path, class_noun: str, n: int, seed: int) -> dict:
+    """Detector rate of `n` generations of 'a photo of a <class>', and their match rate to a held-out identity."""
+    from noclone.sandbox.experiment import base_experiment
+    from noclone.sandbox.splits import held_out
+
+    r = base_experiment(model, work, class_noun, held_out(999), f"a photo of a {class_noun}", n, seed)
+    return {"class_noun": class_noun, "detector_rate": 1 - r["fdfr"], "match_rate_vs_fixed_identity": r["identity_match_rate"],
+            "ism_vs_fixed_identity": r["ism"], "n": n}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="sandbox")
+    parser.add_argument("--classes", default="person,dog,cat")
+    parser.add_argument("--methods", default="dreambooth,lora")
+    parser.add_argument("--identity", type=int, default=0, help="held-out identity index")
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--base-n", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from noclone.attacks.base import preset_config
+    from noclone.sandbox.assets import model_dir
+    from noclone.sandbox.experiment import attack_experiment, base_experiment
+    from noclone.sandbox.splits import held_out
+
+    model = model_dir() if args.model == "sandbox" else Path(args.model)
+    work = Path(args.out)
+    classes = args.classes.split(",")
+    results = {"base": [], "attacks": []}
+    for class_noun in classes:
+        results["base"].append(base_sanity(model, work, class_noun, args.base_n, args.seed))
+    for class_noun in classes:
+        identity = held_out(args.identity)
+        base = base_experiment(model, work, class_noun, identity, f"a photo of sks {class_noun}", args.n, args.seed)
+        for method in args.methods.split(","):
+            config = preset_config(method, "sandbox", class_noun=class_noun, seed=args.seed, lr=args.lr, steps=args.steps)
+            started = time.time()
+            r = attack_experiment(model, work, class_noun, identity, method, config, args.n, args.seed)
+            r["base_ism"] = base["ism"]
+            r["base_identity_match_rate"] = base["identity_match_rate"]
+            r["ism_gain"] = r["ism"] - base["ism"]
+            r["wall_seconds"] = round(time.time() - started, 1)
+            results["attacks"].append(r)
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    print("\nbase model: 'a photo of a <class>'")
+    for b in results["base"]:
+        print(f"  {b['class_noun']:<7} detector {b['detector_rate']:.2f}  match-rate vs a fixed held-out identity "
+              f"{b['match_rate_vs_fixed_identity']:.2f}  (n={b['n']})")
+    print("\nattacks on held-out identities ('a photo of sks <class>', n=%d)" % args.n)
+    for r in results["attacks"]:
+        print(f"  {r['class_noun']:<7} {r['method']:<10} match {r['identity_match_rate']:.2f} (base {r['base_identity_match_rate']:.2f})"
+              f"  ISM {r['ism']:.3f} (base {r['base_ism']:.3f}, gain {r['ism_gain']:+.3f})  FDFR {r['fdfr']:.2f}"
+              f"  train {r['train_seconds']:.0f}s  total {r['wall_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""What every model-level defence shares: the subjects it protects, its card, and the simulated attacker.
+
+- `ProtectionSubject`: one subject's photos (loaded with the attacks' loader), class noun and identifier token; its
+  fingerprint is the SHA-256 of each photo file, never the photos.
+- `protection_card` / `read_protection_card`: the `protection.json` written beside a protected pipeline (method,
+  subjects' photo hashes, classes, tokens, hyperparameters, seed, noclone version, model fingerprints, metrics).
+- `simulate_personalization`: N AdamW DreamBooth steps (or any loss) on the trainable parameters, with a callback
+  after each step so a defence can take its protection gradient at every state of the attacker's path.
+- `select_parameters`: which UNet weights a defence changes ('full', 'attention' = cross-attention, 'lora').
+- checkpoint marker: a resumed run must be the same run (settings, subjects, base model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from noclone.attacks.base import PersonalizationConfig, load_subject_images, subject_fingerprint
+from noclone.errors import NocloneError
+
+log = logging.getLogger(__name__)
+
+CARD_NAME = "protection.json"
+PARAM_SETS = ("full", "attention", "lora")
+
+
+@dataclass
+class ProtectionSubject:
+    """One subject to protect: its photos, class noun and the identifier token an attacker is assumed to use."""
+
+    images: list[Image.Image]
+    class_noun: str
+    token: str = "sks"
+    photo_sha256: list[str] = field(default_factory=list)
+    template: str = "a photo of {token} {class_noun}"
+    class_template: str = "a photo of a {class_noun}"
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, class_noun: str, token: str = "sks") -> "ProtectionSubject":
+        if not class_noun or not class_noun.strip():
+            raise NocloneError("--class-noun must not be empty")
+        if not token.strip() or " " in token:
+            raise NocloneError(f"--token {token!r} must be one non-empty word")
+        paths, images = load_subject_images(folder)
+        return cls(images, class_noun.strip(), token, subject_fingerprint(paths))
+
+    @property
+    def instance_prompt(self) -> str:
+        return self.template.format(token=self.token, class_noun=self.class_noun)
+
+    @property
+    def class_prompt(self) -> str:
+        return self.class_template.format(class_noun=self.class_noun)
+
+    @property
+    def fingerprint(self) -> str:
+        """One hash of the (sorted) photo hashes, class and token: identifies the subject in cards and checkpoints."""
+        text = json.dumps([sorted(self.photo_sha256), self.class_noun, self.token])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def personalization_config(self, **settings) -> PersonalizationConfig:
+        """The attacker's DreamBooth settings for this subject (what the simulated personalization path runs)."""
+        return PersonalizationConfig(class_noun=self.class_noun, token=self.token, template=self.template,
+                                     class_template=self.class_template, **settings)
+
+    def card(self) -> dict:
+        """What protection.json says about the subject: hashes and prompts, never image data."""
+        return {"class_noun": self.class_noun, "token": self.token, "instance_prompt": self.instance_prompt,
+                "class_prompt": self.class_prompt, "n_photos": len(self.images), "photo_sha256": list(self.photo_sha256),
+                "fingerprint": self.fingerprint}
+
+
+def protection_card(method: str, subjects: Sequence[ProtectionSubject], hyperparameters: dict, seed: int,
+                    base_model_fingerprint: str, protected_model_fingerprint: str | None = None,
+                    metrics: dict | None = None, previous: dict | None = None, extra: dict | None = None) -> dict:
+    """The protection.json content. `previous` is the card of an already protected input model (kept as history)."""
+    from noclone import __version__
+
+    card = {
+        "method": method,
+        "noclone_version": __version__,
+        "seed": seed,
+        "base_model_fingerprint": base_model_fingerprint,
+        "protected_model_fingerprint": protected_model_fingerprint,
+        "subjects": [s.card() for s in subjects],
+        "hyperparameters": hyperparameters,
+    }
+    if metrics:
+        card["metrics"] = metrics
+    if previous is not None:
+        card["previous_protection"] = previous
+    if extra:
+        card.update(extra)
+    return card
+
+
+def read_protection_card(model: str | Path | None) -> dict | None:
+    """The protection.json of a model directory, or None (not a directory, or never protected)."""
+    if model is None:
+        return None
+    path = Path(model)
+    card = path / CARD_NAME if path.is_dir() else None
+    if card is None or not card.is_file():
+        return None
+    try:
+        return json.loads(card.read_text())
+    except (OSError, ValueError) as exc:
+        raise NocloneError(f"{card}: unreadable protection card ({exc})") from None
+
+
+def earlier_subjects(card: dict | None) -> list[dict]:
+    """Every subject protected in the history of a card (most recent first, duplicates by fingerprint removed)."""
+    found, seen = [], set()
+    while card:
+        for subject in card.get("subjects", []):
+            key = subject.get("fingerprint") or json.dumps(subject.get("photo_sha256"))
+            if key not in seen:
+                seen.add(key)
+                found.append(subject)
+        card = card.get("previous_protection")
+    return found
+
+
+# ------------------------------------------------------------------------------------------ trainable weights
+
+
+def select_parameters(unet, params: str, lora_rank: int = 4) -> dict[str, torch.nn.Parameter]:
+    """Make only the chosen UNet weights trainable and return them by name.
+
+    'full': every UNet weight (the paper). 'attention': the cross-attention blocks (`attn2`, text -> image), as
+    Custom Diffusion trains. 'lora': a rank-r LoRA adapter on the attention projections (merge it with
+    `merge_lora` before saving).
+    """
+    if params not in PARAM_SETS:
+        raise NocloneError(f"unknown parameter set {params!r}; choose from {', '.join(PARAM_SETS)}")
+    unet.requires_grad_(False)
+    if params == "lora":
+        from noclone.attacks.lora import add_lora
+
+        add_lora(unet, lora_rank)
+        chosen = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    elif params == "attention":
+        chosen = {n: p for n, p in unet.named_parameters() if ".attn2." in n}
+    else:
+        chosen = dict(unet.named_parameters())
+    if not chosen:
+        raise NocloneError(f"parameter set {params!r} selects no weight of this UNet")
+    for p in chosen.values():
+        p.requires_grad_(True)
+    return chosen
+
+
+def merge_lora(unet) -> None:
+    """Fold a LoRA adapter into the UNet weights and remove it: the result saves as a stock UNet."""
+    if getattr(unet, "peft_config", None):
+        unet.fuse_lora()
+        unet.unload_lora()
+
+
+# ------------------------------------------------------------------------------ simulated personalization
+
+
+def simulate_personalization(
+    params: dict[str, torch.nn.Parameter],
+    personalization_loss: Callable[[int], torch.Tensor],
+    steps: int,
+    lr: float,
+    on_step: Callable[[int], None] | None = None,
+    *,
+    keep_personalization_grads: bool = False,
+    weight_decay: float = 1e-2,
+    max_grad_norm: float | None = 1.0,
+) -> list[float]:
+    """The attacker's path, simulated: `steps` AdamW steps of `personalization_loss(i)` on `params`, then restored.
+
+    The steps run in place on the module that owns `params` (only the trainable weights are snapshotted and put
+    back afterwards, even on an exception), so it behaves as if run on a deepcopy while copying only the trainable
+    parameters. The optimizer is fresh each call. After inner step i the weights are theta'_{i+1}; then
+    `on_step(i)` runs: a defence computes its loss there, calls backward() and reads each parameter's `.grad`.
+    Before `on_step` the personalization gradients are cleared, unless `keep_personalization_grads` (APDM's
+    official-code behaviour: `.grad` then holds grad L_per(theta'_i) + what on_step adds).
+    Returns the personalization losses. The parameters' `.grad` are None afterwards.
+    """
+    named = list(params.items())
+    snapshot = {name: p.detach().clone() for name, p in named}
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
+    losses: list[float] = []
+    try:
+        for i in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = personalization_loss(i)
+            if not torch.isfinite(loss):
+                raise NocloneError(f"simulated personalization: loss became {loss.item()} at inner step {i}")
+            loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for _, p in named], max_grad_norm)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if not keep_personalization_grads:
+                optimizer.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step(i)
+    finally:
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(snapshot[name])
+                p.grad = None
+        del optimizer
+    return losses
+
+
+def add_grads_into(accumulator: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter],
+                   scale: float = 1.0) -> None:
+    """accumulator[name] += scale * params[name].grad (missing gradients count as zero)."""
+    for name, p in params.items():
+        if p.grad is None:
+            continue
+        if name in accumulator:
+            accumulator[name].add_(p.grad, alpha=scale)
+        else:
+            accumulator[name] = p.grad.detach().clone() if scale == 1.0 else p.grad.detach() * scale
+
+
+# -------------------------------------------------------------------------------------------- checkpoints
+
+
+def check_checkpoint(directory: Path, identity: dict) -> None:
+    """Refuse to resume a checkpoint written by another run (settings, subjects or base model differ)."""
+    marker = directory / "run_fingerprint.txt"
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if marker.is_file() and marker.read_text().strip() != key:
+        raise NocloneError(f"{directory}: checkpoint belongs to a run with other settings, subjects or base model; "
+                           "delete it or change --out")
+    directory.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key)
+
+
+def frozen_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A deep copy with no gradients, in eval mode, optionally cast (e.g. bf16 to halve a reference model)."""
+    import copy
+
+    clone = copy.deepcopy(module).requires_grad_(False).eval()
+    return clone.to(dtype=dtype) if dtype is not None else clone
+
+
+def named_tensors_equal(a: Iterable[tuple[str, torch.Tensor]], b: Iterable[tuple[str, torch.Tensor]]) -> bool:
+    da, db = dict(a), dict(b)
+    return da.keys() == db.keys() and all(torch.equal(da[k], db[k].to(da[k].dtype)) for k in da)

@@ -1,0 +1,54 @@
+"""The shipped sandbox model: stock-loadable, small, generates its classes, and personalizes."""
+
+import pytest
+import torch
+
+from noclone.sandbox.assets import model_dir
+
+
+def test_shipped_model_is_small_fp16_and_stock_loadable():
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    root = model_dir()
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    assert size < 40 * 2**20, size
+    for weights in root.glob("*/*.safetensors"):
+        with safe_open(str(weights), framework="pt") as f:
+            assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+    pipe = StableDiffusionPipeline.from_pretrained(str(root), local_files_only=True, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo of a cat", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_sandbox_model_cli_writes_standalone_copy(tmp_path):
+    from noclone.cli import main
+    from noclone.models.pipeline import load_pipeline, model_fingerprint
+
+    assert main(["-q", "sandbox", "model", "--out", str(tmp_path / "m")]) == 0
+    assert model_fingerprint(load_pipeline(tmp_path / "m")) == model_fingerprint(load_pipeline(model_dir()))
+
+
+@pytest.mark.parametrize("class_noun", ["person", "dog", "cat"])
+def test_base_model_draws_the_prompted_class(class_noun):
+    from noclone.generation import GenerationConfig, sample
+    from noclone.models.pipeline import load_pipeline
+    from noclone.sandbox.evaluator import load_default_evaluator
+
+    pipe = load_pipeline(model_dir())
+    images = sample(pipe, f"a photo of a {class_noun}", range(8), GenerationConfig(steps=15, batch_size=8))
+    detected = load_default_evaluator().detect(images, class_noun)
+    assert detected.mean() >= 0.75, detected
+
+
+def test_short_dreambooth_raises_identity_similarity(tmp_path):
+    from noclone.attacks import PersonalizationConfig
+    from noclone.sandbox.experiment import attack_experiment, base_experiment
+    from noclone.sandbox.splits import held_out
+
+    identity = held_out(11)
+    config = PersonalizationConfig(class_noun="dog", steps=60, num_class_images=16, progress=False)
+    base = base_experiment(model_dir(), tmp_path, "dog", identity, config.instance_prompt, n=8, progress=False)
+    attacked = attack_experiment(model_dir(), tmp_path, "dog", identity, "dreambooth", config, n=8, progress=False)
+    assert attacked["ism"] > base["ism"] + 0.1, (base["ism"], attacked["ism"])
