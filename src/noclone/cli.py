@@ -154,7 +154,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     result = evaluate_folders(args.generated, args.reference, metrics=metrics, backend=args.backend,
-                              class_noun=args.class_noun, json_out=args.json)
+                              class_noun=args.class_noun, json_out=args.json, dino_model=args.dino_model,
+                              clip_model=args.clip_model, inception=args.inception, allow_pickle=args.allow_pickle,
+                              arcface_models=args.arcface_models, identity_threshold=args.identity_threshold)
     print_table(result)
 
 
@@ -236,11 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="identity and quality metrics of generated images against references")
     p.add_argument("--generated", required=True)
     p.add_argument("--reference", required=True)
-    p.add_argument("--metrics", default="ism,fdfr")
-    p.add_argument("--backend", default="sandbox")
-    p.add_argument("--class-noun", default="person")
+    p.add_argument("--metrics", default="ism,fdfr", help="comma-separated: ism,fdfr,brisque,dino,clip_i,fid,kid")
+    p.add_argument("--backend", default="sandbox", choices=("sandbox", "dlib", "arcface"))
+    p.add_argument("--class-noun", default="person", help="subject class (sandbox backend detector)")
+    p.add_argument("--dino-model", help="local HF directory of a DINO ViT (facebook/dino-vits16 layout)")
+    p.add_argument("--clip-model", help="local HF directory of a CLIP model (for clip_i)")
+    p.add_argument("--inception", help="Inception-v3 weights for fid/kid: .safetensors, or .pth with --allow-pickle")
+    p.add_argument("--allow-pickle", action="store_true", help="allow reading a pickle .pth Inception file")
+    p.add_argument("--arcface-models", help="insightface model folder (SCRFD detector + ArcFace recogniser .onnx)")
+    p.add_argument("--identity-threshold", type=float, help="override the backend's cosine match threshold")
     p.add_argument("--json")
     p.set_defaults(func=cmd_evaluate)
+
+    from noclone.defenses.cli_protect import add_protect_model_parser
+
+    add_protect_model_parser(sub)
 
     sandbox = sub.add_parser("sandbox", help="the embedded world: renders, model, evaluator").add_subparsers(dest="sandbox_command", required=True)
     p = sandbox.add_parser("render", help="render photos of one sandbox identity")

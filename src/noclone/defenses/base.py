@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,9 +247,6 @@ def frozen_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> to
     import copy
 
     clone = copy.deepcopy(module).requires_grad_(False).eval()
-    return clone.to(dtype=dtype) if dtype is not None else clone
+    # torch's Module.to: diffusers' override warns about casting a loaded model, which is what we mean here
+    return torch.nn.Module.to(clone, dtype=dtype) if dtype is not None else clone
 
-
-def named_tensors_equal(a: Iterable[tuple[str, torch.Tensor]], b: Iterable[tuple[str, torch.Tensor]]) -> bool:
-    da, db = dict(a), dict(b)
-    return da.keys() == db.keys() and all(torch.equal(da[k], db[k].to(da[k].dtype)) for k in da)

@@ -1,12 +1,34 @@
-"""`noclone evaluate`: identity and quality metrics of a folder of generated images against reference photos."""
+"""`noclone evaluate`: identity and quality metrics of a folder of generated images against reference photos.
+
+Metrics (``--metrics``, comma-separated):
+
+``ism``      Identity Score Matching: mean cosine between each generated face embedding and the normalised mean of
+             the (normalised) reference embeddings, over the generated images where a face was found (one face per
+             image: the biggest, as Anti-DreamBooth does, or dlib's most confident). Also gives
+             ``identity_match_rate``: the fraction of *all* generated images whose cosine is >= the backend's
+             threshold (no face = no match).
+``fdfr``     Face Detection Failure Rate: the fraction of generated images with no face (no subject of
+             ``class_noun`` for the sandbox backend).
+``brisque``  mean BRISQUE of the generated images (lower is better), see :mod:`noclone.eval.brisque`.
+``dino``     mean cosine over all (generated, reference) pairs of DINO ViT-S/16 CLS embeddings (``dino_model``, a local
+             HF directory); with the sandbox backend and no model, the sandbox evaluator's embedding stands in.
+``clip_i``   the same with CLIP image embeddings (``clip_model``).
+``fid``      Frechet distance between the generated and reference sets, on Inception pool features when
+             ``inception`` (a weights file) is given, else on the sandbox evaluator's pooled features.
+``kid``      Kernel Inception Distance (unbiased polynomial MMD^2) on the same features as ``fid``.
+
+Backends for ism/fdfr (``--backend``): ``sandbox`` (default), ``dlib``, ``arcface`` (see :mod:`noclone.eval.faces`).
+
+The result (and ``--json``) is a flat dict of numbers (``ism``, ``identity_match_rate``, ``fdfr``, ``brisque``,
+``n_images`` are always present, null when not requested or not defined) plus ``details``: per metric, the backend,
+model, threshold and what the number is averaged over.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
 
 from noclone.data.atomic import atomic_write_json
 from noclone.data.images import load_image_folder
@@ -15,8 +37,9 @@ from noclone.eval import metrics as M
 
 log = logging.getLogger(__name__)
 
-KNOWN_METRICS = ("ism", "fdfr", "fid")
-BACKENDS = ("sandbox",)
+KNOWN_METRICS = ("ism", "fdfr", "brisque", "dino", "clip_i", "fid", "kid")
+BACKENDS = ("sandbox", "dlib", "arcface")
+ALWAYS_KEYS = ("ism", "identity_match_rate", "fdfr", "brisque", "n_images")
 
 
 def sandbox_scores(generated: Sequence, references: Sequence, class_noun: str,
@@ -41,17 +64,182 @@ def sandbox_scores(generated: Sequence, references: Sequence, class_noun: str,
     return result
 
 
-def evaluate_folders(generated: str | Path, reference: str | Path, metrics: Sequence[str] = ("ism", "fdfr"),
-                     backend: str = "sandbox", class_noun: str = "person", json_out: str | Path | None = None) -> dict:
-    unknown = [m for m in metrics if m not in KNOWN_METRICS]
+def parse_metrics(metrics: str | Sequence[str]) -> list[str]:
+    """'ism, fdfr' or ['ism', 'fdfr'] -> a de-duplicated list of known metric names (error on unknown/empty)."""
+    items = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    out: list[str] = []
+    for m in items:
+        m = str(m).strip().lower().replace("-", "_")
+        if m == "clip":
+            m = "clip_i"
+        if m and m not in out:
+            out.append(m)
+    unknown = [m for m in out if m not in KNOWN_METRICS]
     if unknown:
         raise NocloneError(f"unknown metric(s) {', '.join(unknown)}; available: {', '.join(KNOWN_METRICS)}")
+    if not out:
+        raise NocloneError(f"no metrics given; available: {', '.join(KNOWN_METRICS)}")
+    return out
+
+
+def _identity(face, gen: list, ref: list, class_noun: str, result: dict, details: dict) -> None:
+    ref_emb, ref_found = face.embed(ref, class_noun)
+    if not ref_found.any():
+        raise NocloneError(f"ism: the {face.name} backend found no face in any of the {len(ref)} reference images")
+    gen_emb, gen_found = face.embed(gen, class_noun)
+    refs = ref_emb[ref_found]
+    info = face.describe()
+    if gen_found.any():
+        cos = M._l2n(gen_emb[gen_found]) @ M._reference_center(refs)
+        result["ism"] = float(cos.mean())
+        matches = int((cos >= face.threshold).sum())
+    else:
+        result["ism"] = None
+        matches = 0
+    result["identity_match_rate"] = matches / len(gen)
+    result["threshold"] = float(face.threshold)
+    details["ism"] = {
+        **info,
+        "definition": "mean cosine(generated face embedding, normalised mean of normalised reference embeddings)",
+        "averaged_over": ("all generated images (the sandbox embedding needs no detection)" if face.name == "sandbox"
+                          else "generated images with a face (one face each: "
+                          + ("the most confident" if face.name == "dlib" else "the biggest") + ")"),
+        "n_generated_with_face": int(gen_found.sum()),
+        "n_references_with_face": int(ref_found.sum()),
+        **({"note": "no face found in any generated image"} if not gen_found.any() else {}),
+    }
+    details["identity_match_rate"] = {
+        **info,
+        "rule": "cosine to the reference centre >= threshold; a generated image without a face is not a match",
+        "averaged_over": "all generated images",
+        "n_matches": matches,
+    }
+
+
+def _stand_in_allowed(metric: str, backend: str, option: str) -> None:
+    if backend != "sandbox":
+        raise NocloneError(f"{metric} needs {option} DIR (a local Hugging Face model directory) with the "
+                           f"{backend} backend; only the sandbox backend has a stand-in embedding")
+
+
+def evaluate_images(gen: Sequence, ref: Sequence, metrics: Sequence[str] = ("ism", "fdfr"),
+                    backend: str = "sandbox", class_noun: str = "person", *,
+                    dino_model: str | Path | None = None, clip_model: str | Path | None = None,
+                    inception: str | Path | None = None, allow_pickle: bool = False,
+                    arcface_models: str | Path | None = None, identity_threshold: float | None = None,
+                    kid_subset_size: int = 1000, face_backend=None) -> dict:
+    """The metrics of generated images against reference images (PIL images); see the module docstring."""
+    from noclone.eval.faces import get_backend
+
+    metrics = parse_metrics(metrics)
+    if backend not in BACKENDS:
+        raise NocloneError(f"backend {backend!r} is not available; available: {', '.join(BACKENDS)}")
+    gen, ref = list(gen), list(ref)
+    if not gen:
+        raise NocloneError("no generated images given")
+    if not ref:
+        raise NocloneError("no reference images given")
+    result: dict = {k: None for k in ALWAYS_KEYS}
+    result.update({"n_images": len(gen), "n_references": len(ref), "backend": backend, "class_noun": class_noun})
+    details: dict = {}
+    if "dino" in metrics and not dino_model:
+        _stand_in_allowed("dino", backend, "--dino-model")
+    if "clip_i" in metrics and not clip_model:
+        _stand_in_allowed("clip_i", backend, "--clip-model")
+    if ("fid" in metrics or "kid" in metrics) and (len(gen) < 2 or len(ref) < 2):
+        raise NocloneError("fid/kid need at least 2 generated and 2 reference images")
+    needs_face = "ism" in metrics or "fdfr" in metrics
+    needs_sandbox = backend == "sandbox" or (("fid" in metrics or "kid" in metrics) and not inception) or \
+        ("dino" in metrics and not dino_model) or ("clip_i" in metrics and not clip_model)
+    evaluator = None
+    if needs_sandbox:
+        from noclone.sandbox.evaluator import load_default_evaluator
+
+        evaluator = load_default_evaluator()
+    face = face_backend
+    if needs_face and face is None:
+        face = get_backend(backend, arcface_models=arcface_models, threshold=identity_threshold, evaluator=evaluator)
+    if face is not None:
+        face.check_class(class_noun)
+
+    if "ism" in metrics:
+        _identity(face, gen, ref, class_noun, result, details)
+    if "fdfr" in metrics:
+        found = face.detected(gen, class_noun)
+        result["fdfr"] = M.fdfr(found)
+        details["fdfr"] = {"backend": face.name, "class_noun": class_noun, "n_detected": int(found.sum()),
+                           "definition": "fraction of generated images in which no face/subject was detected"}
+    if "brisque" in metrics:
+        from noclone.eval.brisque import brisque_scores, load_brisque_model
+
+        model = load_brisque_model()
+        scores = brisque_scores(gen, model)
+        result["brisque"] = float(scores.mean())
+        result["brisque_std"] = float(scores.std())
+        details["brisque"] = {"model": f"LIVE epsilon-SVR from {model.source}", "lower_is_better": True,
+                              "averaged_over": "all generated images"}
+    for metric, model_dir in (("dino", dino_model), ("clip_i", clip_model)):
+        if metric not in metrics:
+            continue
+        if model_dir:
+            from noclone.eval.dino import load_image_encoder, mean_pairwise_cosine
+
+            encoder = load_image_encoder(model_dir, "dino" if metric == "dino" else "clip")
+            result[metric] = mean_pairwise_cosine(encoder.embed(gen), encoder.embed(ref))
+            details[metric] = {**encoder.describe(), "averaged_over": "all (generated, reference) pairs"}
+        else:
+            from noclone.eval.dino import mean_pairwise_cosine
+
+            result[metric] = mean_pairwise_cosine(evaluator.embed_images(gen), evaluator.embed_images(ref))
+            details[metric] = {"model": "sandbox evaluator identity embedding (stand-in for a real ViT)",
+                               "averaged_over": "all (generated, reference) pairs"}
+    if "fid" in metrics or "kid" in metrics:
+        if inception:
+            from noclone.eval.fid import inception_features, load_inception
+
+            net = load_inception(inception, allow_pickle=allow_pickle)
+            fa, fb = inception_features(net, gen), inception_features(net, ref)
+            source = f"Inception-v3 pool3 (2048-d, {net.variant} variant) from {inception}"
+        else:
+            if backend != "sandbox":
+                log.warning("fid/kid without --inception use the sandbox evaluator's features: not comparable "
+                            "to published FIDs")
+            fa, fb = evaluator.features(gen), evaluator.features(ref)
+            source = f"sandbox evaluator pooled features ({fa.shape[1]}-d); pass --inception for real FID"
+        if "fid" in metrics:
+            result["fid"] = M.frechet_distance(fa, fb)
+            details["fid"] = {"features": source, "n_generated": len(gen), "n_reference": len(ref)}
+            if min(len(gen), len(ref)) < fa.shape[1]:
+                details["fid"]["note"] = (f"fewer images than feature dimensions ({fa.shape[1]}): the covariances are "
+                                          "singular and FID is strongly biased upwards; compare only like with like")
+        if "kid" in metrics:
+            from noclone.eval.fid import kid
+
+            mean, std = kid(fa, fb, subset_size=kid_subset_size)
+            result["kid"], result["kid_std"] = mean, std
+            details["kid"] = {"features": source, "kernel": "(x.y/d + 1)^3", "estimator": "unbiased MMD^2",
+                              "subset_size": min(int(kid_subset_size), len(gen), len(ref))}
+    result["metrics"] = list(metrics)
+    result["details"] = details
+    return result
+
+
+def evaluate_folders(generated: str | Path, reference: str | Path, metrics: Sequence[str] = ("ism", "fdfr"),
+                     backend: str = "sandbox", class_noun: str = "person", json_out: str | Path | None = None,
+                     *, dino_model: str | Path | None = None, clip_model: str | Path | None = None,
+                     inception: str | Path | None = None, allow_pickle: bool = False,
+                     arcface_models: str | Path | None = None, identity_threshold: float | None = None,
+                     kid_subset_size: int = 1000) -> dict:
+    """Load both folders (every image must load; empty folders are errors), evaluate, optionally write JSON."""
+    metrics = parse_metrics(metrics)
     if backend not in BACKENDS:
         raise NocloneError(f"backend {backend!r} is not available; available: {', '.join(BACKENDS)}")
     gen = [im for _, im in load_image_folder(generated, min_count=1)]
     ref = [im for _, im in load_image_folder(reference, min_count=1)]
-    result = sandbox_scores(gen, ref, class_noun, metrics)
-    result.update({"generated": str(generated), "reference": str(reference), "metrics": list(metrics)})
+    result = evaluate_images(gen, ref, metrics, backend, class_noun, dino_model=dino_model, clip_model=clip_model,
+                             inception=inception, allow_pickle=allow_pickle, arcface_models=arcface_models,
+                             identity_threshold=identity_threshold, kid_subset_size=kid_subset_size)
+    result.update({"generated": str(generated), "reference": str(reference)})
     if json_out:
         atomic_write_json(json_out, result)
     return result
@@ -59,7 +247,20 @@ def evaluate_folders(generated: str | Path, reference: str | Path, metrics: Sequ
 
 def print_table(result: dict) -> None:
     rows = [(k, v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    width = max(len(k) for k, _ in rows)
+    width = max([len(k) for k, _ in rows] + [8])
     print(f"backend: {result.get('backend')}   generated: {result.get('generated')}")
     for key, value in rows:
         print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
+    skipped = [k for k in ALWAYS_KEYS if result.get(k) is None and k in result]
+    if skipped:
+        print(f"  {'(n/a)':<{width}}  {', '.join(skipped)}")
+    details = result.get("details") or {}
+    for metric, info in details.items():
+        bits = []
+        if "threshold" in info and metric == "identity_match_rate":
+            bits.append(f"threshold {info['threshold']:g} ({info.get('threshold_measure', 'cosine')})")
+        for key in ("model", "features", "note"):
+            if key in info:
+                bits.append(str(info[key]))
+        if bits:
+            print(f"  {metric}: {'; '.join(bits)}")

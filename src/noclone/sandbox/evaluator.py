@@ -706,16 +706,17 @@ def _quantize_fp16_(model: nn.Module) -> None:
 
 def train_evaluator(out_dir, seed: int = 0, n_identities: int = 150, photos_per_identity: int = 12,
                     steps: int = 900, batch_size: int = 128, lr: float = 3e-3, weight_decay: float = 5e-4,
-                    arc_s: float = 30.0, arc_m: float = 0.3, cls_weight: float = 3.0, neg_fraction: float = 0.375,
-                    max_blur: float = 1.0,
+                    arc_s: float = 30.0, arc_m: float = 0.3, cls_weight: float = 3.0, neg_fraction: float = 0.3125,
+                    max_blur: float = 1.0, class_only_identities: int = 1000, class_only_fraction: float = 0.3,
                     n_nonsubject: int | None = None,
                     validate_identities: int = 200, validate_photos: int = 6, progress: bool = True,
                     save: bool = True) -> SandboxEvaluator:
     """Render training data from EVALUATOR_IDENTITIES, train both heads jointly, validate, save to out_dir.
 
-    n_identities per class (identity labels are (class, id) pairs); photos_per_identity renders each; a third
-    of the renders also get their background (for cutout negatives and as "none" examples). Deterministic for a
-    given seed and thread count.
+    n_identities per class (identity labels are (class, id) pairs) with photos_per_identity renders each feed the
+    ArcFace head; class_only_identities more per class (one photo each, class label only) widen what the detector
+    sees (class_only_fraction of each batch's positives). Every render comes with its background (cutout negatives
+    and "none" examples). Deterministic for a given seed and thread count.
     """
     from tqdm.auto import tqdm
 
@@ -730,16 +731,27 @@ def train_evaluator(out_dir, seed: int = 0, n_identities: int = 150, photos_per_
 
     # ---- render data --------------------------------------------------------------------------------------------
     span = len(splits.EVALUATOR_IDENTITIES)
-    bar = tqdm(total=3 * n_ids * n_ph + n_ns, desc="render training data", disable=not progress)
+    n_co = int(class_only_identities)
+    bar = tqdm(total=3 * (n_ids * n_ph + n_co) + n_ns, desc="render training data", disable=not progress)
     images, bgs, cls_lab, id_lab = [], [], [], []
+    co_images, co_bgs, co_cls = [], [], []
     for ci, c in enumerate(SUBJECT_CLASSES):
-        ids = splits.EVALUATOR_IDENTITIES.start + rng.choice(span, size=n_ids, replace=False)
+        ids = splits.EVALUATOR_IDENTITIES.start + rng.choice(span, size=n_ids + n_co, replace=False)
         ph = rng.integers(0, 2**31 - 1, size=(n_ids, n_ph))
-        imgs, bg = render_identity_set(c, ids, ph, with_backgrounds=True, progress=bar)
+        imgs, bg = render_identity_set(c, ids[:n_ids], ph, with_backgrounds=True, progress=bar)
         images.append(imgs)
         bgs.append(bg)
         cls_lab.append(np.full(len(imgs), ci + 1))
         id_lab.append(ci * n_ids + np.repeat(np.arange(n_ids), n_ph))
+        if n_co:  # one photo each of many more identities: class labels only, for the detector
+            imgs, bg = render_identity_set(c, ids[n_ids:], rng.integers(0, 2**31 - 1, size=(n_co, 1)),
+                                           with_backgrounds=True, progress=bar)
+            co_images.append(imgs)
+            co_bgs.append(bg)
+            co_cls.append(np.full(len(imgs), ci + 1))
+    n_id_total = sum(len(a) for a in images)
+    images, bgs, cls_lab = images + co_images, bgs + co_bgs, cls_lab + co_cls
+    id_lab.append(np.full(3 * n_co, -1))
     images = torch.from_numpy(np.concatenate(images)).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
     bgs = torch.from_numpy(np.concatenate(bgs)).permute(0, 3, 1, 2).contiguous()
     cls_lab = torch.from_numpy(np.concatenate(cls_lab)).long()
@@ -767,10 +779,11 @@ def train_evaluator(out_dir, seed: int = 0, n_identities: int = 150, photos_per_
 
     n_pos = int(round(batch_size * (1.0 - neg_fraction)))
     n_neg = batch_size - n_pos
+    n_pos_id = n_pos - (int(round(n_pos * class_only_fraction)) if n_co else 0)
     # negatives per batch: nonsubject, background, then malformed kinds
     neg_kinds = ("nonsubject", "background") + MALFORMED_KINDS
     # sampling weights: more of the hard negatives (blends, cutouts, non-subject scenes), fewer of the easy ones
-    neg_weights = torch.tensor([1.5, 1.0, 0.5, 0.75, 1.0, 2.0, 1.5])
+    neg_weights = torch.tensor([1.5, 1.0, 0.5, 0.75, 1.0, 2.5, 1.5])
     n_total = images.shape[0]
 
     model.train()
@@ -782,7 +795,8 @@ def train_evaluator(out_dir, seed: int = 0, n_identities: int = 150, photos_per_
             grp["lr"] = lr_at(step)
         # margin warm-up: plain normalized softmax for the first 10% of steps, full margin from 40%
         m = arc_m * min(1.0, max(0.0, (step - 0.1 * steps) / max(1.0, 0.3 * steps)))
-        pi = torch.randint(0, n_total, (n_pos,), generator=g)
+        pi = torch.cat([torch.randint(0, n_id_total, (n_pos_id,), generator=g),
+                        torch.randint(n_id_total, max(n_total, n_id_total + 1), (n_pos - n_pos_id,), generator=g)])
         x_pos = images[pi].float() / 255.0
         kind_idx = torch.multinomial(neg_weights, n_neg, replacement=True, generator=g)
         x_neg = torch.empty((n_neg, 3, x_pos.shape[2], x_pos.shape[3]))
@@ -804,7 +818,7 @@ def train_evaluator(out_dir, seed: int = 0, n_identities: int = 150, photos_per_
         y_cls = torch.cat([cls_lab[pi], torch.zeros(n_neg, dtype=torch.long)])
         emb, logits = model(x)
         loss_cls = F.cross_entropy(logits, y_cls)
-        loss_id = arc(emb[:n_pos], id_lab[pi], m)
+        loss_id = arc(emb[:n_pos_id], id_lab[pi[:n_pos_id]], m)
         loss = loss_id + cls_weight * loss_cls
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -827,6 +841,8 @@ def train_evaluator(out_dir, seed: int = 0, n_identities: int = 150, photos_per_
         "steps": steps,
         "batch_size": batch_size,
         "positives_per_batch": n_pos,
+        "identity_positives_per_batch": n_pos_id,
+        "class_only_identities_per_class": n_co,
         "optimizer": {"name": "AdamW", "lr": lr, "weight_decay": weight_decay, "schedule": "linear warmup + cosine"},
         "arcface": {"s": arc_s, "m": arc_m, "margin_warmup": "0 until 10% of steps, linear to m at 40%"},
         "cls_weight": cls_weight,

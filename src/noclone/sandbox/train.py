@@ -37,12 +37,12 @@ class SandboxTrainConfig:
     seed: int = 0
     identities_per_class: int = 3000
     photos_per_identity: int = 6
-    vae_steps: int = 1000
+    vae_steps: int = 400
     vae_batch: int = 32
-    vae_lr: float = 1e-3
-    unet_steps: int = 4000
-    unet_batch: int = 32
-    unet_lr: float = 4e-4
+    vae_lr: float = 2e-3
+    unet_steps: int = 2200
+    unet_batch: int = 24
+    unet_lr: float = 5e-4
     text_lr: float = 1e-4
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
@@ -93,6 +93,8 @@ def train_vae(pipe, images: np.ndarray, work: Path, cfg: SandboxTrainConfig) -> 
         pipe.vae = type(vae).from_pretrained(str(path))
         return
     vae.train()
+    with torch.no_grad():  # start with a near-deterministic posterior so reconstruction learns fast
+        vae.quant_conv.bias[vae.config.latent_channels :] = -8.0
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
 
@@ -105,7 +107,7 @@ def train_vae(pipe, images: np.ndarray, work: Path, cfg: SandboxTrainConfig) -> 
         recon = vae.decode(z).sample
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         kl = dist.kl().mean() / x[0].numel()
-        return {"loss": rec + 1e-4 * kl, "rec": rec}
+        return {"loss": rec + 1e-6 * kl, "rec": rec}
 
     for _ in range(_completed_steps(work / "vae-ckpt")):
         sched.step()

@@ -1,0 +1,138 @@
+"""`noclone protect-model`: change a model's weights so that personalizing it on the given subjects fails.
+
+    noclone protect-model --method apdm --model M --images DIR --class-noun person [--images DIR2 --class-noun dog]
+                          [--token sks] [--preset quick|paper] [--steps N] [--inner-steps N] ... --out DIR
+
+`--images` and `--class-noun` repeat, one pair per subject (in order); `--token` is given once (all subjects) or
+once per subject. Wire into the main parser with `add_protect_model_parser(sub)`. Methods are the PROTECT_METHODS
+dict: a new defence adds one entry (a function taking the parsed arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from noclone.errors import NocloneError
+
+log = logging.getLogger("noclone")
+
+
+def _subjects(args: argparse.Namespace):
+    """The subjects, checked before any model is loaded."""
+    from noclone.defenses.base import ProtectionSubject
+
+    images, nouns = args.images or [], args.class_noun or []
+    if len(images) != len(nouns):
+        raise NocloneError(f"give one --class-noun per --images folder (got {len(images)} --images, {len(nouns)} --class-noun)")
+    tokens = args.token or ["sks"]
+    if len(tokens) == 1:
+        tokens = tokens * len(images)
+    if len(tokens) != len(images):
+        raise NocloneError(f"give one --token for all subjects or one per subject (got {len(tokens)} for {len(images)})")
+    subjects = [ProtectionSubject.from_folder(folder, noun, token) for folder, noun, token in zip(images, nouns, tokens)]
+    seen = {}
+    for folder, subject in zip(images, subjects):
+        if subject.fingerprint in seen:
+            raise NocloneError(f"{folder}: the same photos, class and token as {seen[subject.fingerprint]} (given twice)")
+        seen[subject.fingerprint] = folder
+    return subjects
+
+
+def _apdm_config(args: argparse.Namespace):
+    from noclone.defenses.apdm import APDMConfig
+
+    overrides = {
+        "outer_steps": args.steps, "inner_steps": args.inner_steps, "beta": args.beta, "reduction": args.reduction,
+        "loss": args.loss, "naive_lambda": args.naive_lambda, "params": args.params, "lora_rank": args.rank,
+        "lr_protect": args.lr_protect, "lr_per": args.lr_per, "batch_size": args.batch_size,
+        "num_class_images": args.num_class_images, "multi_subject": args.multi_subject,
+        "reference_dtype": args.reference_dtype, "optimizer": args.optimizer, "checkpoint_every": args.checkpoint_every,
+        "accumulate": args.accumulate, "seed": args.seed,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.no_l2p:
+        overrides["l2p"] = False
+    if args.unpaired:
+        overrides["paired"] = False
+    if args.official_grad_quirk:
+        overrides["official_grad_quirk"] = True
+    config = APDMConfig.preset(args.preset, progress=not getattr(args, "quiet", False), **overrides)
+    config.validate()
+    return config
+
+
+def cmd_apdm(args: argparse.Namespace) -> Path:
+    from noclone.cli import _refuse_existing, load_model
+    from noclone.defenses.apdm import APDM
+    from noclone.defenses.base import read_protection_card
+
+    config = _apdm_config(args)
+    _refuse_existing(args.out, args.overwrite)
+    if args.single_file is not None and Path(args.single_file).suffix != ".safetensors":
+        raise NocloneError(f"{args.single_file}: --single-file must end in .safetensors")
+    if args.single_file is not None and Path(args.single_file).exists() and not args.overwrite:
+        raise NocloneError(f"{args.single_file}: exists (pass --overwrite to replace it)")
+    subjects = _subjects(args)
+    method = APDM(config)
+    previous = read_protection_card(None if args.model == "sandbox" else args.model)
+    if previous is not None:
+        log.info("%s is already protected (%s, %d subjects): protecting again from it", args.model,
+                 previous.get("method"), len(previous.get("subjects", [])))
+    pipe = load_model(args, gradient_checkpointing=args.gradient_checkpointing)
+    out = method.run(pipe, subjects, args.out, overwrite=args.overwrite, single_file=args.single_file,
+                     previous_card=previous)
+    log.info("protected model written to %s (card: %s/protection.json)", out, out)
+    return out
+
+
+PROTECT_METHODS: dict[str, Callable[[argparse.Namespace], Path]] = {"apdm": cmd_apdm}
+
+
+def cmd_protect_model(args: argparse.Namespace) -> None:
+    if args.method not in PROTECT_METHODS:
+        raise NocloneError(f"unknown --method {args.method!r}; choose from {', '.join(PROTECT_METHODS)}")
+    PROTECT_METHODS[args.method](args)
+
+
+def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `protect-model` on the main parser's subparsers; returns the new parser."""
+    from noclone.cli import _add_model_args
+
+    p = subparsers.add_parser("protect-model", help="change a model so that personalizing it on given subjects fails (APDM)")
+    _add_model_args(p)
+    p.add_argument("--method", default="apdm", help=f"defence: {', '.join(PROTECT_METHODS)} (default apdm)")
+    p.add_argument("--images", action="append", required=True, help="folder of one subject's photos (repeat per subject)")
+    p.add_argument("--class-noun", action="append", required=True, help="the subject's class, e.g. person (repeat per subject)")
+    p.add_argument("--token", action="append", help="identifier the attacker is assumed to use (default sks; once or per subject)")
+    p.add_argument("--preset", default="quick", help="quick (64 px sandbox, default) or paper (SD1.5 at 512 px)")
+    p.add_argument("--steps", type=int, help="outer protection steps N_protect")
+    p.add_argument("--inner-steps", type=int, help="simulated DreamBooth steps per outer step N_per")
+    p.add_argument("--lr-protect", type=float)
+    p.add_argument("--lr-per", type=float, help="learning rate of the simulated attacker")
+    p.add_argument("--beta", type=float, help="DPO beta (default 1; smaller = stronger protection)")
+    p.add_argument("--reduction", help="elementwise (official code, default) or per-sample (Diffusion-DPO)")
+    p.add_argument("--loss", help="dpo (default) or naive (-L_simple + lambda L_ppl baseline)")
+    p.add_argument("--naive-lambda", type=float)
+    p.add_argument("--params", help="weights changed: full (default), attention (cross-attention) or lora")
+    p.add_argument("--rank", type=int, help="LoRA rank with --params lora")
+    p.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
+    p.add_argument("--unpaired", action="store_true", help="ablation: random class image as positive")
+    p.add_argument("--official-grad-quirk", action="store_true",
+                   help="also sum the inner personalization gradients, as the public APDM code does")
+    p.add_argument("--accumulate", help="sum (default) or mean of the inner-state gradients")
+    p.add_argument("--multi-subject", help="cycle (default: one subject per step) or sum (all subjects every step)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-class-images", type=int)
+    p.add_argument("--reference-dtype", help="same (default), fp32, bf16 or fp16: the frozen reference UNet (memory)")
+    p.add_argument("--optimizer", help="adamw (default) or adamw8bit (needs bitsandbytes; memory)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--single-file", help="also write the protected model as one .safetensors file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_protect_model)
+    return p

@@ -1,0 +1,343 @@
+"""APDM on the tiny 32 px pipeline: the DPO loss by hand, L2P bookkeeping, resume, subjects, card, CLI errors."""
+
+import argparse
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from noclone.defenses import APDM, APDMConfig, ProtectionSubject, dpo_loss
+from noclone.defenses.apdm import subject_dpo
+from noclone.errors import NocloneError
+
+torch.set_num_threads(1)
+
+LOG2 = math.log(2)
+
+
+def _config(**kw):
+    base = dict(outer_steps=3, inner_steps=1, batch_size=1, num_class_images=4, class_image_steps=2, lr_protect=1e-3,
+                lr_per=1e-3, checkpoint_every=2, progress=False)
+    base.update(kw)
+    return APDMConfig(**base)
+
+
+def _unet_state(pipe):
+    return {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+
+
+def _changed(before, after):
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.fixture(scope="session")
+def dog_dir(tmp_path_factory):
+    from noclone.sandbox.render import render
+    from noclone.sandbox.splits import held_out
+
+    out = tmp_path_factory.mktemp("dog")
+    for photo in range(3):
+        render("dog", held_out(3), photo, size=32).save(out / f"dog_{photo}.png")
+    return out
+
+
+@pytest.fixture
+def person(subject_dir):
+    return ProtectionSubject.from_folder(subject_dir, "person")
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+
+
+def test_dpo_loss_matches_hand_computation():
+    # one element: r+ = 1 - 2 = -1, r- = 3 - 1 = 2, so -beta (r+ - r-) = 3 beta
+    one = [torch.tensor([[v]]) for v in (1.0, 3.0, 2.0, 1.0)]
+    for beta in (1.0, 0.5, 10.0):
+        expected = math.log1p(math.exp(-3 * beta))  # -log sigmoid(3 beta)
+        for reduction in ("elementwise", "per-sample"):
+            assert dpo_loss(*one, beta=beta, reduction=reduction)["loss"].item() == pytest.approx(expected, rel=1e-5)
+
+    g = torch.Generator().manual_seed(0)
+    ep, en, rp, rn = (torch.rand(3, 4, 2, 2, generator=g) * 2 for _ in range(4))
+    x = -1.0 * ((ep - rp) - (en - rn))
+    elementwise = torch.log1p(torch.exp(-x)).mean()
+    xs = -1.0 * ((ep.mean((1, 2, 3)) - rp.mean((1, 2, 3))) - (en.mean((1, 2, 3)) - rn.mean((1, 2, 3))))
+    per_sample = torch.log1p(torch.exp(-xs)).mean()
+    assert dpo_loss(ep, en, rp, rn, 1.0, "elementwise")["loss"].item() == pytest.approx(elementwise.item(), rel=1e-5)
+    assert dpo_loss(ep, en, rp, rn, 1.0, "per-sample")["loss"].item() == pytest.approx(per_sample.item(), rel=1e-5)
+    assert abs(elementwise.item() - per_sample.item()) > 1e-3  # the two reductions really differ
+    # beta: r+ = r- gives log 2 whatever beta; a small beta pulls every loss towards log 2
+    assert dpo_loss(ep, ep, rp, rp, 5.0)["loss"].item() == pytest.approx(LOG2)
+    small, large = (dpo_loss(ep, en, rp, rn, b)["loss"].item() for b in (1e-3, 10.0))
+    assert abs(small - LOG2) < 1e-3 < abs(large - LOG2)
+    with pytest.raises(NocloneError):
+        dpo_loss(ep, en, rp, rn, 1.0, "sum")
+
+
+def test_dpo_sign_convention():
+    base = [torch.full((2, 4), v) for v in (1.0, 1.0, 1.0, 1.0)]
+    start = dpo_loss(*base)["loss"].item()
+    assert start == pytest.approx(LOG2)
+    ep, en, rp, rn = base
+    assert dpo_loss(ep, en - 0.5, rp, rn)["loss"].item() > start  # the model gets better on the subject: bad
+    assert dpo_loss(ep, en + 0.5, rp, rn)["loss"].item() < start  # worse on the subject: the aim
+    assert dpo_loss(ep - 0.5, en, rp, rn)["loss"].item() < start  # better on generic class images: the aim
+    err_neg = en.clone().requires_grad_(True)
+    dpo_loss(ep, err_neg, rp, rn)["loss"].backward()
+    assert (err_neg.grad < 0).all()  # descending the loss raises the error on the subject
+
+
+# --------------------------------------------------------------------------------------------- the method
+
+
+def _separable_subject():
+    """Subject and class latents the UNet can tell apart. (The tiny random VAE maps every image to nearly the same
+    latent, std 0.05, so with real photos a few steps cannot make theta treat subject and class differently.)"""
+    from noclone.training.data import LatentSet, SubjectData
+
+    g = torch.Generator().manual_seed(0)
+
+    def latents(prompt, offset):
+        return LatentSet(torch.randn(4, 4, 16, 16, generator=g) * 0.5 + offset, torch.full((4, 4, 16, 16), 0.05), prompt)
+
+    return SubjectData(latents("a photo of sks person", 1.0), latents("a photo of a person", -1.0))
+
+
+def test_protection_changes_live_unet_only_and_lowers_subject_dpo(tiny_pipe):
+    before = _unet_state(tiny_pipe)
+    apdm = APDM(_config(outer_steps=4, inner_steps=2, batch_size=2))
+    history = apdm.train(tiny_pipe, [_separable_subject()])
+    assert len(history) == 4 and {"loss", "dpo", "ppl", "per", "r_pos", "r_neg", "accuracy"} <= set(history[0])
+    assert _changed(before, _unet_state(tiny_pipe))
+    assert not _changed(before, apdm.reference.state())  # phi never moves
+    assert not any(p.requires_grad for p in tiny_pipe.unet.parameters())
+    # DPO on fresh noise and timesteps: log 2 at the start (theta = phi), lower after: the subject is now worse
+    # denoised than the class images, relative to phi (r- > r+). Probed per sample: the elementwise DPO of a
+    # random net is dominated by the spread of r over elements (see the module docstring).
+    from noclone.training.diffusion import training_scheduler
+
+    probe = subject_dpo(tiny_pipe.unet, apdm.reference, training_scheduler(tiny_pipe), apdm.subjects[0],
+                        _config(reduction="per-sample"), n=32)
+    assert probe["loss"] < LOG2 - 0.005 and probe["r_pos"] < probe["r_neg"] and probe["accuracy"] > 0.75, probe
+
+
+def _outer_gradient(model_dir, subject, **kw):
+    from noclone.models.pipeline import load_pipeline
+
+    pipe = load_pipeline(model_dir)
+
+    class Capture(APDM):
+        def after_step(self, step):
+            self.grad = {n: p.grad.clone() for n, p in pipe.unet.named_parameters() if p.grad is not None}
+
+    method = Capture(_config(outer_steps=1, max_grad_norm=None, **kw))
+    method.protect(pipe, [subject])
+    return method
+
+
+def test_official_grad_quirk_adds_the_personalization_gradient(tiny_model_dir, person):
+    from noclone.attacks.base import dreambooth_loss
+    from noclone.models.pipeline import load_pipeline
+    from noclone.training.diffusion import step_generator, training_scheduler
+
+    plain = _outer_gradient(tiny_model_dir, person)
+    quirk = _outer_gradient(tiny_model_dir, person, official_grad_quirk=True)
+    assert plain.grad.keys() == quirk.grad.keys()
+    # with N_per = 1 the quirk adds grad L_per(theta'_1) = grad L_per at the starting weights, same batch
+    fresh = load_pipeline(tiny_model_dir)
+    fresh.unet.requires_grad_(True)
+    loss = dreambooth_loss(fresh.unet, fresh.text_encoder, fresh.tokenizer, training_scheduler(fresh),
+                           plain.subjects[0].data,
+                           step_generator(0, 0, "apdm/0/per/0"), 1, 1.0)["loss"]
+    loss.backward()
+    per = dict(fresh.unet.named_parameters())
+    diffs = [(quirk.grad[n] - plain.grad[n], per[n].grad) for n in plain.grad]
+    assert max(float((d - g).abs().max()) for d, g in diffs) < 1e-4
+    assert sum(float(g.abs().sum()) for _, g in diffs) > 0  # and it is not zero: the gradient changed
+
+
+def test_naive_loss_and_ablations_run(tiny_model_dir, person):
+    from noclone.models.pipeline import load_pipeline
+
+    history = APDM(_config(outer_steps=2, loss="naive", naive_lambda=0.5)).protect(load_pipeline(tiny_model_dir), [person])
+    for h in history:
+        assert math.isfinite(h["loss"]) and h["loss"] == pytest.approx(-h["simple"] + 0.5 * h["ppl"], rel=1e-4)
+    history = APDM(_config(outer_steps=1, l2p=False, paired=False, accumulate="mean")).protect(
+        load_pipeline(tiny_model_dir), [person])
+    assert "per" not in history[0] and math.isfinite(history[0]["loss"])
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, person, tmp_path):
+    from noclone.models.pipeline import load_pipeline
+
+    config = dict(outer_steps=3, checkpoint_every=1)
+    full = load_pipeline(tiny_model_dir)
+    APDM(_config(**config)).protect(full, [person])
+
+    class Killed(APDM):
+        def after_step(self, step):
+            if step == 1:  # step 1 done, its checkpoint not yet written
+                raise KeyboardInterrupt
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        Killed(_config(**config)).protect(load_pipeline(tiny_model_dir), [person], checkpoint_dir=ckpt)
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 1
+    resumed = load_pipeline(tiny_model_dir)
+    history = APDM(_config(**config)).protect(resumed, [person], checkpoint_dir=ckpt)
+    assert len(history) == 3
+    assert not _changed(_unet_state(full), _unet_state(resumed))
+    with pytest.raises(NocloneError, match="other settings"):
+        APDM(_config(**config, beta=2.0)).protect(load_pipeline(tiny_model_dir), [person], checkpoint_dir=ckpt)
+
+
+def test_parameter_sets_change_only_their_weights(tiny_model_dir, person):
+    from noclone.models.pipeline import load_pipeline
+
+    pipe = load_pipeline(tiny_model_dir)
+    before = _unet_state(pipe)
+    APDM(_config(outer_steps=2, params="attention")).protect(pipe, [person])
+    changed = _changed(before, _unet_state(pipe))
+    assert changed and all(".attn2." in k for k in changed)
+
+    pipe = load_pipeline(tiny_model_dir)
+    APDM(_config(outer_steps=2, params="lora", lr_protect=1e-2)).protect(pipe, [person])
+    after = _unet_state(pipe)
+    assert after.keys() == before.keys()  # the adapter is merged: a stock UNet again
+    changed = _changed(before, after)
+    assert changed and all(k.split(".")[-2] in ("to_q", "to_k", "to_v", "0") for k in changed), changed
+
+
+def test_multi_subject_run_writes_card_with_hashes_only(tiny_model_dir, subject_dir, dog_dir, tmp_path):
+    from noclone.data.images import file_sha256
+    from noclone.models.pipeline import load_pipeline, model_fingerprint
+
+    subjects = [ProtectionSubject.from_folder(subject_dir, "person"), ProtectionSubject.from_folder(dog_dir, "dog", "zwx")]
+    cycle = load_pipeline(tiny_model_dir)
+    out = APDM(_config(outer_steps=2)).run(cycle, subjects, tmp_path / "protected", single_file=tmp_path / "p.safetensors")
+    summed = load_pipeline(tiny_model_dir)
+    APDM(_config(outer_steps=1, multi_subject="sum")).protect(summed, subjects)
+    assert _changed(_unet_state(cycle), _unet_state(summed))
+
+    text = (out / "protection.json").read_text()
+    card = json.loads(text)
+    assert card["method"] == "apdm" and card["noclone_version"] and card["seed"] == 0
+    assert [s["class_noun"] for s in card["subjects"]] == ["person", "dog"]
+    assert [s["token"] for s in card["subjects"]] == ["sks", "zwx"]
+    assert card["subjects"][0]["photo_sha256"] == [file_sha256(p) for p in sorted(subject_dir.glob("*.png"))]
+    assert card["hyperparameters"]["beta"] == 1.0 and card["hyperparameters"]["outer_steps"] == 2
+    assert card["base_model_fingerprint"] == model_fingerprint(load_pipeline(tiny_model_dir))
+    assert card["protected_model_fingerprint"] == model_fingerprint(load_pipeline(out))
+    assert "subject_dpo_after" in card["metrics"]
+
+    def strings(node):
+        if isinstance(node, dict):
+            return [s for v in node.values() for s in strings(v)]
+        if isinstance(node, list):
+            return [s for v in node for s in strings(v)]
+        return [node] if isinstance(node, str) else []
+
+    assert len(text) < 20_000 and max(len(s) for s in strings(card)) <= 64  # hashes and prompts, no image data
+    assert not [f for f in out.rglob("*") if f.suffix in (".png", ".jpg")]
+    assert load_pipeline(tmp_path / "p.safetensors").unet is not None
+    assert not (tmp_path / ".protected.checkpoint").exists()
+
+
+# --------------------------------------------------------------------------------------------------- the CLI
+
+
+def _main(argv):
+    """noclone.cli.main once protect-model is wired there; until then the same contract on a local parser."""
+    from noclone import cli
+    from noclone.defenses.cli_protect import add_protect_model_parser
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    if "protect-model" in sub.choices:
+        return cli.main(argv)
+    parser = argparse.ArgumentParser(prog="noclone")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    add_protect_model_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except NocloneError as exc:
+        print(f"noclone: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _fails(capsys, argv, needle):
+    assert _main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("noclone: error:"), err
+    assert needle in err[0], err[0]
+
+
+def test_cli_protects_then_adds_a_subject(tiny_model_dir, subject_dir, dog_dir, tmp_path):
+    common = ["--steps", "1", "--inner-steps", "1", "--batch-size", "1", "--num-class-images", "2"]
+    first = tmp_path / "first"
+    assert _main(["-q", "protect-model", "--method", "apdm", "--model", str(tiny_model_dir), "--images", str(subject_dir),
+                  "--class-noun", "person", *common, "--out", str(first)]) == 0
+    card = json.loads((first / "protection.json").read_text())
+    assert card["hyperparameters"]["outer_steps"] == 1 and len(card["subjects"]) == 1
+    second = tmp_path / "second"
+    assert _main(["-q", "protect-model", "--model", str(first), "--images", str(dog_dir), "--class-noun", "dog",
+                  *common, "--params", "attention", "--out", str(second)]) == 0
+    card2 = json.loads((second / "protection.json").read_text())
+    assert card2["previous_protection"]["subjects"] == card["subjects"]
+    assert card2["earlier_subjects_not_renewed"] == [card["subjects"][0]["fingerprint"]]
+    assert card2["base_model_fingerprint"] == card["protected_model_fingerprint"]
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(tiny_model_dir, subject_dir, dog_dir, tmp_path, capsys):
+    ok = ["protect-model", "--model", str(tiny_model_dir), "--images", str(subject_dir), "--class-noun", "person"]
+    out = ["--out", str(tmp_path / "o")]
+    _fails(capsys, ok + ["--images", str(dog_dir)] + out, "one --class-noun per --images")
+    _fails(capsys, ok + ["--token", "a", "--token", "b"] + out, "one --token")
+    _fails(capsys, ok + ["--token", "two words"] + out, "one non-empty word")
+    _fails(capsys, ok + ["--images", str(subject_dir), "--class-noun", "person"] + out, "given twice")
+    _fails(capsys, ["protect-model", "--model", str(tiny_model_dir), "--images", str(tmp_path / "nope"),
+                    "--class-noun", "person"] + out, "nope")
+    _fails(capsys, ok + ["--method", "glaze"] + out, "unknown --method")
+    _fails(capsys, ok + ["--preset", "huge"] + out, "unknown APDM preset")
+    _fails(capsys, ok + ["--steps", "0"] + out, "--steps")
+    _fails(capsys, ok + ["--inner-steps", "-1"] + out, "--inner-steps")
+    _fails(capsys, ok + ["--beta", "-1"] + out, "--beta")
+    _fails(capsys, ok + ["--beta", "nan"] + out, "--beta")
+    _fails(capsys, ok + ["--reduction", "sum"] + out, "--reduction")
+    _fails(capsys, ok + ["--loss", "kl"] + out, "--loss")
+    _fails(capsys, ok + ["--params", "vae"] + out, "--params")
+    _fails(capsys, ok + ["--lr-protect", "3"] + out, "--lr-protect")
+    _fails(capsys, ok + ["--single-file", str(tmp_path / "m.ckpt")] + out, ".safetensors")
+    _fails(capsys, ["protect-model", "--model", str(tmp_path / "nomodel"), "--images", str(subject_dir),
+                    "--class-noun", "person"] + out, "no such model")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("x")
+    _fails(capsys, ok + ["--out", str(taken)], "not empty")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        _fails(capsys, ok + ["--optimizer", "adamw8bit"] + out, "bitsandbytes")
+    with pytest.raises(SystemExit) as exc:
+        _main(["protect-model", "--images", str(subject_dir), "--class-noun", "person"])  # no --out
+    assert exc.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_presets():
+    quick, paper = APDMConfig.preset("quick"), APDMConfig.preset("paper")
+    assert (paper.lr_protect, paper.lr_per, paper.beta, paper.inner_steps, paper.outer_steps, paper.batch_size,
+            paper.num_class_images) == (5e-6, 5e-6, 1.0, 20, 800, 1, 200)
+    assert quick.reduction == paper.reduction == "elementwise" and not quick.official_grad_quirk and quick.l2p
+    # the simulated attacker is the attack preset of the same scale
+    from noclone.attacks.base import PRESETS
+
+    for config, attack in ((quick, PRESETS["sandbox"]["dreambooth"]), (paper, PRESETS["sd15"]["dreambooth"])):
+        assert (config.lr_per, config.batch_size, config.num_class_images) == (
+            attack["lr"], attack["batch_size"], attack["num_class_images"])
+    assert APDMConfig.preset("paper", outer_steps=3).outer_steps == 3
+    with pytest.raises(NocloneError):
+        APDMConfig.preset("paper", nonsense=1)
