@@ -13,9 +13,16 @@ from noclone.sandbox.splits import held_out
 FRESH_OFFSET = 700_000
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="module")
 def ev():
-    torch.set_num_threads(1)
     return E.load_default_evaluator()
 
 
@@ -96,10 +103,10 @@ def test_save_load_roundtrip(ev, tmp_path):
 
 
 def test_tiny_training_run(tmp_path):
-    torch.set_num_threads(1)
     out = tmp_path / "ev"
     m = E.train_evaluator(out, seed=3, n_identities=4, photos_per_identity=3, steps=3, batch_size=32,
-                          n_nonsubject=16, validate_identities=3, validate_photos=2, progress=False)
+                          n_nonsubject=16, class_only_identities=4, validate_identities=3, validate_photos=2,
+                          progress=False)
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["training"]["seed"] == 3 and cfg["training"]["steps"] == 3
@@ -107,3 +114,12 @@ def test_tiny_training_run(tmp_path):
     m2 = E.SandboxEvaluator.from_pretrained(out)
     arr = R.render_array("person", [held_out(5)], [0])
     assert np.allclose(m.embed_images(arr), m2.embed_images(arr), atol=1e-6)
+    # seeded: the same run again gives the same weights
+    m3 = E.train_evaluator(tmp_path / "again", seed=3, n_identities=4, photos_per_identity=3, steps=3,
+                           batch_size=32, n_nonsubject=16, class_only_identities=4, validate_identities=0,
+                           progress=False, save=False)
+    m4 = E.train_evaluator(tmp_path / "again", seed=3, n_identities=4, photos_per_identity=3, steps=3,
+                           batch_size=32, n_nonsubject=16, class_only_identities=4, validate_identities=0,
+                           progress=False, save=False)
+    for (k, a), b in zip(m3.state_dict().items(), m4.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -35,6 +35,7 @@ __all__ = [
     "CLASS_NAMES",
     "DEFAULT_WEIGHTS_DIR",
     "SandboxEvaluator",
+    "images_to_tensor",
     "load_default_evaluator",
     "train_evaluator",
     "validate",
