@@ -46,7 +46,7 @@ def load_model(args: argparse.Namespace, gradient_checkpointing: bool = False):
 
 def cmd_personalize(args: argparse.Namespace) -> None:
     from noclone.attacks import METHODS
-    from noclone.attacks.base import preset_config
+    from noclone.attacks.base import load_subject_images, preset_config
 
     config = preset_config(
         args.method, args.preset, class_noun=args.class_noun, token=args.token, steps=args.steps, lr=args.lr,
@@ -57,6 +57,7 @@ def cmd_personalize(args: argparse.Namespace) -> None:
     )
     attack = METHODS[args.method](config)
     _refuse_existing(args.out, args.overwrite)
+    load_subject_images(args.images)  # fail on bad photos before the model loads
     pipe = load_model(args, gradient_checkpointing=args.gradient_checkpointing)
     out = attack.run(pipe, args.images, args.out, overwrite=args.overwrite)
     log.info("personalized model written to %s", out)
@@ -296,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" bars; our own bars stay
+    transformers.utils.logging.disable_progress_bar()
     try:
         args.func(args)
     except NocloneError as exc:

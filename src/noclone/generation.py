@@ -60,7 +60,7 @@ def sample(pipe, prompt: str, seeds: Sequence[int], config: GenerationConfig) ->
         out = pipe(
             [prompt] * len(chunk), num_inference_steps=config.steps, guidance_scale=config.guidance,
             negative_prompt=[config.negative_prompt] * len(chunk) if config.negative_prompt else None,
-            latents=latents, output_type="pil",
+            latents=latents, generator=generators, output_type="pil",
         )
         images += out.images
     return images

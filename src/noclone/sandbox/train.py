@@ -37,10 +37,10 @@ class SandboxTrainConfig:
     seed: int = 0
     identities_per_class: int = 3000
     photos_per_identity: int = 6
-    vae_steps: int = 400
+    vae_steps: int = 900
     vae_batch: int = 32
-    vae_lr: float = 2e-3
-    unet_steps: int = 2200
+    vae_lr: float = 1e-3
+    unet_steps: int = 2000
     unet_batch: int = 24
     unet_lr: float = 5e-4
     text_lr: float = 1e-4
