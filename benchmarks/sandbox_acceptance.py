@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--markdown", help="also write the tables as markdown to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -66,6 +67,8 @@ def main() -> None:
             r["wall_seconds"] = round(time.time() - started, 1)
             results["attacks"].append(r)
     (work / "results.json").write_text(json.dumps(results, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(results, args))
     print("\nbase model: 'a photo of a <class>'")
     for b in results["base"]:
         print(f"  {b['class_noun']:<7} detector {b['detector_rate']:.2f}  match-rate vs a fixed held-out identity "
@@ -75,6 +78,22 @@ def main() -> None:
         print(f"  {r['class_noun']:<7} {r['method']:<10} match {r['identity_match_rate']:.2f} (base {r['base_identity_match_rate']:.2f})"
               f"  ISM {r['ism']:.3f} (base {r['base_ism']:.3f}, gain {r['ism_gain']:+.3f})  FDFR {r['fdfr']:.2f}"
               f"  train {r['train_seconds']:.0f}s  total {r['wall_seconds']:.0f}s")
+
+
+def markdown(results: dict, args) -> str:
+    lines = [f"Command: `.venv/bin/python benchmarks/sandbox_acceptance.py --out DIR --classes {args.classes} "
+             f"--methods {args.methods} --identity {args.identity} --n {args.n} --seed {args.seed}`", "",
+             "Base model, 'a photo of a <class>':", "",
+             "| class | detector rate | match rate vs a fixed held-out identity | n |", "|---|---|---|---|"]
+    lines += [f"| {b['class_noun']} | {b['detector_rate']:.2f} | {b['match_rate_vs_fixed_identity']:.2f} | {b['n']} |"
+              for b in results["base"]]
+    lines += ["", f"Attacks on held-out identities, 'a photo of sks <class>', {args.n} generations:", "",
+              "| class | attack | identity match rate | base match rate | ISM | base ISM | ISM gain | FDFR | train s | total s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['class_noun']} | {r['method']} | {r['identity_match_rate']:.2f} | {r['base_identity_match_rate']:.2f} | "
+              f"{r['ism']:.3f} | {r['base_ism']:.3f} | {r['ism_gain']:+.3f} | {r['fdfr']:.2f} | {r['train_seconds']:.0f} | "
+              f"{r['wall_seconds']:.0f} |" for r in results["attacks"]]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ confident one (dlib, see above).
 from __future__ import annotations
 
 import functools
+from abc import ABC, abstractmethod
 import importlib.util
 import warnings
 from collections.abc import Sequence
@@ -83,7 +84,7 @@ def _by_area(boxes: np.ndarray, *extra: np.ndarray):
     return (boxes[order], *(e[order] for e in extra))
 
 
-class FaceBackend:
+class FaceBackend(ABC):
     """The interface; see the module docstring."""
 
     name = "base"
@@ -98,15 +99,17 @@ class FaceBackend:
                 + ("; use --backend sandbox for sandbox dogs and cats" if self.name != "sandbox" else "")
             )
 
+    @abstractmethod
     def detect(self, images: Sequence, class_noun: str = "person") -> list[np.ndarray]:
-        raise NotImplementedError
+        """Per image, the subject boxes found (an empty array when none)."""
 
     def detected(self, images: Sequence, class_noun: str = "person") -> np.ndarray:
         """bool [N]: at least one subject found in each image."""
         return np.array([len(b) > 0 for b in self.detect(images, class_noun)], dtype=bool)
 
+    @abstractmethod
     def embed(self, images: Sequence, class_noun: str = "person") -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """(embeddings of the images where a subject was found, bool mask of those images)."""
 
     def describe(self) -> dict:
         return {"backend": self.name, "threshold": float(self.threshold), "threshold_measure": "cosine",

@@ -82,7 +82,7 @@ def load_pipeline(
         if not has_safetensors and not allow_pickle:
             raise NocloneError(f"{path}/: weights are pickle files (.bin); refused unless --allow-pickle is given")
         pipe = StableDiffusionPipeline.from_pretrained(
-            str(path), local_files_only=True, torch_dtype=torch_dtype, use_safetensors=has_safetensors,
+            str(path), local_files_only=True, dtype=torch_dtype, use_safetensors=has_safetensors,
             safety_checker=None, requires_safety_checker=False,
         )
     elif path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
@@ -93,7 +93,7 @@ def load_pipeline(
         if config is None:
             raise NocloneError(f"{path}: an original-layout checkpoint needs --config DIR (a local diffusers directory of the same architecture)")
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, torch_dtype=torch_dtype,
+            str(path), config=str(config), local_files_only=True, dtype=torch_dtype,
             safety_checker=None, requires_safety_checker=False,
         )
     else:

@@ -43,7 +43,7 @@ class SandboxTrainConfig:
     unet_steps: int = 2000
     unet_batch: int = 24
     unet_lr: float = 5e-4
-    text_lr: float = 1e-4
+    text_lr: float = 1e-3
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
     attribute_prob: float = 0.5
