@@ -24,8 +24,25 @@ log = logging.getLogger(__name__)
 MIN_SUBJECT_IMAGES = 2
 
 
+class PromptTemplates:
+    """Instance and class prompts from `template`, `class_template`, `token` and `class_noun` fields."""
+
+    template: str
+    class_template: str
+    token: str
+    class_noun: str
+
+    @property
+    def instance_prompt(self) -> str:
+        return self.template.format(token=self.token, class_noun=self.class_noun)
+
+    @property
+    def class_prompt(self) -> str:
+        return self.class_template.format(class_noun=self.class_noun)
+
+
 @dataclass
-class PersonalizationConfig:
+class PersonalizationConfig(PromptTemplates):
     """Settings of one personalization run; defaults are tuned for the sandbox model (64 px)."""
 
     class_noun: str = "person"
@@ -47,14 +64,6 @@ class PersonalizationConfig:
     checkpoint_every: int = 50
     progress: bool = True
     extra: dict = field(default_factory=dict)
-
-    @property
-    def instance_prompt(self) -> str:
-        return self.template.format(token=self.token, class_noun=self.class_noun)
-
-    @property
-    def class_prompt(self) -> str:
-        return self.class_template.format(class_noun=self.class_noun)
 
     def fingerprint(self) -> str:
         fields = {k: v for k, v in asdict(self).items() if k not in ("progress", "checkpoint_every", "steps")}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from noclone.attacks.base import PersonalizationConfig, load_subject_images, subject_fingerprint
+from noclone.attacks.base import PersonalizationConfig, PromptTemplates, load_subject_images, subject_fingerprint
 from noclone.errors import NocloneError
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ PARAM_SETS = ("full", "attention", "lora")
 
 
 @dataclass
-class ProtectionSubject:
+class ProtectionSubject(PromptTemplates):
     """One subject to protect: its photos, class noun and the identifier token an attacker is assumed to use."""
 
     images: list[Image.Image]
@@ -50,14 +50,6 @@ class ProtectionSubject:
             raise NocloneError(f"--token {token!r} must be one non-empty word")
         paths, images = load_subject_images(folder)
         return cls(images, class_noun.strip(), token, subject_fingerprint(paths))
-
-    @property
-    def instance_prompt(self) -> str:
-        return self.template.format(token=self.token, class_noun=self.class_noun)
-
-    @property
-    def class_prompt(self) -> str:
-        return self.class_template.format(class_noun=self.class_noun)
 
     @property
     def fingerprint(self) -> str:
