@@ -24,6 +24,17 @@ TRAIN_PHOTOS = range(0, 5)
 REFERENCE_PHOTOS = range(100, 108)
 
 
+def model_tag(model: Path) -> str:
+    """A short cache tag of a model directory: its name plus a hash of its resolved path and weight files' sizes and
+    times (attacks on different or rewritten models must never share a cache entry)."""
+    import hashlib
+
+    path = Path(model).resolve()
+    stamp = [str(path)] + [f"{f.relative_to(path)}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                           for f in sorted(path.glob("*/*.safetensors"))]
+    return f"{path.name}-{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:8]}"
+
+
 def subject_photos(folder: Path, class_noun: str, identity: int, photos) -> Path:
     """Render the identity's photos into `folder` once (atomically); returns the folder."""
     from noclone.sandbox.render import render
@@ -77,7 +88,7 @@ def attack_experiment(model: Path, work: Path, class_noun: str, identity: int, m
     from noclone.models.pipeline import load_pipeline
 
     config = config or preset_config(method, "sandbox", class_noun=class_noun, seed=seed, progress=progress)
-    key = f"{class_noun}-{identity}-{method}-{config.fingerprint()}-{config.steps}"
+    key = f"{model_tag(model)}-{class_noun}-{identity}-{method}-{config.fingerprint()}-{config.steps}"
     photos = subject_photos(work / "subjects" / f"{class_noun}-{identity}", class_noun, identity, TRAIN_PHOTOS)
     refs = images_in(subject_photos(work / "references" / f"{class_noun}-{identity}", class_noun, identity, REFERENCE_PHOTOS))
     started = time.time()
@@ -101,7 +112,7 @@ def base_experiment(model: Path, work: Path, class_noun: str, identity: int, pro
     from noclone.models.pipeline import load_pipeline
 
     refs = images_in(subject_photos(work / "references" / f"{class_noun}-{identity}", class_noun, identity, REFERENCE_PHOTOS))
-    folder = work / "generated" / f"base-{Path(model).name}-{prompt.replace(' ', '_')}-{n}-{seed}"
+    folder = work / "generated" / f"base-{model_tag(model)}-{prompt.replace(' ', '_')}-{n}-{seed}"
     generated = generate_cached(lambda: load_pipeline(model), folder, prompt, n, seed + 1000, progress=progress)
     return {"class_noun": class_noun, "identity": identity, "prompt": prompt,
             **sandbox_scores(generated, refs, class_noun, ("ism", "fdfr")), "generated_dir": str(folder)}

@@ -24,7 +24,7 @@ from noclone.data.atomic import atomic_write_json
 from noclone.models.architectures import build_pipeline
 from noclone.sandbox import render as world
 from noclone.sandbox.splits import GENERATOR_IDENTITIES
-from noclone.training.diffusion import encode_prompts, noised, prediction_error, sample_latents, step_generator
+from noclone.training.diffusion import encode_prompts, min_snr_weights, noised, prediction_error, sample_latents, step_generator
 from noclone.training.loop import LoopConfig, run_training
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,12 @@ class SandboxTrainConfig:
     vae_steps: int = 900
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    unet_steps: int = 2000
-    unet_batch: int = 24
+    unet_steps: int = 4500
+    unet_batch: int = 32
     unet_lr: float = 5e-4
     text_lr: float = 1e-3
     ema_decay: float = 0.999
+    snr_gamma: float = 5.0
     uncond_prob: float = 0.1
     attribute_prob: float = 0.5
 
@@ -151,7 +152,8 @@ def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTra
         latents = sample_latents(mean[idx], std[idx], g)
         cond = encode_prompts(text_encoder, pipe.tokenizer, prompts)
         noisy, t, target = noised(pipe.scheduler, latents, g)
-        return {"loss": prediction_error(unet, noisy, t, cond, target)}
+        err = prediction_error(unet, noisy, t, cond, target, reduction="per-sample")
+        return {"loss": (err * min_snr_weights(pipe.scheduler, t, cfg.snr_gamma)).mean(), "mse": err.mean()}
 
     def after(i: int) -> None:
         sched.step()

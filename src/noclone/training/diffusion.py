@@ -87,6 +87,16 @@ def prediction_error(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: t
     return err.mean()
 
 
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights per sample (Hang et al. 2023): faster convergence than uniform weighting."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1 - alphas)
+    clipped = snr.clamp(max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
                    reduction: str = "mean") -> torch.Tensor:
     """The standard denoising loss E||eps_theta(z_t, t, c) - target||^2."""

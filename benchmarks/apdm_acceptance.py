@@ -1,0 +1,157 @@
+"""Acceptance figures of APDM in the sandbox (issue: APDM): protect held-out subjects, attack, measure.
+
+    .venv/bin/python benchmarks/apdm_acceptance.py --out /tmp/apdm-acc [--classes person,dog,cat] [--identity 0]
+        [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N] [--markdown F]
+
+For each class: APDM (quick preset) protects held-out identity `--identity` (5 photos); the attacker runs the
+sandbox DreamBooth (the same settings the inner path simulates) on the unprotected and on the protected model;
+both are measured against 8 held-back reference photos, and against the base model's ISM for the same prompt.
+`--adaptive CLASSES` adds the adaptive attackers on those classes (3x lr, 2x steps, another identifier token, LoRA);
+`--other-identity K` checks that another subject still personalizes on the protected model; `--quality` compares
+generic generations (detector rate, sandbox-FID against renders) of the base and protected models. Every stage is
+cached in --out, so a rerun only computes what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+
+def protect(model: Path, work: Path, class_noun: str, identity: int, settings) -> tuple[Path, float]:
+    """APDM-protect one held-out identity (cached); returns (protected model dir, seconds)."""
+    from noclone.defenses import APDM, ProtectionSubject
+    from noclone.models.pipeline import load_pipeline
+    from noclone.sandbox.experiment import TRAIN_PHOTOS, model_tag, subject_photos
+
+    key = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    out = work / "protected" / f"{model_tag(model)}-{class_noun}-{identity}-{key}"
+    card = out / "protection.json"
+    if not card.is_file():
+        photos = subject_photos(work / "subjects" / f"{class_noun}-{identity}", class_noun, identity, TRAIN_PHOTOS)
+        started = time.time()
+        APDM(settings).run(load_pipeline(model), [ProtectionSubject.from_folder(photos, class_noun)], out, overwrite=True)
+        data = json.loads(card.read_text())
+        data.setdefault("metrics", {})["seconds"] = round(time.time() - started, 1)
+        card.write_text(json.dumps(data, indent=2))
+    return out, json.loads(card.read_text()).get("metrics", {}).get("seconds", 0.0)
+
+
+def quality(model: Path, work: Path, class_noun: str, n: int, seed: int) -> dict:
+    """Detector rate and sandbox-FID (evaluator features) of n 'a photo of a <class>' images vs n held-out renders."""
+    from noclone.eval.evaluate import sandbox_scores
+    from noclone.sandbox.experiment import generate_cached, images_in, model_tag
+    from noclone.sandbox.render import render
+    from noclone.sandbox.splits import held_out
+    from noclone.models.pipeline import load_pipeline
+
+    prompt = f"a photo of a {class_noun}"
+    generated = generate_cached(lambda: load_pipeline(model), work / "generated" / f"quality-{model_tag(model)}-{class_noun}-{n}-{seed}",
+                                prompt, n, seed + 5000, progress=False)
+    renders = [render(class_noun, held_out(500 + i), 0) for i in range(n)]
+    scores = sandbox_scores(generated, renders, class_noun, ("fdfr", "fid"))
+    return {"detector_rate": 1 - scores["fdfr"], "fid": scores["fid"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="sandbox")
+    parser.add_argument("--classes", default="person,dog,cat")
+    parser.add_argument("--identity", type=int, default=0)
+    parser.add_argument("--adaptive", default="", help="classes to run the adaptive attackers on, e.g. person")
+    parser.add_argument("--other-identity", type=int, default=None)
+    parser.add_argument("--quality", action="store_true")
+    parser.add_argument("--quality-n", type=int, default=64)
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--outer-steps", type=int)
+    parser.add_argument("--inner-steps", type=int)
+    parser.add_argument("--params", help="full (default) | attention | lora")
+    parser.add_argument("--markdown")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from noclone.attacks.base import preset_config
+    from noclone.defenses import APDMConfig
+    from noclone.sandbox.assets import model_dir
+    from noclone.sandbox.experiment import attack_experiment, base_experiment
+    from noclone.sandbox.splits import held_out
+
+    model = model_dir() if args.model == "sandbox" else Path(args.model)
+    work = Path(args.out)
+    overrides = {k: v for k, v in {"outer_steps": args.outer_steps, "inner_steps": args.inner_steps,
+                                   "params": args.params}.items() if v is not None}
+    settings = APDMConfig.preset("quick", seed=args.seed, **overrides)
+    rows, quality_rows = [], []
+    for class_noun in args.classes.split(","):
+        identity = held_out(args.identity)
+        protected, protect_seconds = protect(model, work, class_noun, identity, settings)
+        attack = preset_config("dreambooth", "sandbox", class_noun=class_noun, seed=args.seed)
+        base = base_experiment(model, work, class_noun, identity, attack.instance_prompt, args.n, args.seed, False)
+        attackers = [("dreambooth", "dreambooth", attack)]
+        if class_noun in args.adaptive.split(","):
+            attackers += [
+                ("dreambooth 3x lr", "dreambooth", replace(attack, lr=attack.lr * 3)),
+                ("dreambooth 2x steps", "dreambooth", replace(attack, steps=attack.steps * 2)),
+                ("dreambooth token xyz", "dreambooth", replace(attack, token="xyz")),
+                ("lora", "lora", preset_config("lora", "sandbox", class_noun=class_noun, seed=args.seed)),
+            ]
+        for name, method, config in attackers:
+            clean = attack_experiment(model, work, class_noun, identity, method, config, args.n, args.seed, False)
+            prot = attack_experiment(protected, work, class_noun, identity, method, config, args.n, args.seed, False)
+            rows.append({"class": class_noun, "subject": "protected", "attack": name,
+                         "match_unprotected": clean["identity_match_rate"], "match_protected": prot["identity_match_rate"],
+                         "ism_unprotected": clean["ism"], "ism_protected": prot["ism"], "base_ism": base["ism"],
+                         "fdfr_protected": prot["fdfr"], "protect_seconds": protect_seconds,
+                         "attack_seconds": prot["train_seconds"]})
+            print(rows[-1], flush=True)
+        if args.other_identity is not None:
+            other = held_out(args.other_identity)
+            clean = attack_experiment(model, work, class_noun, other, "dreambooth", attack, args.n, args.seed, False)
+            prot = attack_experiment(protected, work, class_noun, other, "dreambooth", attack, args.n, args.seed, False)
+            rows.append({"class": class_noun, "subject": f"other (held-out #{args.other_identity})", "attack": "dreambooth",
+                         "match_unprotected": clean["identity_match_rate"], "match_protected": prot["identity_match_rate"],
+                         "ism_unprotected": clean["ism"], "ism_protected": prot["ism"], "base_ism": float("nan"),
+                         "fdfr_protected": prot["fdfr"], "protect_seconds": protect_seconds,
+                         "attack_seconds": prot["train_seconds"]})
+            print(rows[-1], flush=True)
+        if args.quality:
+            q_base, q_prot = quality(model, work, class_noun, args.quality_n, args.seed), quality(protected, work, class_noun, args.quality_n, args.seed)
+            quality_rows.append({"class": class_noun, "detector_base": q_base["detector_rate"],
+                                 "detector_protected": q_prot["detector_rate"], "fid_base": q_base["fid"],
+                                 "fid_protected": q_prot["fid"]})
+            print(quality_rows[-1], flush=True)
+    (work / "apdm_results.json").write_text(json.dumps({"settings": asdict(settings), "rows": rows, "quality": quality_rows},
+                                                       indent=2))
+    text = markdown(rows, quality_rows, settings, args)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+
+
+def markdown(rows, quality_rows, settings, args) -> str:
+    lines = [f"APDM {settings.outer_steps} outer x {settings.inner_steps} inner steps, lr {settings.lr_protect:g}, "
+             f"beta {settings.beta:g}, params {settings.params}, seed {settings.seed}; {args.n} generations per cell.", "",
+             "| class | subject | attack | match unprotected | match protected | ISM unprotected | ISM protected | "
+             "base ISM | FDFR protected | protect s | attack s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['class']} | {r['subject']} | {r['attack']} | {r['match_unprotected']:.2f} | {r['match_protected']:.2f} | "
+              f"{r['ism_unprotected']:.3f} | {r['ism_protected']:.3f} | {r['base_ism']:.3f} | {r['fdfr_protected']:.2f} | "
+              f"{r['protect_seconds']:.0f} | {r['attack_seconds']:.0f} |" for r in rows]
+    if quality_rows:
+        lines += ["", f"Generic quality, {args.quality_n} images of 'a photo of a <class>' (sandbox-FID against "
+                  f"{args.quality_n} renders of held-out identities):", "",
+                  "| class | detector base | detector protected | FID base | FID protected | FID ratio |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {q['class']} | {q['detector_base']:.2f} | {q['detector_protected']:.2f} | {q['fid_base']:.1f} | "
+                  f"{q['fid_protected']:.1f} | {q['fid_protected'] / q['fid_base']:.2f} |" for q in quality_rows]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
