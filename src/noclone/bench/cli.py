@@ -1,0 +1,66 @@
+"""The `noclone bench` command line.
+
+    noclone bench CONFIG.yaml --out DIR [--set models.0.path=/models/sd15] [--dry-run] [--keep-going]
+    noclone bench --preset sandbox-quick --out DIR
+    noclone bench report DIR          # re-render report.html (and the CSV/JSON) from DIR/results.sqlite
+    noclone bench --list-presets | --print-preset NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from noclone.errors import NocloneError
+
+log = logging.getLogger("noclone")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from noclone.bench.config import load_config, preset_names, preset_text
+    from noclone.bench.runner import dry_run, render_report, run_bench
+
+    if args.list_presets:
+        print("\n".join(preset_names()))
+        return
+    if args.print_preset:
+        print(preset_text(args.print_preset), end="")
+        return
+    positional = list(args.args)
+    if positional and positional[0] == "report":
+        if len(positional) != 2:
+            raise NocloneError("usage: noclone bench report DIR")
+        print(f"bench report: {render_report(positional[1])}")
+        return
+    if len(positional) > 1:
+        raise NocloneError(f"expected one CONFIG.yaml, got {len(positional)} arguments: {' '.join(positional)}")
+    config = load_config(positional[0] if positional else None, args.preset, args.set)
+    if args.dry_run:
+        lines = dry_run(config, args.out)
+        print("\n".join(lines))
+        print(f"{len(lines)} cell(s) x seed(s); config {config.name} is valid")
+        return
+    if not args.out:
+        raise NocloneError("--out DIR is required (where the cache, results and report go)")
+    result = run_bench(config, args.out, progress=not args.quiet, keep_going=args.keep_going)
+    print(f"bench report: {result['report']}")
+    if result["failures"]:
+        raise NocloneError(f"{len(result['failures'])} cell(s) failed (see the log and the report); rerun to retry them")
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `bench` on the main parser's subparsers; returns the new parser."""
+    p = subparsers.add_parser("bench", help="benchmark defences x attacks x photo transforms (cached, resumable, report)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", metavar="CONFIG.yaml | report DIR",
+                   help="a benchmark config, or 'report DIR' to re-render a finished folder's report")
+    p.add_argument("--preset", help="a shipped config instead of CONFIG.yaml (see --list-presets)")
+    p.add_argument("--out", help="output folder: cache/, results.sqlite, results.csv, results.json, report.html")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. models.0.path=/models/sd15 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the cells (done/todo), compute nothing")
+    p.add_argument("--keep-going", action="store_true", help="record a failed cell and go on with the others")
+    p.add_argument("--list-presets", action="store_true")
+    p.add_argument("--print-preset", metavar="NAME", help="print a preset's YAML (to copy and edit)")
+    p.set_defaults(func=cmd_bench)
+    return p
