@@ -1,0 +1,152 @@
+"""`noclone protect-images` (cloak a folder of photos) and `noclone rid train` (train a RID generator).
+
+    noclone protect-images --method rid|aspl|fsmg|advdm|photoguard [--model M] [--budget 8/255] [--steps N]
+                           [--seed S] [--generator DIR] [--preset sandbox|paper] --images DIR --out DIR [--overwrite]
+    noclone rid train --models M1[,M2,...] [--images DIR ... | --sandbox-identities N] --out DIR [--steps N]
+                      [--arch conv|dit] [--budget 8/255] [--regression-subjects N]
+
+Budgets and step sizes are L_inf values in [0, 1] pixel units, written as a fraction (8/255) or a number (0.03).
+Wire into the main parser with `add_protect_images_parser(sub)` and `add_rid_parser(sub)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from noclone.errors import NocloneError
+
+log = logging.getLogger("noclone")
+
+METHODS = ("rid", "aspl", "fsmg", "advdm", "photoguard")
+
+
+def cmd_protect_images(args: argparse.Namespace) -> Path:
+    from noclone.attacks.base import load_subject_images
+    from noclone.cli import load_model
+    from noclone.cloak.base import check_output_dir, parse_budget, parse_step_size, protect_folder
+
+    if args.method not in METHODS:
+        raise NocloneError(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
+    budget = parse_budget(args.budget) if args.budget is not None else None
+    step_size = parse_step_size(args.step_size)
+    if args.steps is not None and args.steps < 1:
+        raise NocloneError(f"--steps {args.steps} must be at least 1")
+    if args.method != "rid" and args.model is None:
+        raise NocloneError(f"--method {args.method} needs --model (a diffusers directory, a .safetensors file, or sandbox)")
+    if args.method != "rid" and args.generator is not None:
+        raise NocloneError("--generator only applies to --method rid")
+    check_output_dir(args.images, args.out, args.overwrite)
+    load_subject_images(args.images, min_count=1)  # bad photos fail before any model loads
+    settings = dict(budget=budget, seed=args.seed, class_noun=args.class_noun, token=args.token,
+                    progress=not getattr(args, "quiet", False))
+    if args.method == "rid":
+        if args.model is not None:
+            log.info("--model is not used by rid (the generator was trained against its own models)")
+        model = None
+        settings.update(generator=args.generator, steps=args.steps, step_size=step_size)
+    else:
+        model = load_model(args)
+        settings.update(preset=args.preset, steps=args.steps, step_size=step_size)
+    out = protect_folder(args.method, args.images, args.out, model, overwrite=args.overwrite, **settings)
+    log.info("protected photos written to %s (manifest: %s/cloak.json)", out, out)
+    return out
+
+
+def add_protect_images_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `protect-images` on the main parser's subparsers."""
+    from noclone.cli import _add_model_args
+
+    p = subparsers.add_parser("protect-images", help="cloak a subject's photos before posting (RID, ASPL, FSMG, AdvDM, PhotoGuard)")
+    _add_model_args(p)
+    p.set_defaults(model=None)  # required by the optimization methods, unused by rid
+    _set_help(p, "model", "diffusers directory, .safetensors file, or 'sandbox' (required by every method but rid)")
+    p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--images", required=True, help="folder of the subject's photos (never modified)")
+    p.add_argument("--out", required=True, help="output folder: protected PNGs + cloak.json")
+    p.add_argument("--budget", help="L_inf budget in [0, 1] pixels, e.g. 8/255 or 0.03 (default: the preset's)")
+    p.add_argument("--step-size", help="PGD step in [0, 1] pixels, e.g. 1/255 (default: the preset's)")
+    p.add_argument("--steps", type=int, help="PGD steps (aspl: outer rounds) (default: the preset's)")
+    p.add_argument("--preset", default="sandbox", help="sandbox (64 px, seconds per photo, default) or paper (SD1.5 at 512 px)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generator", help="rid: a generator directory (default: the shipped sandbox generator)")
+    p.add_argument("--class-noun", default="person", help="the attacker's class noun in the instance prompt")
+    p.add_argument("--token", default="sks", help="the attacker's identifier token in the instance prompt")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_protect_images)
+    return p
+
+
+def cmd_rid_train(args: argparse.Namespace) -> Path:
+    from noclone.cli import _refuse_existing, load_model
+    from noclone.cloak.base import parse_budget
+    from noclone.cloak.rid import RIDTrainConfig, train_rid_generator
+
+    if args.arch not in ("conv", "dit"):
+        raise NocloneError(f"unknown --arch {args.arch!r}; choose conv or dit")
+    budget = parse_budget(args.budget)
+    names = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    if not names:
+        raise NocloneError("--models needs at least one model (sandbox, a diffusers directory or a .safetensors file)")
+    if not args.images and not args.sandbox_identities:
+        raise NocloneError("no training images: give --images DIR or --sandbox-identities N")
+    if args.sandbox_identities is not None and args.sandbox_identities < 0:
+        raise NocloneError("--sandbox-identities must be >= 0")
+    train = RIDTrainConfig(**{k: v for k, v in dict(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
+        progress=not getattr(args, "quiet", False)).items() if v is not None})
+    train.validate()
+    _refuse_existing(args.out, args.overwrite)
+    if args.images:
+        from noclone.data.images import load_image_folder
+
+        for folder in args.images:
+            load_image_folder(folder, min_count=1)
+    pipes = []
+    for name in names:
+        args.model = name
+        pipes.append(load_model(args))
+    out = train_rid_generator(args.out, pipes, folders=args.images or (), sandbox_identities=args.sandbox_identities or 0,
+                              photos_per_identity=args.photos_per_identity, arch=args.arch, budget=budget,
+                              resolution=args.resolution, train=train, regression_subjects=args.regression_subjects,
+                              overwrite=args.overwrite)
+    log.info("RID generator written to %s", out)
+    return out
+
+
+def add_rid_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `rid train` on the main parser's subparsers."""
+    from noclone.cli import _add_model_args
+
+    rid = subparsers.add_parser("rid", help="RID: train a real-time protective-perturbation generator")
+    sub = rid.add_subparsers(dest="rid_command", required=True)
+    p = sub.add_parser("train", help="train a RID generator against one or more frozen diffusion models")
+    _add_model_args(p)  # --device/--dtype/--allow-pickle/--config apply to every model
+    _set_help(p, "model", argparse.SUPPRESS)  # --models instead
+    p.add_argument("--models", default="sandbox", help="comma-separated: sandbox, diffusers directories, .safetensors files")
+    p.add_argument("--images", action="append", help="folder of training photos (repeatable)")
+    p.add_argument("--sandbox-identities", type=int, help="train on renders of N sandbox identities (evaluator range)")
+    p.add_argument("--photos-per-identity", type=int, default=4)
+    p.add_argument("--out", required=True, help="output folder: config.json + fp16 generator.safetensors")
+    p.add_argument("--arch", default="conv", help="conv (light residual U-Net, default) or dit (the paper's transformer)")
+    p.add_argument("--budget", default="8/255", help="L_inf budget in [0, 1] pixels (eta = 2 * budget in [-1, 1] space)")
+    p.add_argument("--resolution", type=int, help="training/working resolution (default: the first model's)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--regression-subjects", type=int, default=0,
+                   help="add the regression loss toward ASPL perturbations of this many identities (slow)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (keeps the weights reached)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_rid_train)
+    return rid
+
+
+def _set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
+    for action in parser._actions:
+        if action.dest == dest:
+            action.help = text
