@@ -312,7 +312,8 @@ def test_parse_transform():
     assert parse_transform("jpeg:75") == ("jpeg", {"quality": 75})
     assert parse_transform("purify:strength=0.2,steps=20") == ("purify", {"strength": 0.2, "steps": 20})
     assert parse_transform("resize") == ("resize", {})
-    for bad in ("sharpen", "jpeg:abc", "jpeg:0", "resize:2", "blur:x=1", "flip:3", "purify:0"):
+    for bad in ("sharpen", "jpeg:abc", "jpeg:0", "resize:2", "blur:x=1", "flip:3", "purify:0",
+                "purify:strength=0.1,steps=2"):
         with pytest.raises(NocloneError):
             parse_transform(bad)
     with pytest.raises(NocloneError):

@@ -78,7 +78,9 @@ def _check(name: str, s: dict) -> None:
         "blur": [(math.isfinite(s.get("sigma", -1)) and s.get("sigma", -1) >= 0, "blur sigma must be >= 0")],
         "noise": [(math.isfinite(s.get("std", -1)) and 0 <= s.get("std", -1) <= 1, "noise std must be in [0, 1]")],
         "purify": [(0 < s.get("strength", 0) <= 1, "purify strength must be in (0, 1]"),
-                   (int(s.get("steps", 0)) >= 1, "purify steps must be at least 1")],
+                   (int(s.get("steps", 0)) >= 1, "purify steps must be at least 1"),
+                   (int(s.get("steps", 0) * s.get("strength", 0)) >= 1,
+                    "purify strength x steps must be at least 1 (no denoising step would run)")],
     }.get(name, [])
     for ok, message in checks:
         if not ok:
