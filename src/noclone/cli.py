@@ -166,7 +166,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     out = run_demo(DemoConfig(out=Path(args.out), class_noun=args.class_noun, identity=args.identity,
                               seed=args.seed, steps=args.steps, n_generated=args.n, overwrite=args.overwrite,
-                              progress=not args.quiet))
+                              progress=not args.quiet, protect=not args.no_protect,
+                              protect_steps=args.protect_steps))
     print(f"demo report: {out / 'report.html'}")
 
 
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="attack training steps (default: the attack's default)")
     p.add_argument("--n", type=int, default=32, help="images generated per model")
+    p.add_argument("--no-protect", action="store_true", help="skip the protected half (APDM) of the story")
+    p.add_argument("--protect-steps", type=int, help="APDM outer steps (default: the quick preset's)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -254,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     from noclone.defenses.cli_protect import add_protect_model_parser
 
     add_protect_model_parser(sub)
+    from noclone.cloak.cli import add_protect_images_parser, add_rid_parser
+
+    add_protect_images_parser(sub)
+    add_rid_parser(sub)
+    from noclone.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
 
     sandbox = sub.add_parser("sandbox", help="the embedded world: renders, model, evaluator").add_subparsers(dest="sandbox_command", required=True)
     p = sandbox.add_parser("render", help="render photos of one sandbox identity")

@@ -2,10 +2,15 @@
 
     noclone protect-model --method apdm --model M --images DIR --class-noun person [--images DIR2 --class-noun dog]
                           [--token sks] [--preset quick|paper] [--steps N] [--inner-steps N] ... --out DIR
+    noclone protect-model --method persguard --target pattern|erasure|target [--target-class cat]
+                          [--target-images DIR] [--tokens sks,xyz,...] --model M --images DIR --class-noun person
+                          --out DIR
 
 `--images` and `--class-noun` repeat, one pair per subject (in order); `--token` is given once (all subjects) or
-once per subject. Wire into the main parser with `add_protect_model_parser(sub)`. Methods are the PROTECT_METHODS
-dict: a new defence adds one entry (a function taking the parsed arguments).
+once per subject; so are PersGuard's `--target` and `--target-class`, while `--target-images` is given once per
+subject ('-' = none for that subject). Flags of one method given with another are refused. Wire into the main
+parser with `add_protect_model_parser(sub)`. Methods are the PROTECT_METHODS dict: a new defence adds one entry (a
+function taking the parsed arguments).
 """
 
 from __future__ import annotations
@@ -88,12 +93,106 @@ def cmd_apdm(args: argparse.Namespace) -> Path:
     return out
 
 
-PROTECT_METHODS: dict[str, Callable[[argparse.Namespace], Path]] = {"apdm": cmd_apdm}
+def _per_subject(values: list[str] | None, n: int, flag: str, broadcast: bool = True) -> list[str | None]:
+    """A repeated flag given once (all subjects, if `broadcast`) or once per subject; '-' means none for that one."""
+    values = values or []
+    if len(values) == 1 and broadcast:
+        values = values * n
+    if values and len(values) != n:
+        raise NocloneError(f"give one {flag} {'for all subjects or one ' if broadcast else ''}per subject "
+                           f"(got {len(values)} for {n})")
+    return [None if v in (None, "-") else v for v in values] or [None] * n
+
+
+def _persguard_setup(args: argparse.Namespace, n_subjects: int):
+    """(config, per-subject backdoors without images yet, target-image folders), checked before any loading."""
+    from noclone.defenses.persguard import Backdoor, PersGuardConfig
+
+    kinds = _per_subject(args.target, n_subjects, "--target")
+    kinds = [k or "pattern" for k in kinds]
+    classes = _per_subject(args.target_class, n_subjects, "--target-class")
+    folders = _per_subject(args.target_images, n_subjects, "--target-images", broadcast=False)
+    if args.target_class and len(args.target_class) == 1 and n_subjects > 1:  # one class: for the 'target' subjects
+        if "target" not in kinds:
+            raise NocloneError("--target-class is only used with --target target")
+        classes = [c if k == "target" else None for k, c in zip(kinds, classes)]
+    backdoors = [Backdoor(k, c) for k, c in zip(kinds, classes)]
+    for b, folder in zip(backdoors, folders):
+        b.validate()
+        if folder is not None and b.kind == "pattern":
+            raise NocloneError("--target-images is not used with --target pattern (the mark is predefined)")
+    tokens = tuple(t.strip() for t in args.tokens.split(",")) if args.tokens is not None else ()
+    if args.tokens is not None and not all(tokens):
+        raise NocloneError(f"--tokens {args.tokens!r}: give comma-separated single words, e.g. sks,xyz,zwx")
+    overrides = {
+        "steps": args.steps, "inner_steps": args.inner_steps, "lr": args.lr_protect, "lr_per": args.lr_per,
+        "params": args.params, "lora_rank": args.rank, "batch_size": args.batch_size,
+        "num_class_images": args.num_class_images, "num_target_images": args.num_target_images,
+        "multi_subject": args.multi_subject, "reference_dtype": args.reference_dtype, "optimizer": args.optimizer,
+        "checkpoint_every": args.checkpoint_every, "seed": args.seed, "bb_weight": args.bb_weight,
+        "pp_weight": args.pp_weight, "br_weight": args.br_weight, "br_every": args.br_every,
+        "tokens": tokens or None, "templates": tuple(args.templates.split("|")) if args.templates else None,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    config = PersGuardConfig.preset(args.preset, progress=not getattr(args, "quiet", False),
+                                    target=backdoors[0].kind, target_class=backdoors[0].target_class, **overrides)
+    config.validate()
+    return config, backdoors, folders
+
+
+def cmd_persguard(args: argparse.Namespace) -> Path:
+    from noclone.cli import _refuse_existing, load_model
+    from noclone.defenses.base import read_protection_card
+    from noclone.defenses.persguard import Backdoor, PersGuard
+
+    n_subjects = len(args.images or [])
+    config, backdoors, folders = _persguard_setup(args, n_subjects)
+    _refuse_existing(args.out, args.overwrite)
+    if args.single_file is not None and Path(args.single_file).suffix != ".safetensors":
+        raise NocloneError(f"{args.single_file}: --single-file must end in .safetensors")
+    if args.single_file is not None and Path(args.single_file).exists() and not args.overwrite:
+        raise NocloneError(f"{args.single_file}: exists (pass --overwrite to replace it)")
+    subjects = _subjects(args)
+    backdoors = [b if folder is None else Backdoor.from_folder(b.kind, folder, b.target_class)
+                 for b, folder in zip(backdoors, folders)]
+    for subject, b, folder in zip(subjects, backdoors, folders):
+        if b.kind == "erasure" and folder is not None and len(b.images) != len(subject.images):
+            raise NocloneError(f"{folder}: {len(b.images)} backgrounds for {len(subject.images)} photos "
+                               "(give one per photo, same sorted file names)")
+    previous = read_protection_card(None if args.model == "sandbox" else args.model)
+    if previous is not None:
+        log.info("%s is already protected (%s, %d subjects): protecting again from it", args.model,
+                 previous.get("method"), len(previous.get("subjects", [])))
+    pipe = load_model(args, gradient_checkpointing=args.gradient_checkpointing)
+    out = PersGuard(config).run(pipe, subjects, args.out, overwrite=args.overwrite, single_file=args.single_file,
+                                previous_card=previous, backdoors=backdoors)
+    log.info("protected model written to %s (card: %s/protection.json)", out, out)
+    return out
+
+
+PROTECT_METHODS: dict[str, Callable[[argparse.Namespace], Path]] = {"apdm": cmd_apdm, "persguard": cmd_persguard}
+
+# flags that only one method reads (argparse dest -> flag); giving them to another method is an error
+METHOD_FLAGS: dict[str, dict[str, str]] = {
+    "apdm": {"beta": "--beta", "reduction": "--reduction", "loss": "--loss", "naive_lambda": "--naive-lambda",
+             "no_l2p": "--no-l2p", "unpaired": "--unpaired", "official_grad_quirk": "--official-grad-quirk",
+             "accumulate": "--accumulate"},
+    "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
+                  "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
+                  "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
+                  "num_target_images": "--num-target-images"},
+}
 
 
 def cmd_protect_model(args: argparse.Namespace) -> None:
     if args.method not in PROTECT_METHODS:
         raise NocloneError(f"unknown --method {args.method!r}; choose from {', '.join(PROTECT_METHODS)}")
+    for method, flags in METHOD_FLAGS.items():
+        if method == args.method:
+            continue
+        for dest, flag in flags.items():
+            if getattr(args, dest, None) not in (None, False):
+                raise NocloneError(f"{flag} is a --method {method} setting; --method {args.method} does not use it")
     PROTECT_METHODS[args.method](args)
 
 
@@ -101,13 +200,30 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     """Register `protect-model` on the main parser's subparsers; returns the new parser."""
     from noclone.cli import _add_model_args
 
-    p = subparsers.add_parser("protect-model", help="change a model so that personalizing it on given subjects fails (APDM)")
+    p = subparsers.add_parser("protect-model",
+                              help="change a model so that personalizing it on given subjects fails (APDM, PersGuard)")
     _add_model_args(p)
     p.add_argument("--method", default="apdm", help=f"defence: {', '.join(PROTECT_METHODS)} (default apdm)")
     p.add_argument("--images", action="append", required=True, help="folder of one subject's photos (repeat per subject)")
     p.add_argument("--class-noun", action="append", required=True, help="the subject's class, e.g. person (repeat per subject)")
     p.add_argument("--token", action="append", help="identifier the attacker is assumed to use (default sks; once or per subject)")
     p.add_argument("--preset", default="quick", help="quick (64 px sandbox, default) or paper (SD1.5 at 512 px)")
+    g = p.add_argument_group("persguard (--method persguard)")
+    g.add_argument("--target", action="append",
+                   help="backdoor: pattern (a mark in every output, default), erasure (background only) or target "
+                        "(another class); once or per subject")
+    g.add_argument("--target-class", action="append", help="with --target target: the class that replaces the subject")
+    g.add_argument("--target-images", action="append",
+                   help="explicit targets: backgrounds of the photos (erasure, same sorted names) or a fixed "
+                        "character (target); once per subject, '-' for none")
+    g.add_argument("--tokens",
+                   help="gray-box: comma-separated identifiers sampled in training (default: white-box, --token)")
+    g.add_argument("--templates", help="gray-box prompt templates separated by '|', with {token} and {class_noun}")
+    g.add_argument("--bb-weight", type=float, help="weight of the backdoor-behaviour loss (default 1)")
+    g.add_argument("--pp-weight", type=float, help="weight of the prior-preservation distillation (default 1)")
+    g.add_argument("--br-weight", type=float, help="weight of the backdoor-retention loss (default 1; 0 = off)")
+    g.add_argument("--br-every", type=int, help="backdoor retention on every k-th step (default 1)")
+    g.add_argument("--num-target-images", type=int, help="target-class images generated for --target target")
     p.add_argument("--steps", type=int, help="outer protection steps N_protect")
     p.add_argument("--inner-steps", type=int, help="simulated DreamBooth steps per outer step N_per")
     p.add_argument("--lr-protect", type=float)

@@ -1,0 +1,214 @@
+"""PersGuard acceptance in the sandbox (issue #6): does the backdoor fire when the protected subject is fine-tuned?
+
+    .venv/bin/python benchmarks/persguard_acceptance.py --out /tmp/persguard [--class-noun person] [--identity 0]
+        [--other-identity 1] [--targets pattern,erasure,target] [--target-class cat] [--n 32] [--seed 0]
+        [--preset quick] [--steps N] [--inner-steps N] [--attack-steps N] [--gray-tokens sks,xyz,zwx]
+        [--gray-attack-token qlx] [--model sandbox] [--markdown FILE]
+
+For each backdoor target: protect the base model against held-out identity `--identity` (5 photos; erasure gets the
+photos' exact rendered backgrounds), run the attacker's DreamBooth (the sandbox preset, 200 steps) on the same
+photos with the protector's identifier, generate `--n` images of "a photo of sks <class>" and report
+
+    backdoor rate         the fraction of generations where the target's check fires (defenses/backdoor_checks.py)
+    identity match rate   generations matching the protected identity (the sandbox evaluator's threshold)
+    other-subject match   DreamBooth on another held-out identity of the same class, on the protected model:
+                          its match rate (should stay at the base model's) and backdoor rate (should stay ~0)
+    detector rate         generations where the sandbox detector finds a <class>
+    sandbox-FID           "a photo of a <class>" generations of the protected vs the base model (same seeds);
+                          the floor is base vs base with other seeds
+
+against the same attacks on the unprotected base model. Then a gray-box run: protect with `--gray-tokens`
+(templates sampled) and attack with `--gray-attack-token`, an identifier outside that set. Every stage is cached
+under --out (protected models, attacks, generations), so a rerun only computes what is missing. Prints a table,
+writes results.json (and --markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+KINDS = ("pattern", "erasure", "target")
+
+
+def protect(model: Path, work: Path, class_noun: str, identity: int, kind: str, target_class: str | None,
+            settings: dict, tokens: tuple[str, ...] = ()) -> tuple[Path, float]:
+    """The protected model for one backdoor (cached in work/protected/<key>); returns (dir, seconds)."""
+    from noclone.defenses.base import ProtectionSubject
+    from noclone.defenses.persguard import Backdoor, PersGuard, PersGuardConfig
+    from noclone.models.pipeline import load_pipeline
+    from noclone.sandbox.experiment import TRAIN_PHOTOS, subject_photos
+    from noclone.sandbox.render import render_background
+
+    config = PersGuardConfig.preset(settings.pop("preset"), target=kind,
+                                    target_class=target_class if kind == "target" else None, tokens=tokens,
+                                    **{k: v for k, v in settings.items() if v is not None})
+    key = hashlib.sha256(json.dumps([str(model), class_noun, identity, config.identity(), config.steps],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:12]
+    out = work / "protected" / f"{kind}-{'gray' if tokens else 'white'}-{key}"
+    timing = out.parent / f"{out.name}.seconds.json"
+    if (out / "protection.json").is_file() and timing.is_file():
+        return out, json.loads(timing.read_text())["seconds"]
+    photos = subject_photos(work / "subjects" / f"{class_noun}-{identity}", class_noun, identity, TRAIN_PHOTOS)
+    subject = ProtectionSubject.from_folder(photos, class_noun)
+    images = [render_background(class_noun, identity, p) for p in TRAIN_PHOTOS] if kind == "erasure" else None
+    backdoor = Backdoor(kind, config.target_class, images=images)
+    started = time.time()
+    PersGuard(config).run(load_pipeline(model), [subject], out, overwrite=True, backdoors=[backdoor])
+    seconds = round(time.time() - started, 1)
+    timing.write_text(json.dumps({"seconds": seconds}))
+    return out, seconds
+
+
+def attack(model: Path, work: Path, class_noun: str, identity: int, token: str, args) -> dict:
+    """DreamBooth (sandbox preset) on `identity` with `token`, then `--n` generations and identity metrics."""
+    from noclone.attacks.base import preset_config
+    from noclone.sandbox.experiment import attack_experiment
+
+    config = preset_config("dreambooth", "sandbox", class_noun=class_noun, token=token, seed=args.seed,
+                           steps=args.attack_steps, num_class_images=args.num_class_images,
+                           class_image_steps=args.class_image_steps)
+    # attack_experiment caches by attack settings only: one work folder per attacked model
+    return attack_experiment(model, work / "attacks" / _model_key(model), class_noun, identity, "dreambooth",
+                             config, args.n, args.seed)
+
+
+def _model_key(model: Path) -> str:
+    return hashlib.sha256(str(Path(model).resolve()).encode()).hexdigest()[:12]
+
+
+def generic_generations(model: Path, work: Path, class_noun: str, n: int, seed: int) -> list:
+    from noclone.models.pipeline import load_pipeline
+    from noclone.sandbox.experiment import generate_cached
+
+    folder = work / "generic" / f"{_model_key(model)}-{class_noun}-{n}-{seed}"
+    return generate_cached(lambda: load_pipeline(model), folder, f"a photo of a {class_noun}", n, seed)
+
+
+def measure(result: dict, kind: str, class_noun: str, target_class: str | None) -> dict:
+    """Backdoor rate and detector rate of an attack's generations, plus its identity metrics."""
+    from noclone.defenses.backdoor_checks import backdoor_rate
+    from noclone.sandbox.experiment import images_in
+
+    images = images_in(Path(result["generated_dir"]))
+    return {"backdoor_rate": backdoor_rate(kind, images, class_noun=class_noun, target_class=target_class),
+            "identity_match_rate": result["identity_match_rate"], "ism": result["ism"],
+            "detector_rate": 1 - result["fdfr"], "n": len(images), "train_seconds": result["train_seconds"]}
+
+
+def fid(a: list, b: list) -> float:
+    from noclone.eval.metrics import frechet_distance
+    from noclone.sandbox.evaluator import load_default_evaluator
+
+    evaluator = load_default_evaluator()
+    return frechet_distance(evaluator.features(a), evaluator.features(b))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="sandbox")
+    parser.add_argument("--class-noun", default="person")
+    parser.add_argument("--identity", type=int, default=0, help="held-out identity index of the protected subject")
+    parser.add_argument("--other-identity", type=int, default=1, help="held-out identity index of an unprotected subject")
+    parser.add_argument("--targets", default=",".join(KINDS))
+    parser.add_argument("--target-class", default="cat")
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--steps", type=int, help="PersGuard outer steps (default: the preset's)")
+    parser.add_argument("--inner-steps", type=int)
+    parser.add_argument("--attack-steps", type=int, help="the attacker's DreamBooth steps (default: the preset's 200)")
+    parser.add_argument("--num-class-images", type=int, help="class images of both protection and attack")
+    parser.add_argument("--class-image-steps", type=int)
+    parser.add_argument("--gray-tokens", default="sks,xyz,zwx,pqv")
+    parser.add_argument("--gray-attack-token", default="qlx", help="the attacker's identifier in the gray-box run")
+    parser.add_argument("--no-gray", action="store_true", help="skip the gray-box run")
+    parser.add_argument("--markdown", help="also write the tables as markdown to this file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from noclone.sandbox.assets import model_dir
+    from noclone.sandbox.splits import held_out
+
+    model = model_dir() if args.model == "sandbox" else Path(args.model)
+    work = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    class_noun, kinds = args.class_noun, [k for k in args.targets.split(",") if k]
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        parser.error(f"unknown targets {', '.join(sorted(unknown))}; choose from {', '.join(KINDS)}")
+    target_class = args.target_class
+    if "target" in kinds and target_class == class_noun:
+        parser.error("--target-class must differ from --class-noun")
+    gray_tokens = tuple(t for t in args.gray_tokens.split(",") if t)
+    if args.gray_attack_token in gray_tokens:
+        parser.error("--gray-attack-token must be outside --gray-tokens (that is the point of the run)")
+    protected_id, other_id = held_out(args.identity), held_out(args.other_identity)
+    settings = dict(preset=args.preset, steps=args.steps, inner_steps=args.inner_steps,
+                    num_class_images=args.num_class_images, num_target_images=args.num_class_images,
+                    class_image_steps=args.class_image_steps, seed=args.seed)
+
+    base_generic = generic_generations(model, work, class_noun, args.n, args.seed)
+    floor = fid(base_generic, generic_generations(model, work, class_noun, args.n, args.seed + 10_000))
+    base_attack = attack(model, work, class_noun, protected_id, "sks", args)
+    base_other = attack(model, work, class_noun, other_id, "sks", args)
+    results = {"args": vars(args), "fid_floor": floor, "rows": []}
+
+    def row(name: str, kind: str, protected: Path | None, seconds: float, token: str) -> dict:
+        tc = target_class if kind == "target" else None
+        if protected is None:
+            own, other, fid_value = base_attack, base_other, None
+        else:
+            own = attack(protected, work, class_noun, protected_id, token, args)
+            other = attack(protected, work, class_noun, other_id, token, args)
+            fid_value = fid(generic_generations(protected, work, class_noun, args.n, args.seed), base_generic)
+        mine, theirs = measure(own, kind, class_noun, tc), measure(other, kind, class_noun, tc)
+        return {"run": name, "target": kind, "attack_token": token, "protect_seconds": seconds,
+                "backdoor_rate": mine["backdoor_rate"], "identity_match_rate": mine["identity_match_rate"],
+                "ism": mine["ism"], "detector_rate": mine["detector_rate"],
+                "other_match_rate": theirs["identity_match_rate"], "other_backdoor_rate": theirs["backdoor_rate"],
+                "fid_vs_base": fid_value, "n": mine["n"]}
+
+    for kind in kinds:
+        results["rows"].append(row("base model (unprotected)", kind, None, 0.0, "sks"))
+        protected, seconds = protect(model, work, class_noun, protected_id, kind, target_class, dict(settings))
+        results["rows"].append(row("white-box", kind, protected, seconds, "sks"))
+    if not args.no_gray and kinds:
+        kind = kinds[0]
+        protected, seconds = protect(model, work, class_noun, protected_id, kind, target_class, dict(settings),
+                                     tokens=gray_tokens)
+        results["rows"].append(row(f"gray-box {{{','.join(gray_tokens)}}}", kind, protected, seconds,
+                                   args.gray_attack_token))
+    (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    table = markdown(results, args)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    print(table)
+
+
+def markdown(results: dict, args) -> str:
+    lines = [f"PersGuard acceptance: {args.class_noun} held-out identity {args.identity} protected, attacker DreamBooth "
+             f"(sandbox preset{', ' + str(args.attack_steps) + ' steps' if args.attack_steps else ''}), "
+             f"{args.n} generations of 'a photo of <token> {args.class_noun}'. Sandbox-FID floor (base vs base, "
+             f"other seeds): {results['fid_floor']:.2f}.", "",
+             "| run | target | attack token | backdoor rate | identity match | ISM | detector rate | other-subject match "
+             "| other-subject backdoor | FID vs base | protect s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['target']} | {r['attack_token']} | {r['backdoor_rate']:.2f} | "
+              f"{r['identity_match_rate']:.2f} | {r['ism']:.3f} | {r['detector_rate']:.2f} | {r['other_match_rate']:.2f} | "
+              f"{r['other_backdoor_rate']:.2f} | {_num(r['fid_vs_base'])} | {r['protect_seconds']:.0f} |"
+              for r in results["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+if __name__ == "__main__":
+    main()
