@@ -29,10 +29,3 @@ def test_demo_runs_both_halves_and_resumes(tmp_path):
     stamps = [m.stat().st_mtime_ns for m in manifests]
     assert main(argv) == 0  # resumes: everything is cached, nothing is regenerated
     assert [m.stat().st_mtime_ns for m in manifests] == stamps
-
-
-def test_demo_without_protection_skips_the_protected_half(tmp_path):
-    out = tmp_path / "demo"
-    assert main(["-q", "demo", "--out", str(out), "--steps", "1", "--n", "1", "--no-protect"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["results"]) == {"base", "dreambooth"} and summary["protection"] is None
