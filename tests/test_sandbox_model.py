@@ -40,3 +40,17 @@ def test_short_dreambooth_raises_identity_similarity(tmp_path):
     base = base_experiment(model_dir(), tmp_path, "dog", identity, config.instance_prompt, n=8, progress=False)
     attacked = attack_experiment(model_dir(), tmp_path, "dog", identity, "dreambooth", config, n=8, progress=False)
     assert attacked["ism"] > base["ism"] + 0.05, (base["ism"], attacked["ism"])
+
+
+@pytest.mark.parametrize("class_noun", ["person", "dog", "cat"])
+def test_base_model_generates_the_prompted_class(class_noun):
+    """The sandbox evaluator's detector finds the prompted class in most generations (64 images: 0.88-0.95)."""
+    from noclone.generation import GenerationConfig, sample
+    from noclone.models.pipeline import load_pipeline
+    from noclone.sandbox.evaluator import load_default_evaluator
+
+    pipe = load_pipeline(model_dir())
+    pipe.set_progress_bar_config(disable=True)
+    images = sample(pipe, f"a photo of a {class_noun}", list(range(16)), GenerationConfig(n=16, steps=20))
+    rate = load_default_evaluator().detect(images, class_noun).mean()
+    assert rate >= 0.7, rate
