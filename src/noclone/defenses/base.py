@@ -223,6 +223,18 @@ def add_grads_into(accumulator: dict[str, torch.Tensor], params: dict[str, torch
 # -------------------------------------------------------------------------------------------- checkpoints
 
 
+def config_from_preset(cls, name: str, label: str, overrides: dict):
+    """`cls(**cls.PRESETS[name])` with `overrides` applied; unknown presets or settings are one-line errors."""
+    from dataclasses import fields, replace
+
+    if name not in cls.PRESETS:
+        raise NocloneError(f"unknown {label} preset {name!r}; choose from {', '.join(cls.PRESETS)}")
+    unknown = set(overrides) - {f.name for f in fields(cls)}
+    if unknown:
+        raise NocloneError(f"unknown {label} settings: {', '.join(sorted(unknown))}")
+    return replace(cls(**cls.PRESETS[name]), **overrides)
+
+
 def check_checkpoint(directory: Path, identity: dict) -> None:
     """Refuse to resume a checkpoint written by another run (settings, subjects or base model differ)."""
     marker = directory / "run_fingerprint.txt"

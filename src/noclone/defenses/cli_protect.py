@@ -69,17 +69,24 @@ def _apdm_config(args: argparse.Namespace):
     return config
 
 
-def cmd_apdm(args: argparse.Namespace) -> Path:
-    from noclone.cli import _refuse_existing, load_model
-    from noclone.defenses.apdm import APDM
-    from noclone.defenses.base import read_protection_card
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse a non-empty --out and a bad or existing --single-file before any work starts."""
+    from noclone.cli import _refuse_existing
 
-    config = _apdm_config(args)
     _refuse_existing(args.out, args.overwrite)
     if args.single_file is not None and Path(args.single_file).suffix != ".safetensors":
         raise NocloneError(f"{args.single_file}: --single-file must end in .safetensors")
     if args.single_file is not None and Path(args.single_file).exists() and not args.overwrite:
         raise NocloneError(f"{args.single_file}: exists (pass --overwrite to replace it)")
+
+
+def cmd_apdm(args: argparse.Namespace) -> Path:
+    from noclone.cli import load_model
+    from noclone.defenses.apdm import APDM
+    from noclone.defenses.base import read_protection_card
+
+    config = _apdm_config(args)
+    _check_outputs(args)
     subjects = _subjects(args)
     method = APDM(config)
     previous = read_protection_card(None if args.model == "sandbox" else args.model)
@@ -141,17 +148,13 @@ def _persguard_setup(args: argparse.Namespace, n_subjects: int):
 
 
 def cmd_persguard(args: argparse.Namespace) -> Path:
-    from noclone.cli import _refuse_existing, load_model
+    from noclone.cli import load_model
     from noclone.defenses.base import read_protection_card
     from noclone.defenses.persguard import Backdoor, PersGuard
 
     n_subjects = len(args.images or [])
     config, backdoors, folders = _persguard_setup(args, n_subjects)
-    _refuse_existing(args.out, args.overwrite)
-    if args.single_file is not None and Path(args.single_file).suffix != ".safetensors":
-        raise NocloneError(f"{args.single_file}: --single-file must end in .safetensors")
-    if args.single_file is not None and Path(args.single_file).exists() and not args.overwrite:
-        raise NocloneError(f"{args.single_file}: exists (pass --overwrite to replace it)")
+    _check_outputs(args)
     subjects = _subjects(args)
     backdoors = [b if folder is None else Backdoor.from_folder(b.kind, folder, b.target_class)
                  for b, folder in zip(backdoors, folders)]
