@@ -143,7 +143,10 @@ def test_yaml_forms_and_overrides(tmp_path, tiny_model_dir, subject_dir):
     assert config.images_per_prompt == 3
     plain, adaptive = (a.personalization("person", 0) for a in config.attacks)
     assert plain.steps == 5
-    assert adaptive.lr == pytest.approx(6e-4) and adaptive.steps == 400 and adaptive.token == "ohwx"
+    from noclone.attacks.base import PRESETS
+
+    assert adaptive.lr == pytest.approx(6e-4) and adaptive.token == "ohwx"
+    assert adaptive.steps == 2 * PRESETS["sandbox"]["dreambooth"]["steps"]
 
 
 # --------------------------------------------------------------------------------------------- end to end
