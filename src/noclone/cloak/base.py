@@ -47,17 +47,21 @@ DEFAULT_BUDGET = 8 / 255
 # ------------------------------------------------------------------------------------------------- settings
 
 
-def parse_budget(value: str | float) -> float:
-    """'8/255', '0.03' or a number -> an L_inf budget in [0, 1] pixel units (at least one grey level, below 1)."""
+def _fraction(value: str | float, flag: str, examples: str) -> float:
+    """'8/255' or '0.03' (or a number) -> float; a one-line error naming `flag` otherwise."""
     text = str(value).strip()
     try:
         if "/" in text:
             num, den = text.split("/", 1)
-            budget = float(num) / float(den)
-        else:
-            budget = float(text)
+            return float(num) / float(den)
+        return float(text)
     except (ValueError, ZeroDivisionError):
-        raise NocloneError(f"--budget {value!r}: expected a number such as 8/255 or 0.03") from None
+        raise NocloneError(f"{flag} {value!r}: expected a number such as {examples}") from None
+
+
+def parse_budget(value: str | float) -> float:
+    """'8/255', '0.03' or a number -> an L_inf budget in [0, 1] pixel units (at least one grey level, below 1)."""
+    budget = _fraction(value, "--budget", "8/255 or 0.03")
     if not math.isfinite(budget) or not (0 < budget < 1):
         raise NocloneError(f"--budget {value!r}: must be in (0, 1) in [0, 1] pixel units, e.g. 8/255")
     if budget * 255 < 1 - 1e-6:
@@ -69,15 +73,7 @@ def parse_step_size(value: str | float | None) -> float | None:
     """'1/255' or '0.004' -> a positive step size in [0, 1] pixel units (None stays None)."""
     if value is None:
         return None
-    text = str(value).strip()
-    try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            step = float(num) / float(den)
-        else:
-            step = float(text)
-    except (ValueError, ZeroDivisionError):
-        raise NocloneError(f"--step-size {value!r}: expected a number such as 1/255 or 0.004") from None
+    step = _fraction(value, "--step-size", "1/255 or 0.004")
     if not math.isfinite(step) or not 0 < step <= 1:
         raise NocloneError(f"--step-size {value!r}: must be in (0, 1] in [0, 1] pixel units")
     return step
