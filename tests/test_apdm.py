@@ -137,6 +137,37 @@ def _outer_gradient(model_dir, subject, **kw):
     return method
 
 
+def test_simulated_attacker_fine_tunes_the_text_encoder_and_restores_it(tiny_model_dir, person):
+    from noclone.attacks.base import dreambooth_loss
+    from noclone.defenses.base import select_parameters, simulate_personalization
+    from noclone.models.pipeline import load_pipeline
+    from noclone.training.diffusion import prompt_condition, step_generator, training_scheduler
+
+    pipe = load_pipeline(tiny_model_dir)
+    data = APDM(_config()).subject_data(pipe, person)
+    params = select_parameters(pipe.unet, "attention")
+    unet_before, text_before = _unet_state(pipe), {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    cache = {}
+    frozen_cond = prompt_condition(pipe.text_encoder, pipe.tokenizer, data.instance.prompt, cache, grad=False)
+    seen = []
+
+    def loss(i):
+        return dreambooth_loss(pipe.unet, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe), data,
+                               step_generator(0, 0, f"t/{i}"), 2, 1.0, cache)["loss"]
+
+    def on_step(i):
+        assert all(p.grad is None for p in pipe.text_encoder.parameters())  # only the UNet's gradient is asked for
+        cond = prompt_condition(pipe.text_encoder, pipe.tokenizer, data.instance.prompt, cache, grad=False)
+        seen.append(float((cond - frozen_cond).abs().max()))
+
+    simulate_personalization(params, loss, 3, 1e-3, on_step, text_encoder=pipe.text_encoder, text_lr=1e-2)
+    assert len(seen) == 3 and seen[-1] > 1e-4  # the protection sees the attacker's text encoder, not a stale cache
+    assert not _changed(unet_before, _unet_state(pipe))
+    assert not _changed(text_before, pipe.text_encoder.state_dict())
+    assert not pipe.text_encoder.training and not any(p.requires_grad for p in pipe.text_encoder.parameters())
+    assert torch.equal(prompt_condition(pipe.text_encoder, pipe.tokenizer, data.instance.prompt, cache), frozen_cond)
+
+
 def test_official_grad_quirk_adds_the_personalization_gradient(tiny_model_dir, person):
     from noclone.attacks.base import dreambooth_loss
     from noclone.models.pipeline import load_pipeline
@@ -338,6 +369,9 @@ def test_presets():
     for config, attack in ((quick, PRESETS["sandbox"]["dreambooth"]), (paper, PRESETS["sd15"]["dreambooth"])):
         assert (config.lr_per, config.batch_size, config.num_class_images) == (
             attack["lr"], attack["batch_size"], attack["num_class_images"])
+        assert config.train_text_encoder == attack.get("train_text_encoder", False)
+        if config.train_text_encoder:
+            assert config.text_lr_per == attack["text_encoder_lr"]
     assert APDMConfig.preset("paper", outer_steps=3).outer_steps == 3
     with pytest.raises(NocloneError):
         APDMConfig.preset("paper", nonsense=1)

@@ -81,6 +81,28 @@ def test_lora_reloads_into_stock_pipeline_and_changes_output(tiny_pipe, tiny_mod
     assert abs(image() - plain).max() > 1e-3
 
 
+def test_lora_with_text_encoder_saves_both_adapters_and_reloads(tiny_pipe, tiny_model_dir, subject_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    text_before = {k: v.clone() for k, v in tiny_pipe.text_encoder.state_dict().items()}
+    LoRA(_config(steps=6, lr=1e-2, train_text_encoder=True, text_encoder_lr=5e-2)).run(tiny_pipe, subject_dir, tmp_path / "lora")
+    keys = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors")).keys()
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    # the base text-encoder weights are untouched: only the adapter learned
+    base_keys = {k.replace(".base_layer", "") for k in tiny_pipe.text_encoder.state_dict() if "lora_" not in k}
+    assert base_keys == set(text_before)
+
+    stock = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), local_files_only=True)
+    ids = stock.tokenizer(["a photo of sks person"], padding="max_length", max_length=stock.tokenizer.model_max_length,
+                          return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = stock.text_encoder(ids)[0]
+        stock.load_lora_weights(str(tmp_path / "lora"))
+        adapted = stock.text_encoder(ids)[0]
+    assert (adapted - plain).abs().max() > 1e-4
+
+
 def test_textual_inversion_changes_only_the_new_token(tiny_pipe, subject_dir, tmp_path):
     original = tiny_pipe.text_encoder.get_input_embeddings().weight.detach().clone()
     attack = TextualInversion(_config(token="<zq>", steps=5, lr=5e-2))

@@ -16,7 +16,7 @@ import torch
 from noclone.data.images import file_sha256, load_image_folder
 from noclone.errors import NocloneError
 from noclone.training.data import LatentSet, SubjectData, pipeline_resolution
-from noclone.training.diffusion import diffusion_loss, encode_prompts, step_generator, training_scheduler
+from noclone.training.diffusion import diffusion_loss, prompt_condition, step_generator, training_scheduler
 from noclone.training.loop import LoopConfig, run_training
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,9 @@ PRESETS: dict[str, dict[str, dict]] = {
         # text encoder too binds the identifier (0.97 at 300 steps, lr 3e-4, text lr 1e-3; person, seed 0).
         "dreambooth": dict(steps=300, lr=3e-4, batch_size=4, num_class_images=50, train_text_encoder=True,
                            text_encoder_lr=1e-3),
-        "lora": dict(steps=200, lr=1e-3, batch_size=4, num_class_images=50, lora_rank=4),
+        # LoRA on the UNet attention and, for the same reason, on the text encoder's attention
+        "lora": dict(steps=200, lr=1e-3, batch_size=4, num_class_images=50, lora_rank=4, train_text_encoder=True,
+                     text_encoder_lr=1e-3),
         "ti": dict(steps=200, lr=5e-3, batch_size=4, num_class_images=50, prior_preservation=False),
     },
     "sd15": {
@@ -137,13 +139,7 @@ def dreambooth_loss(unet, text_encoder, tokenizer, scheduler, data: SubjectData,
     """L_per = L_simple(instance) + prior_weight * L_ppl(class): the DreamBooth objective (shared with defences)."""
 
     def cond(prompt: str) -> torch.Tensor:
-        if cond_cache is not None and not text_encoder.training and prompt in cond_cache:
-            return cond_cache[prompt]
-        with torch.set_grad_enabled(any(p.requires_grad for p in text_encoder.parameters())):
-            hidden = encode_prompts(text_encoder, tokenizer, [prompt])
-        if cond_cache is not None and not hidden.requires_grad:
-            cond_cache[prompt] = hidden
-        return hidden
+        return prompt_condition(text_encoder, tokenizer, prompt, cond_cache)
 
     latents = data.instance.batch(generator, batch_size)
     instance_cond = cond(data.instance.prompt).expand(batch_size, -1, -1)
@@ -173,7 +169,13 @@ class Personalization(ABC):
         """Set requires_grad and return the named trainable parameters."""
 
     def optimizer(self, params: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for _, p in params], lr=self.config.lr, weight_decay=1e-2)
+        """AdamW with the UNet weights at `lr` and any text-encoder weights at `text_encoder_lr` (default `lr`)."""
+        unet = [p for n, p in params if not n.startswith("text_encoder.")]
+        text = [p for n, p in params if n.startswith("text_encoder.")]
+        groups = [{"params": unet, "lr": self.config.lr}] if unet else []
+        if text:
+            groups.append({"params": text, "lr": self.config.text_encoder_lr or self.config.lr})
+        return torch.optim.AdamW(groups, weight_decay=1e-2)
 
     @abstractmethod
     def save(self, pipe, out: Path, card: dict) -> None:

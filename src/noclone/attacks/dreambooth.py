@@ -21,14 +21,6 @@ class DreamBooth(Personalization):
             params += [("text_encoder." + n, p) for n, p in pipe.text_encoder.named_parameters()]
         return params
 
-    def optimizer(self, params):
-        unet = [p for n, p in params if n.startswith("unet.")]
-        text = [p for n, p in params if n.startswith("text_encoder.")]
-        groups = [{"params": unet, "lr": self.config.lr}]
-        if text:
-            groups.append({"params": text, "lr": self.config.text_encoder_lr or self.config.lr})
-        return torch.optim.AdamW(groups, weight_decay=1e-2)
-
     def save(self, pipe, out: Path, card: dict) -> None:
         from noclone.models.pipeline import save_pipeline
 

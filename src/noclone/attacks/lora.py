@@ -1,4 +1,5 @@
-"""LoRA DreamBooth: low-rank adapters on the UNet attention, saved in the diffusers LoRA format."""
+"""LoRA DreamBooth: low-rank adapters on the UNet attention (and optionally the text encoder's), saved in the
+diffusers LoRA format that `pipe.load_lora_weights` reads."""
 
 from __future__ import annotations
 
@@ -11,23 +12,36 @@ from noclone.attacks.base import Personalization
 from noclone.data.atomic import atomic_output_dir
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def _lora_config(rank: int, alpha: float | None, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
 
 
 def add_lora(unet, rank: int, alpha: float | None = None) -> None:
     """Attach a peft LoRA adapter to the UNet's attention projections (only the adapter trains)."""
-    from peft import LoraConfig
-
     unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
-    unet.add_adapter(config)
+    unet.add_adapter(_lora_config(rank, alpha, LORA_TARGETS))
 
 
-def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+def add_text_lora(text_encoder, rank: int, alpha: float | None = None) -> None:
+    """Attach a LoRA adapter to the CLIP text encoder's self-attention projections (only the adapter trains)."""
+    from peft import inject_adapter_in_model
+
+    text_encoder.requires_grad_(False)
+    # peft directly: transformers' own add_adapter wants a newer peft than diffusers needs
+    inject_adapter_in_model(_lora_config(rank, alpha, TEXT_LORA_TARGETS), text_encoder)
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
     """The adapter weights with diffusers' key names (what `pipe.load_lora_weights` expects)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
 
 
 class LoRA(Personalization):
@@ -36,14 +50,23 @@ class LoRA(Personalization):
     def prepare(self, pipe) -> list[tuple[str, torch.nn.Parameter]]:
         add_lora(pipe.unet, self.config.lora_rank, self.config.lora_alpha)
         pipe.unet.train()
-        return [("unet." + n, p) for n, p in pipe.unet.named_parameters() if p.requires_grad]
+        params = [("unet." + n, p) for n, p in pipe.unet.named_parameters() if p.requires_grad]
+        if self.config.train_text_encoder:
+            add_text_lora(pipe.text_encoder, self.config.lora_rank, self.config.lora_alpha)
+            pipe.text_encoder.train()
+            params += [("text_encoder." + n, p) for n, p in pipe.text_encoder.named_parameters() if p.requires_grad]
+        return params
 
     def save(self, pipe, out: Path, card: dict) -> None:
         from diffusers import StableDiffusionPipeline
 
+        def detached(state: dict) -> dict:
+            return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+        text = detached(lora_state_dict(pipe.text_encoder)) if self.config.train_text_encoder else None
         with atomic_output_dir(out, overwrite=True) as tmp:
             StableDiffusionPipeline.save_lora_weights(
-                str(tmp), unet_lora_layers={k: v.detach().cpu().contiguous() for k, v in lora_state_dict(pipe.unet).items()},
+                str(tmp), unet_lora_layers=detached(lora_state_dict(pipe.unet)), text_encoder_lora_layers=text,
                 safe_serialization=True,
             )
             (tmp / "personalization.json").write_text(json.dumps(card, indent=2))

@@ -90,7 +90,7 @@ from noclone.defenses.base import (
 from noclone.errors import NocloneError
 from noclone.training.data import SubjectData
 from noclone.training.diffusion import (
-    diffusion_loss, diffusion_target, encode_prompts, prediction_error, sample_latents, step_generator,
+    diffusion_loss, diffusion_target, prediction_error, prompt_condition, sample_latents, step_generator,
     training_scheduler,
 )
 from noclone.training.loop import LoopConfig, run_training, smoothed
@@ -109,6 +109,8 @@ class APDMConfig:
     inner_steps: int = 4               # N_per (simulated DreamBooth steps per outer step)
     lr_protect: float = 3e-4           # as in the paper, the same lr on both paths ...
     lr_per: float = 3e-4               # ... the simulated attacker's: the sandbox DreamBooth default
+    train_text_encoder: bool = True    # the simulated attacker also fine-tunes the text encoder (sandbox DreamBooth)
+    text_lr_per: float = 1e-3          # ... at the sandbox DreamBooth's text-encoder lr
     beta: float = 1.0
     reduction: str = "elementwise"     # 'elementwise' (official code) | 'per-sample' (Diffusion-DPO)
     paired: bool = True                # photo j <-> class image j; False = random positive (ablation)
@@ -137,12 +139,13 @@ class APDMConfig:
         # The 64 px sandbox model, scaled from the paper by the attack it simulates (`noclone personalize --method
         # dreambooth` defaults: lr 3e-4, batch 4, 50 class images, 300 steps): both lrs = the attacker's, N_per = 4
         # (paper 20/800 = 2.5% of the attack), N_protect = 100 (the paper uses the attack's length, 800) to keep a
-        # CPU run near 7 min (4.2 s per outer step with one thread). The simulated attacker trains the UNet only;
-        # the sandbox attacker also trains the text encoder (see docs/sandbox-v1.md).
+        # CPU run near 7 min (4.2 s per outer step with one thread). The simulated attacker trains the text
+        # encoder too, as the sandbox DreamBooth does (see docs/sandbox-v1.md).
         "quick": {},
         # The paper (SD1.5 / SD2.1, 512 px): AdamW 5e-6 both paths, beta 1, N_per 20, N_protect 800, batch 1,
-        # 200 class images.
+        # 200 class images; the attacker (diffusers' DreamBooth script) trains the UNet only.
         "paper": dict(outer_steps=800, inner_steps=20, lr_protect=5e-6, lr_per=5e-6, beta=1.0, batch_size=1,
+                      train_text_encoder=False,
                       num_class_images=200, class_image_steps=50, checkpoint_every=50),
     }
 
@@ -159,6 +162,7 @@ class APDMConfig:
             (self.class_image_steps >= 1, "class_image_steps must be at least 1"),
             (0 < self.lr_protect < 1, f"--lr-protect {self.lr_protect} is outside (0, 1)"),
             (0 < self.lr_per < 1, f"--lr-per {self.lr_per} is outside (0, 1)"),
+            (0 < self.text_lr_per < 1, f"--text-lr-per {self.text_lr_per} is outside (0, 1)"),
             (math.isfinite(self.beta) and self.beta > 0, f"--beta {self.beta} must be a positive number"),
             (self.reduction in REDUCTIONS, f"--reduction {self.reduction!r}: choose from {', '.join(REDUCTIONS)}"),
             (self.loss in LOSSES, f"--loss {self.loss!r}: choose from {', '.join(LOSSES)}"),
@@ -256,9 +260,21 @@ class Reference:
 @dataclass
 class _Subject:
     data: SubjectData
-    instance_cond: torch.Tensor  # [1, 77, D]
-    class_cond: torch.Tensor
-    cond_cache: dict
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    cond_cache: dict = field(default_factory=dict)
+
+    def cond(self, prompt: str) -> torch.Tensor:
+        """[1, 77, D] from the text encoder as it is now (the simulated attacker may be fine-tuning it)."""
+        return prompt_condition(self.text_encoder, self.tokenizer, prompt, self.cond_cache, grad=False)
+
+    @property
+    def instance_cond(self) -> torch.Tensor:
+        return self.cond(self.data.instance.prompt)
+
+    @property
+    def class_cond(self) -> torch.Tensor:
+        return self.cond(self.data.prior.prompt)
 
 
 def protection_loss(unet, reference, scheduler, subject: _Subject, generator: torch.Generator,
@@ -392,11 +408,7 @@ class APDM:
     def _prepare_subject(self, pipe, data: SubjectData) -> _Subject:
         if data.prior is None:
             raise NocloneError("APDM needs class images (the DPO positives and the prior term)")
-        with torch.no_grad():
-            instance = encode_prompts(pipe.text_encoder, pipe.tokenizer, [data.instance.prompt])
-            klass = encode_prompts(pipe.text_encoder, pipe.tokenizer, [data.prior.prompt])
-        cache = {data.instance.prompt: instance, data.prior.prompt: klass}
-        return _Subject(data, instance, klass, cache)
+        return _Subject(data, pipe.text_encoder, pipe.tokenizer)
 
     def _outer_gradient(self, pipe, params, subject: _Subject, step: int, stream: str,
                         grads: dict[str, torch.Tensor], stats: dict[str, list[float]]) -> None:
@@ -426,8 +438,9 @@ class APDM:
                                    c.prior_weight, subject.cond_cache)["loss"]
 
         per = simulate_personalization(params, personalization_loss, c.inner_steps, c.lr_per, protect_at_current_weights,
-                                       keep_personalization_grads=c.official_grad_quirk, weight_decay=c.weight_decay,
-                                       max_grad_norm=c.max_grad_norm)
+                                       text_encoder=pipe.text_encoder if c.train_text_encoder else None,
+                                       text_lr=c.text_lr_per, keep_personalization_grads=c.official_grad_quirk,
+                                       weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm)
         stats["per"].extend(per)
 
     # --- the whole run ---

@@ -166,6 +166,8 @@ def simulate_personalization(
     lr: float,
     on_step: Callable[[int], None] | None = None,
     *,
+    text_encoder: torch.nn.Module | None = None,
+    text_lr: float | None = None,
     keep_personalization_grads: bool = False,
     weight_decay: float = 1e-2,
     max_grad_norm: float | None = 1.0,
@@ -174,15 +176,24 @@ def simulate_personalization(
 
     The steps run in place on the module that owns `params` (only the trainable weights are snapshotted and put
     back afterwards, even on an exception), so it behaves as if run on a deepcopy while copying only the trainable
-    parameters. The optimizer is fresh each call. After inner step i the weights are theta'_{i+1}; then
-    `on_step(i)` runs: a defence computes its loss there, calls backward() and reads each parameter's `.grad`.
+    parameters. With `text_encoder`, the attacker fine-tunes it too (at `text_lr`, default `lr`), as the sandbox
+    DreamBooth does; it is in train mode during the path (so prompt caches are bypassed) and restored, frozen and
+    in eval mode, afterwards. The optimizer is fresh each call. After inner step i the weights are theta'_{i+1};
+    then `on_step(i)` runs: a defence computes its loss there, calls backward() and reads each parameter's `.grad`.
     Before `on_step` the personalization gradients are cleared, unless `keep_personalization_grads` (APDM's
     official-code behaviour: `.grad` then holds grad L_per(theta'_i) + what on_step adds).
     Returns the personalization losses. The parameters' `.grad` are None afterwards.
     """
     named = list(params.items())
+    text_named = list(text_encoder.named_parameters()) if text_encoder is not None else []
     snapshot = {name: p.detach().clone() for name, p in named}
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
+    text_snapshot = [p.detach().clone() for _, p in text_named]
+    groups = [{"params": [p for _, p in named], "lr": lr}]
+    if text_named:
+        text_encoder.train().requires_grad_(True)
+        groups.append({"params": [p for _, p in text_named], "lr": text_lr or lr})
+    everything = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     losses: list[float] = []
     try:
         for i in range(steps):
@@ -192,11 +203,13 @@ def simulate_personalization(
                 raise NocloneError(f"simulated personalization: loss became {loss.item()} at inner step {i}")
             loss.backward()
             if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for _, p in named], max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(everything, max_grad_norm)
             optimizer.step()
             losses.append(float(loss.detach()))
             if not keep_personalization_grads:
                 optimizer.zero_grad(set_to_none=True)
+            for _, p in text_named:  # the defence's gradient is for the UNet weights only
+                p.grad = None
             if on_step is not None:
                 on_step(i)
     finally:
@@ -204,6 +217,11 @@ def simulate_personalization(
             for name, p in named:
                 p.copy_(snapshot[name])
                 p.grad = None
+            for (_, p), value in zip(text_named, text_snapshot):
+                p.copy_(value)
+                p.grad = None
+        if text_encoder is not None:
+            text_encoder.eval().requires_grad_(False)
         del optimizer
     return losses
 

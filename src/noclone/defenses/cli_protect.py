@@ -52,7 +52,8 @@ def _apdm_config(args: argparse.Namespace):
     overrides = {
         "outer_steps": args.steps, "inner_steps": args.inner_steps, "beta": args.beta, "reduction": args.reduction,
         "loss": args.loss, "naive_lambda": args.naive_lambda, "params": args.params, "lora_rank": args.rank,
-        "lr_protect": args.lr_protect, "lr_per": args.lr_per, "batch_size": args.batch_size,
+        "lr_protect": args.lr_protect, "lr_per": args.lr_per, "text_lr_per": args.text_lr_per,
+        "train_text_encoder": args.train_text_encoder, "batch_size": args.batch_size,
         "num_class_images": args.num_class_images, "multi_subject": args.multi_subject,
         "reference_dtype": args.reference_dtype, "optimizer": args.optimizer, "checkpoint_every": args.checkpoint_every,
         "accumulate": args.accumulate, "seed": args.seed,
@@ -133,6 +134,7 @@ def _persguard_setup(args: argparse.Namespace, n_subjects: int):
         raise NocloneError(f"--tokens {args.tokens!r}: give comma-separated single words, e.g. sks,xyz,zwx")
     overrides = {
         "steps": args.steps, "inner_steps": args.inner_steps, "lr": args.lr_protect, "lr_per": args.lr_per,
+        "text_lr_per": args.text_lr_per, "train_text_encoder": args.train_text_encoder,
         "params": args.params, "lora_rank": args.rank, "batch_size": args.batch_size,
         "num_class_images": args.num_class_images, "num_target_images": args.num_target_images,
         "multi_subject": args.multi_subject, "reference_dtype": args.reference_dtype, "optimizer": args.optimizer,
@@ -231,6 +233,9 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--inner-steps", type=int, help="simulated DreamBooth steps per outer step N_per")
     p.add_argument("--lr-protect", type=float)
     p.add_argument("--lr-per", type=float, help="learning rate of the simulated attacker")
+    p.add_argument("--text-lr-per", type=float, help="text-encoder learning rate of the simulated attacker")
+    p.add_argument("--simulate-text-encoder", dest="train_text_encoder", action=argparse.BooleanOptionalAction,
+                   default=None, help="the simulated attacker also fine-tunes the text encoder (quick: on, paper: off)")
     p.add_argument("--beta", type=float, help="DPO beta (default 1; smaller = stronger protection)")
     p.add_argument("--reduction", help="elementwise (official code, default) or per-sample (Diffusion-DPO)")
     p.add_argument("--loss", help="dpo (default) or naive (-L_simple + lambda L_ppl baseline)")

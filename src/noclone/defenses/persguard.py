@@ -82,7 +82,7 @@ from noclone.defenses.base import (
 from noclone.errors import NocloneError
 from noclone.training.data import LatentSet, SubjectData, pipeline_resolution
 from noclone.training.diffusion import (
-    diffusion_loss, encode_prompts, noised, prediction_error, step_generator, training_scheduler,
+    diffusion_loss, noised, prediction_error, prompt_condition, step_generator, training_scheduler,
 )
 from noclone.training.loop import LoopConfig, run_training, smoothed
 
@@ -106,6 +106,8 @@ class PersGuardConfig:
     br_every: int = 1                    # L_BR on every k-th outer step (cost)
     lr: float = 3e-4                     # protection AdamW
     lr_per: float = 3e-4                 # the simulated attacker's (the sandbox DreamBooth preset)
+    train_text_encoder: bool = True      # the simulated attacker also fine-tunes the text encoder (sandbox DreamBooth)
+    text_lr_per: float = 1e-3            # ... at the sandbox DreamBooth's text-encoder lr
     bb_weight: float = 1.0
     pp_weight: float = 1.0
     br_weight: float = 1.0               # 0 = no L_BR (ablation)
@@ -138,7 +140,7 @@ class PersGuardConfig:
         # DreamBooth preset (lr 5e-6, batch 1, 200 class images, 50 sampling steps), the protection runs as long
         # as that attack (800 steps) at the same lr with N = 20 inner steps (APDM's paper setting).
         "paper": dict(steps=800, inner_steps=20, lr=5e-6, lr_per=5e-6, batch_size=1, num_class_images=200,
-                      num_target_images=200, class_image_steps=50, checkpoint_every=50),
+                      num_target_images=200, class_image_steps=50, checkpoint_every=50, train_text_encoder=False),
     }
 
     @classmethod
@@ -163,6 +165,7 @@ class PersGuardConfig:
             (self.class_image_steps >= 1, "class_image_steps must be at least 1"),
             (0 < self.lr < 1, f"--lr-protect {self.lr} is outside (0, 1)"),
             (0 < self.lr_per < 1, f"--lr-per {self.lr_per} is outside (0, 1)"),
+            (0 < self.text_lr_per < 1, f"--text-lr-per {self.text_lr_per} is outside (0, 1)"),
             (finite_nonneg(self.bb_weight) and self.bb_weight > 0, f"--bb-weight {self.bb_weight} must be > 0"),
             (finite_nonneg(self.pp_weight), f"--pp-weight {self.pp_weight} must be >= 0"),
             (finite_nonneg(self.br_weight), f"--br-weight {self.br_weight} must be >= 0"),
@@ -349,10 +352,8 @@ def trigger_prompt(config: PersGuardConfig, subject: ProtectionSubject, generato
 
 
 def _cond(pipe, cache: dict, prompt: str) -> torch.Tensor:
-    if prompt not in cache:
-        with torch.no_grad():
-            cache[prompt] = encode_prompts(pipe.text_encoder, pipe.tokenizer, [prompt])
-    return cache[prompt]
+    """[1, 77, D] from the text encoder as it is now (the simulated attacker may be fine-tuning it)."""
+    return prompt_condition(pipe.text_encoder, pipe.tokenizer, prompt, cache, grad=False)
 
 
 def backdoor_loss(unet, scheduler, targets: LatentSet, cond: torch.Tensor, generator: torch.Generator,
@@ -518,7 +519,7 @@ class PersGuard:
             retained: list[float] = []
 
             def backdoor_at_simulated_state(i: int) -> None:
-                out = backdoor_loss(unet, scheduler, subject.targets, trigger_cond,
+                out = backdoor_loss(unet, scheduler, subject.targets, _cond(pipe, subject.cond_cache, trigger),
                                     step_generator(c.seed, step, f"{stream}/br/{i}"), c.batch_size)
                 if not torch.isfinite(out):
                     raise NocloneError(f"persguard: backdoor retention loss became {out.item()} at step {step}")
@@ -536,7 +537,9 @@ class PersGuard:
                                        c.prior_weight, subject.cond_cache)["loss"]
 
             per = simulate_personalization(params, personalization_loss, c.inner_steps, c.lr_per,
-                                           backdoor_at_simulated_state, weight_decay=c.weight_decay,
+                                           backdoor_at_simulated_state,
+                                           text_encoder=pipe.text_encoder if c.train_text_encoder else None,
+                                           text_lr=c.text_lr_per, weight_decay=c.weight_decay,
                                            max_grad_norm=c.max_grad_norm)
             stats["per"].append(sum(per) / len(per))
             stats["br"].append(sum(retained) / len(retained))

@@ -28,8 +28,23 @@ def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str]) -> torch.Ten
 
 
 @torch.no_grad()
+def prompt_condition(text_encoder, tokenizer, prompt: str, cache: dict | None = None,
+                     grad: bool = True) -> torch.Tensor:
+    """The encoded prompt [1, 77, D]. Cached while the text encoder is frozen; while it trains (a personalization,
+    real or simulated) it is re-encoded every call, with a graph only if `grad` and some of its weights learn."""
+    if cache is not None and not text_encoder.training and prompt in cache:
+        return cache[prompt]
+    with torch.set_grad_enabled(grad and any(p.requires_grad for p in text_encoder.parameters())):
+        hidden = encode_prompts(text_encoder, tokenizer, [prompt])
+    if cache is not None and not text_encoder.training and not hidden.requires_grad:
+        cache[prompt] = hidden
+    return hidden
+
+
+@torch.no_grad()
 def encode_images(vae, pixels: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior (mean, std) of [-1, 1] images, already multiplied by the VAE scaling factor."""
+    """VAE posterior (mean, std) of [-1, 1] images, already multiplied by the VAE scaling factor (training data:
+    never part of a graph)."""
     means, stds = [], []
     scale = vae.config.scaling_factor
     for start in range(0, len(pixels), batch_size):
