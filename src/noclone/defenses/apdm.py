@@ -36,6 +36,12 @@ Learning to Protect (L2P), first order (Algorithm 1):
             g += grad_theta' L_protect(theta'_{i+1})    # no backprop through the inner updates
         theta_{j+1} = AdamW step of g at theta_j        # accumulate='sum' (paper) or 'mean'
 
+The simulated attacker is the attack preset of the same scale: at SD scale (`paper`) the UNet only, as in the
+paper; in the sandbox (`quick`, `train_text_encoder=True`) the text encoder too (AdamW at `text_lr_per`), because
+the sandbox DreamBooth must train it to bind the identifier. theta' then includes the attacker's text encoder: the
+protection loss at each inner state is conditioned on the prompts as that text encoder encodes them, and its
+gradient is taken for the protected UNet weights only (the published text encoder is not changed).
+
 `official_grad_quirk=True` reproduces the public code, which does not zero the inner personalization gradient
 before the protection backward: g = sum_i [grad L_per(theta'_i) + grad L_protect(theta'_{i+1})].
 `l2p=False` takes the protection gradient at theta_j only (the ablation).

@@ -51,7 +51,9 @@ Choices (where the paper is silent):
   protected model keeps f's behaviour on everything but the trigger.
 - L_BR averages over the N inner states (so br_weight = 1 weighs it like L_BB) and restarts the simulated
   attacker from theta at every outer step with a fresh AdamW (as APDM's L2P).
-- The simulated attacker trains the same parameter set as the protection (`params`: full | attention | lora).
+- The simulated attacker trains the same parameter set as the protection (`params`: full | attention | lora),
+  and with `train_text_encoder` (quick preset, like the sandbox DreamBooth) the text encoder too; L_BB at each
+  theta'_i is then conditioned on the trigger as that text encoder encodes it.
 - Adding subjects to an already protected model works as in APDM (protect again from it, giving the earlier
   subjects again; the earlier card is kept under "previous_protection").
 - Checkpoint/resume, progress bar and protection.json exactly as APDM (`run`).
