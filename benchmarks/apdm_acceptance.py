@@ -1,7 +1,8 @@
 """Acceptance figures of APDM in the sandbox (issue: APDM): protect held-out subjects, attack, measure.
 
     .venv/bin/python benchmarks/apdm_acceptance.py --out /tmp/apdm-acc [--classes person,dog,cat] [--identity 0]
-        [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N] [--markdown F]
+        [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N]
+        [--simulate-text-encoder] [--markdown F]
 
 For each class: APDM (quick preset) protects held-out identity `--identity` (5 photos); the attacker runs the
 sandbox DreamBooth (the same settings the inner path simulates) on the unprotected and on the protected model;
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--outer-steps", type=int)
     parser.add_argument("--inner-steps", type=int)
     parser.add_argument("--params", help="full (default) | attention | lora")
+    parser.add_argument("--simulate-text-encoder", action="store_true",
+                        help="the simulated attacker also fine-tunes the text encoder (off by default: measured worse)")
     parser.add_argument("--markdown")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -87,6 +90,8 @@ def main() -> None:
     work = Path(args.out)
     overrides = {k: v for k, v in {"outer_steps": args.outer_steps, "inner_steps": args.inner_steps,
                                    "params": args.params}.items() if v is not None}
+    if args.simulate_text_encoder:
+        overrides["train_text_encoder"] = True
     settings = APDMConfig.preset("quick", seed=args.seed, **overrides)
     rows, quality_rows = [], []
     for class_noun in args.classes.split(","):
