@@ -103,6 +103,26 @@ def test_lora_with_text_encoder_saves_both_adapters_and_reloads(tiny_pipe, tiny_
     assert (adapted - plain).abs().max() > 1e-4
 
 
+def test_lora_on_all_layers_reloads_into_stock_pipeline(tiny_pipe, tiny_model_dir, subject_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    LoRA(_config(steps=4, lr=1e-2, lora_targets="all")).run(tiny_pipe, subject_dir, tmp_path / "lora")
+    keys = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors")).keys()
+    assert any(".conv1." in k for k in keys) and any(".ff.net." in k for k in keys)
+    stock = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), local_files_only=True)
+    stock.set_progress_bar_config(disable=True)
+
+    def image():
+        return stock("a photo of sks person", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    plain = image()
+    stock.load_lora_weights(str(tmp_path / "lora"))
+    assert abs(image() - plain).max() > 1e-3
+    with pytest.raises(NocloneError, match="lora-targets"):
+        _config(lora_targets="everything").validate()
+
+
 def test_textual_inversion_changes_only_the_new_token(tiny_pipe, subject_dir, tmp_path):
     original = tiny_pipe.text_encoder.get_input_embeddings().weight.detach().clone()
     attack = TextualInversion(_config(token="<zq>", steps=5, lr=5e-2))

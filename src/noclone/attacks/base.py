@@ -61,6 +61,7 @@ class PersonalizationConfig(PromptTemplates):
     text_encoder_lr: float | None = None
     lora_rank: int = 4
     lora_alpha: float | None = None
+    lora_targets: str = "attention"    # UNet layers a LoRA adapts: 'attention' | 'all' (+ feed-forward and resnet convs)
     checkpoint_every: int = 50
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -76,6 +77,10 @@ class PersonalizationConfig(PromptTemplates):
             raise NocloneError(f"--lr {self.lr} is outside (0, 1)")
         if not self.token.strip() or " " in self.token:
             raise NocloneError(f"--token {self.token!r} must be one non-empty word")
+        from noclone.attacks.lora import LORA_TARGET_SETS
+
+        if self.lora_targets not in LORA_TARGET_SETS:
+            raise NocloneError(f"--lora-targets {self.lora_targets!r}: choose from {', '.join(LORA_TARGET_SETS)}")
 
 
 # Attack settings by target scale. "sandbox": the embedded 64 px model (the default everywhere). "sd15": the

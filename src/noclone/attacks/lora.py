@@ -12,6 +12,11 @@ from noclone.attacks.base import Personalization
 from noclone.data.atomic import atomic_output_dir
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+LORA_TARGET_SETS = {
+    "attention": LORA_TARGETS,  # diffusers' DreamBooth-LoRA script
+    "all": LORA_TARGETS + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
+                           "time_emb_proj"],  # + feed-forward, resnet convolutions (LoCon-like)
+}
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -21,10 +26,10 @@ def _lora_config(rank: int, alpha: float | None, targets: list[str]):
     return LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
 
 
-def add_lora(unet, rank: int, alpha: float | None = None) -> None:
-    """Attach a peft LoRA adapter to the UNet's attention projections (only the adapter trains)."""
+def add_lora(unet, rank: int, alpha: float | None = None, targets: str = "attention") -> None:
+    """Attach a peft LoRA adapter to the UNet's attention projections (or all its layers; only the adapter trains)."""
     unet.requires_grad_(False)
-    unet.add_adapter(_lora_config(rank, alpha, LORA_TARGETS))
+    unet.add_adapter(_lora_config(rank, alpha, LORA_TARGET_SETS[targets]))
 
 
 def add_text_lora(text_encoder, rank: int, alpha: float | None = None) -> None:
@@ -48,7 +53,7 @@ class LoRA(Personalization):
     name = "lora"
 
     def prepare(self, pipe) -> list[tuple[str, torch.nn.Parameter]]:
-        add_lora(pipe.unet, self.config.lora_rank, self.config.lora_alpha)
+        add_lora(pipe.unet, self.config.lora_rank, self.config.lora_alpha, self.config.lora_targets)
         pipe.unet.train()
         params = [("unet." + n, p) for n, p in pipe.unet.named_parameters() if p.requires_grad]
         if self.config.train_text_encoder:
