@@ -119,6 +119,11 @@ def test_lora_on_all_layers_reloads_into_stock_pipeline(tiny_pipe, tiny_model_di
     plain = image()
     stock.load_lora_weights(str(tmp_path / "lora"))
     assert abs(image() - plain).max() > 1e-3
+    # and the reloaded adapter is exactly the trained one (diffusers' old key names lost the conv adapters)
+    size = stock.unet.config.sample_size
+    x, cond = torch.randn(1, 4, size, size), torch.randn(1, 77, stock.text_encoder.config.hidden_size)
+    with torch.no_grad():
+        assert torch.allclose(stock.unet(x, 10, cond).sample, tiny_pipe.unet(x, 10, cond).sample, atol=1e-5)
     with pytest.raises(NocloneError, match="lora-targets"):
         _config(lora_targets="everything").validate()
 

@@ -42,11 +42,11 @@ def add_text_lora(text_encoder, rank: int, alpha: float | None = None) -> None:
 
 
 def lora_state_dict(model) -> dict[str, torch.Tensor]:
-    """The adapter weights with diffusers' key names (what `pipe.load_lora_weights` expects)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter weights in peft's key format, which `pipe.load_lora_weights` reads as is (diffusers' older
+    "lora.down/up" names do not round-trip an adapter on the resnet convolutions: measured, the UNet output differed)."""
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    return get_peft_model_state_dict(model)
 
 
 class LoRA(Personalization):
