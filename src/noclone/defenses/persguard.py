@@ -52,8 +52,10 @@ Choices (where the paper is silent):
 - L_BR averages over the N inner states (so br_weight = 1 weighs it like L_BB) and restarts the simulated
   attacker from theta at every outer step with a fresh AdamW (as APDM's L2P).
 - The simulated attacker trains the same parameter set as the protection (`params`: full | attention | lora),
-  and with `train_text_encoder` (quick preset, like the sandbox DreamBooth) the text encoder too; L_BB at each
-  theta'_i is then conditioned on the trigger as that text encoder encodes it.
+  and with `train_text_encoder` the text encoder too, as the sandbox DreamBooth does; L_BB at each theta'_i is then
+  conditioned on the trigger as that text encoder encodes it. Off by default: in the sandbox (person, pattern,
+  quick preset, seed 0) the backdoor rate after the attack stayed 0.00 with it, and the backdoor leaked into another
+  subject's personalization (0.22 of its generations vs 0.03 without).
 - Adding subjects to an already protected model works as in APDM (protect again from it, giving the earlier
   subjects again; the earlier card is kept under "previous_protection").
 - Checkpoint/resume, progress bar and protection.json exactly as APDM (`run`).
@@ -108,7 +110,7 @@ class PersGuardConfig:
     br_every: int = 1                    # L_BR on every k-th outer step (cost)
     lr: float = 3e-4                     # protection AdamW
     lr_per: float = 3e-4                 # the simulated attacker's (the sandbox DreamBooth preset)
-    train_text_encoder: bool = True      # the simulated attacker also fine-tunes the text encoder (sandbox DreamBooth)
+    train_text_encoder: bool = False     # the simulated attacker also fine-tunes the text encoder (measured: no help)
     text_lr_per: float = 1e-3            # ... at the sandbox DreamBooth's text-encoder lr
     bb_weight: float = 1.0
     pp_weight: float = 1.0
@@ -142,7 +144,7 @@ class PersGuardConfig:
         # DreamBooth preset (lr 5e-6, batch 1, 200 class images, 50 sampling steps), the protection runs as long
         # as that attack (800 steps) at the same lr with N = 20 inner steps (APDM's paper setting).
         "paper": dict(steps=800, inner_steps=20, lr=5e-6, lr_per=5e-6, batch_size=1, num_class_images=200,
-                      num_target_images=200, class_image_steps=50, checkpoint_every=50, train_text_encoder=False),
+                      num_target_images=200, class_image_steps=50, checkpoint_every=50),
     }
 
     @classmethod
