@@ -92,9 +92,11 @@ PRESETS: dict[str, dict[str, dict]] = {
         # text encoder too binds the identifier (0.97 at 300 steps, lr 3e-4, text lr 1e-3; person, seed 0).
         "dreambooth": dict(steps=300, lr=3e-4, batch_size=4, num_class_images=50, train_text_encoder=True,
                            text_encoder_lr=1e-3),
-        # LoRA on the UNet attention and, for the same reason, on the text encoder's attention
-        "lora": dict(steps=200, lr=1e-3, batch_size=4, num_class_images=50, lora_rank=4, train_text_encoder=True,
-                     text_encoder_lr=1e-3),
+        # LoRA on every UNet layer (rank 16) and, for the same reason, on the text encoder's attention. Measured on
+        # the person (seed 0): attention only, rank 4, 200 steps: 0.09; all layers: 0.16; rank 16, 400 steps: 0.59;
+        # 600 steps: 0.78.
+        "lora": dict(steps=600, lr=1e-3, batch_size=4, num_class_images=50, lora_rank=16, lora_targets="all",
+                     train_text_encoder=True, text_encoder_lr=1e-3),
         "ti": dict(steps=200, lr=5e-3, batch_size=4, num_class_images=50, prior_preservation=False),
     },
     "sd15": {
