@@ -14,7 +14,8 @@ from PIL import Image
 
 from noclone.bench import registry, stages
 from noclone.bench.config import AttackSpec, DefenceSpec, load_raw, preset_names, validate
-from noclone.bench.runner import cells, render_report, run_bench
+from noclone.bench.runner import cells, locked, parse_shard, prepare_out, render_report, run_bench, shard_cells
+from noclone.errors import NocloneError
 from noclone.cli import main
 
 torch.set_num_threads(1)
@@ -212,6 +213,43 @@ def test_killed_run_resumes_to_identical_results(tmp_path, monkeypatch, finished
     # only the killed stage and what follows it ran again: photos, cloak and attack came from the cache
     assert resumed["computed"] == {"generated": 1, "metrics": 1}
     assert _numbers(resumed["rows"]) == _numbers(uninterrupted["rows"][:2])
+
+
+def test_shards_split_the_cells_and_together_equal_one_run(tmp_path, finished):
+    config, _, uninterrupted = finished
+    every = cells(config)
+    halves = [shard_cells(every, (i, 2)) for i in (1, 2)]
+    assert sorted(c.position for half in halves for c in half) == [c.position for c in every]
+    for half in halves:  # a defence's cells stay in one shard, so its protected model is computed once
+        assert len({c.defence.name for c in half}) == len(half)  # one attack, one transform: one cell per defence
+    out = tmp_path / "sharded"
+    first = run_bench(config, out, progress=False, shard=(1, 2))
+    assert {r["defence"] for r in first["rows"]} == {c.defence.name for c in halves[0]}
+    second = run_bench(config, out, progress=False, shard=(2, 2))
+    assert _numbers(second["rows"]) == _numbers(uninterrupted["rows"])
+    assert "apdm" in (out / "report.html").read_text()
+
+
+def test_shard_locks(tmp_path, finished):
+    config, _, _ = finished
+    out = prepare_out(tmp_path / "locks")
+    leftover = out / "cache" / "generated" / ".deadbeef.tmp-123456"
+    leftover.mkdir(parents=True)
+    cleaned = []
+    with locked(out, (1, 2), when_alone=lambda: cleaned.append(1)):
+        assert cleaned == [1]  # the first run in the folder may clean up
+        with locked(out, (2, 2), when_alone=lambda: cleaned.append(2)):
+            assert cleaned == [1]  # not while another shard is at work
+        with pytest.raises(NocloneError, match="shard 1/2 is already running"):
+            with locked(out, (1, 2)):
+                pass
+        with pytest.raises(NocloneError, match="another noclone bench is running"):
+            run_bench(config, out, progress=False)
+    with locked(out):  # all released
+        pass
+    with pytest.raises(NocloneError, match="I must be between 1 and N"):
+        parse_shard("0/2")
+    assert parse_shard("2/3") == (2, 3)
 
 
 def test_report_rerenders_from_db_without_computing(finished, monkeypatch, capsys):

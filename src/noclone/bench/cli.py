@@ -1,6 +1,7 @@
 """The `noclone bench` command line.
 
     noclone bench CONFIG.yaml --out DIR [--set models.0.path=/models/sd15] [--dry-run] [--keep-going]
+    noclone bench CONFIG.yaml --out DIR --shard 1/2 & noclone bench CONFIG.yaml --out DIR --shard 2/2
     noclone bench --preset sandbox-quick --out DIR
     noclone bench report DIR          # re-render report.html (and the CSV/JSON) from DIR/results.sqlite
     noclone bench --list-presets | --print-preset NAME
@@ -18,7 +19,7 @@ log = logging.getLogger("noclone")
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from noclone.bench.config import load_config, preset_names, preset_text
-    from noclone.bench.runner import dry_run, render_report, run_bench
+    from noclone.bench.runner import dry_run, parse_shard, render_report, run_bench
 
     if args.list_presets:
         print("\n".join(preset_names()))
@@ -35,14 +36,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if len(positional) > 1:
         raise NocloneError(f"expected one CONFIG.yaml, got {len(positional)} arguments: {' '.join(positional)}")
     config = load_config(positional[0] if positional else None, args.preset, args.set)
+    shard = parse_shard(args.shard) if args.shard else None
     if args.dry_run:
-        lines = dry_run(config, args.out)
+        lines = dry_run(config, args.out, shard)
         print("\n".join(lines))
         print(f"{len(lines)} cell(s) x seed(s); config {config.name} is valid")
         return
     if not args.out:
         raise NocloneError("--out DIR is required (where the cache, results and report go)")
-    result = run_bench(config, args.out, progress=not args.quiet, keep_going=args.keep_going)
+    result = run_bench(config, args.out, progress=not args.quiet, keep_going=args.keep_going,
+                       shard=shard)
     print(f"bench report: {result['report']}")
     if result["failures"]:
         raise NocloneError(f"{len(result['failures'])} cell(s) failed (see the log and the report); rerun to retry them")
@@ -60,6 +63,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="override a config value, e.g. models.0.path=/models/sd15 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the cells (done/todo), compute nothing")
     p.add_argument("--keep-going", action="store_true", help="record a failed cell and go on with the others")
+    p.add_argument("--shard", metavar="I/N",
+                   help="run only shard I of N (whole subject x defence groups); start all N side by side on the "
+                        "same --out, one per core or GPU, to split the work")
     p.add_argument("--list-presets", action="store_true")
     p.add_argument("--print-preset", metavar="NAME", help="print a preset's YAML (to copy and edit)")
     p.set_defaults(func=cmd_bench)

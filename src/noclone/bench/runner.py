@@ -10,7 +10,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -81,18 +82,68 @@ def prepare_out(out: Path) -> Path:
     return out
 
 
-@contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """One benchmark process per folder at a time."""
-    with open(out / ".lock", "w") as handle:
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 1 <= I <= N; a clear error otherwise."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise NocloneError(f"--shard {text}: expected I/N, e.g. 1/2") from None
+    if not 1 <= index <= count:
+        raise NocloneError(f"--shard {text}: I must be between 1 and N")
+    return index, count
+
+
+def shard_cells(todo: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    """The cells of shard I of N: whole (model, subject, defence) groups, dealt round-robin in config order.
+
+    Keeping a group in one shard means its protected model or cloaked photos are computed by one process only.
+    """
+    if shard is None:
+        return todo
+    index, count = shard
+    groups: dict[tuple, int] = {}
+    for cell in todo:
+        groups.setdefault((cell.model.name, cell.subject.name, cell.defence.name), len(groups))
+    return [c for c in todo if groups[(c.model.name, c.subject.name, c.defence.name)] % count == index - 1]
+
+
+def _flock(handle, mode: int, wait_s: float = 0.0) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+            return True
         except OSError:
-            raise NocloneError(f"{out}/: another noclone bench is running in this folder") from None
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
+@contextmanager
+def locked(out: Path, shard: tuple[int, int] | None = None,
+           when_alone: Callable[[], None] | None = None) -> Iterator[bool]:
+    """One unsharded run per folder, or distinct shards side by side. `when_alone` (clean-up of temporaries a
+    killed run left) is called only while no other run is in the folder, so it never deletes live work. Yields
+    whether this run started alone."""
+    with open(out / ".lock", "w") as active:
+        alone = _flock(active, fcntl.LOCK_EX)
+        if alone and when_alone is not None:
+            when_alone()
+        if shard is None:
+            if not alone:
+                raise NocloneError(f"{out}/: another noclone bench is running in this folder")
+        elif not _flock(active, fcntl.LOCK_SH, wait_s=60):  # from exclusive: a downgrade that lets other shards in
+            raise NocloneError(f"{out}/: an unsharded noclone bench is running in this folder")
         try:
-            yield
+            if shard is None:
+                yield alone
+            else:
+                with open(out / f".lock-shard-{shard[0]}-of-{shard[1]}", "w") as mine:
+                    if not _flock(mine, fcntl.LOCK_EX):
+                        raise NocloneError(f"{out}/: shard {shard[0]}/{shard[1]} is already running in this folder")
+                    yield alone
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(active, fcntl.LOCK_UN)
 
 
 def _relative(path: Path, out: Path) -> str:
@@ -154,27 +205,40 @@ def _summary_line(cell: Cell, row: dict, index: int, total: int, fresh: bool) ->
     return f"[{index}/{total}] {cell.title()}: {'  '.join(parts)}  ({how})"
 
 
-def run_bench(config: BenchConfig, out: str | Path, progress: bool = True, keep_going: bool = False) -> dict:
-    """Run (or resume) the whole benchmark into `out`; returns {'rows', 'computed', 'found', 'report'}."""
+def run_bench(config: BenchConfig, out: str | Path, progress: bool = True, keep_going: bool = False,
+              shard: tuple[int, int] | None = None) -> dict:
+    """Run (or resume) the benchmark into `out`; returns {'rows', 'computed', 'found', 'report', 'failures'}.
+
+    With shard=(I, N) only shard I's cells are run; start the N shards side by side (one per core or GPU) on the
+    same folder: they share the cache and the database, and each re-exports the report when it finishes.
+    """
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     out = prepare_out(Path(out))
-    with locked(out):
-        cache = stages.Cache(out / "cache")
+    cache = stages.Cache(out / "cache")
+
+    def clean_up() -> None:
         removed = cache.clean_temporaries()
         if removed:
             log.info("bench: removed %d temporary folder(s) left by an interrupted run", removed)
+
+    with locked(out, shard, when_alone=clean_up) as alone:
         runtime = stages.Runtime(config.device, config.dtype, progress)
-        todo = cells(config)
+        every = cells(config)
+        todo = shard_cells(every, shard)
         store = Store(out / "results.sqlite")
+        running = store.meta("config")
+        if not alone and running is not None and stages.canonical_json(running) != stages.canonical_json(config.to_dict()):
+            raise NocloneError(f"{out}/: the shards already running here use another config (same config for all)")
         store.set_meta("name", config.name)
         store.set_meta("config", config.to_dict())
         atomic_write_json(out / "config.json", config.to_dict())
-        dropped = store.keep_only({c.cell_id(config) for c in todo})
+        dropped = store.keep_only({c.cell_id(config) for c in every})
         if dropped:
             log.info("bench: dropped %d result row(s) of cells no longer in the config", dropped)
-        log.info("bench %s: %d cells x seeds into %s", config.name, len(todo), out)
+        where = f" (shard {shard[0]}/{shard[1]} of {len(every)})" if shard else ""
+        log.info("bench %s: %d cells x seeds%s into %s", config.name, len(todo), where, out)
         models: dict = {}
         failures = []
         with logging_redirect_tqdm(), tqdm(total=len(todo), desc="bench cells", unit="cell", disable=not progress,
@@ -219,9 +283,9 @@ def render_report(out: str | Path) -> Path:
     return path
 
 
-def dry_run(config: BenchConfig, out: str | Path | None = None) -> list[str]:
-    """One line per cell x seed, saying whether its result is already in `out` (nothing is computed)."""
+def dry_run(config: BenchConfig, out: str | Path | None = None, shard: tuple[int, int] | None = None) -> list[str]:
+    """One line per cell x seed (of one shard), saying whether its result is already in `out` (nothing is computed)."""
     done = set()
     if out is not None and (Path(out) / "results.sqlite").is_file():
         done = {r["cell_id"] for r in Store(Path(out) / "results.sqlite").rows() if not r.get("error")}
-    return [f"{'done' if c.cell_id(config) in done else 'todo'}  {c.title()}" for c in cells(config)]
+    return [f"{'done' if c.cell_id(config) in done else 'todo'}  {c.title()}" for c in shard_cells(cells(config), shard)]
