@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--params", help="full (default) | attention | lora")
     parser.add_argument("--lr-protect", type=float, help="protection lr (default: the preset's 3e-4)")
     parser.add_argument("--prior-weight", type=float, help="weight of L_ppl in both paths (default 1)")
+    parser.add_argument("--prior-loss", help="ground_truth (default) | distill: L_ppl of the protection loss")
     parser.add_argument("--simulate-text-encoder", action="store_true",
                         help="the simulated attacker also fine-tunes the text encoder (off by default: measured worse)")
     parser.add_argument("--markdown")
@@ -92,7 +93,7 @@ def main() -> None:
     work = Path(args.out)
     overrides = {k: v for k, v in {"outer_steps": args.outer_steps, "inner_steps": args.inner_steps,
                                    "params": args.params, "lr_protect": args.lr_protect,
-                                   "prior_weight": args.prior_weight}.items() if v is not None}
+                                   "prior_weight": args.prior_weight, "prior_loss": args.prior_loss}.items() if v is not None}
     if args.simulate_text_encoder:
         overrides["train_text_encoder"] = True
     settings = APDMConfig.preset("quick", seed=args.seed, **overrides)

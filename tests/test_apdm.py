@@ -200,6 +200,18 @@ def test_naive_loss_and_ablations_run(tiny_model_dir, person):
     assert "per" not in history[0] and math.isfinite(history[0]["loss"])
 
 
+def test_distilled_prior_is_zero_at_the_original_weights(tiny_model_dir, person):
+    from noclone.models.pipeline import load_pipeline
+
+    # without L2P the first protection gradient is taken at theta = phi, where phi's prediction is the target
+    distill = APDM(_config(outer_steps=2, l2p=False, prior_loss="distill")).protect(load_pipeline(tiny_model_dir), [person])
+    assert distill[0]["ppl"] == pytest.approx(0.0, abs=1e-9) and distill[1]["ppl"] > 1e-9
+    truth = APDM(_config(outer_steps=1, l2p=False)).protect(load_pipeline(tiny_model_dir), [person])
+    assert truth[0]["ppl"] > 1e-3  # the ground-truth-noise prior is not
+    with pytest.raises(NocloneError, match="--prior-loss"):
+        _config(prior_loss="teacher").validate()
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, person, tmp_path):
     from noclone.models.pipeline import load_pipeline
 

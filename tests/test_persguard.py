@@ -16,7 +16,8 @@ from noclone.defenses.backdoor_checks import (
     PATTERN_THRESHOLD, add_pattern, backdoor_rate, pattern_present, pattern_scores, validate_detector_checks,
     validate_pattern_check,
 )
-from noclone.defenses.persguard import backdoor_loss, inpaint_from_border, preservation_loss, trigger_prompt
+from noclone.defenses.persguard import backdoor_loss, inpaint_from_border, trigger_prompt
+from noclone.training.diffusion import distillation_loss
 from noclone.errors import NocloneError
 from noclone.training.data import LatentSet
 
@@ -116,7 +117,7 @@ def test_losses_match_hand_computation():
     # L_PP = E||eps_theta(z_t(x), t, c) - eps_f(z_t(x), t, c)||^2: here (0.5 - 2)^2 z^2, whatever the prompt
     g = torch.Generator().manual_seed(5)
     x = y[:2].clone()
-    pp = preservation_loss(theta, f, scheduler, x, cond, g)
+    pp = distillation_loss(theta, f, scheduler, x, cond, g)
     g = torch.Generator().manual_seed(5)
     eps = torch.randn(x.shape, generator=g)
     t = torch.randint(0, 1000, (2,), generator=g)

@@ -18,6 +18,11 @@ positive at random from the class set instead). BOTH are conditioned on the inst
     L_DPO = - E log sigmoid( -beta (r+ - r-) )          (beta = 1; smaller beta = stronger protection)
     L_protect = L_DPO + L_ppl                           (L_ppl: the prior term of L_per above)
 
+`prior_loss='distill'` (beyond the paper) replaces L_ppl in L_protect by the distillation of phi on the class
+images, E||eps_theta(x^pr_t, t, c_pr) - eps_phi(x^pr_t, t, c_pr)||^2, as PersGuard's L_PP does: the target is
+what the original model predicts, not the noise it never predicts exactly, so generic generation is held where it
+was. The simulated attacker's L_per keeps the ground-truth prior term (that is what DreamBooth minimises).
+
 Minimising L_DPO lowers the error on generic class images relative to phi (r+ < 0) and raises it on the subject
 (r- > 0) -- the model learns to denoise "sks person" into a generic person. `reduction='elementwise'` (default, the
 official code) takes r+/r- and the log-sigmoid per latent element and averages; 'per-sample' (Diffusion-DPO)
@@ -98,7 +103,7 @@ from noclone.defenses.base import (
 from noclone.errors import NocloneError
 from noclone.training.data import SubjectData
 from noclone.training.diffusion import (
-    diffusion_loss, diffusion_target, prediction_error, prompt_condition, sample_latents, step_generator,
+    diffusion_loss, diffusion_target, distillation_loss, prediction_error, prompt_condition, sample_latents, step_generator,
     training_scheduler,
 )
 from noclone.training.loop import LoopConfig, run_training, smoothed
@@ -107,6 +112,7 @@ log = logging.getLogger(__name__)
 
 REDUCTIONS = ("elementwise", "per-sample")
 LOSSES = ("dpo", "naive")
+PRIOR_LOSSES = ("ground_truth", "distill")
 
 
 @dataclass
@@ -125,6 +131,7 @@ class APDMConfig:
     loss: str = "dpo"                  # 'dpo' | 'naive' (-L_simple + naive_lambda * L_ppl)
     naive_lambda: float = 1.0
     prior_weight: float = 1.0          # weight of L_ppl in L_per and in L_protect
+    prior_loss: str = "ground_truth"   # L_ppl in L_protect: 'ground_truth' noise (paper) | 'distill' phi's prediction
     l2p: bool = True                   # False: protection gradient at the current weights only
     accumulate: str = "sum"            # 'sum' (Algorithm 1) | 'mean' over the inner states
     official_grad_quirk: bool = False  # True: g = sum_i [grad L_per(theta'_i) + grad L_protect(theta'_{i+1})]
@@ -175,6 +182,7 @@ class APDMConfig:
             (self.loss in LOSSES, f"--loss {self.loss!r}: choose from {', '.join(LOSSES)}"),
             (math.isfinite(self.naive_lambda) and self.naive_lambda >= 0, "--naive-lambda must be >= 0"),
             (math.isfinite(self.prior_weight) and self.prior_weight >= 0, "prior_weight must be >= 0"),
+            (self.prior_loss in PRIOR_LOSSES, f"--prior-loss {self.prior_loss!r}: choose from {', '.join(PRIOR_LOSSES)}"),
             (self.accumulate in ("sum", "mean"), f"accumulate {self.accumulate!r}: choose sum or mean"),
             (self.params in PARAM_SETS, f"--params {self.params!r}: choose from {', '.join(PARAM_SETS)}"),
             (self.lora_rank >= 1, f"--rank {self.lora_rank} must be at least 1"),
@@ -294,7 +302,7 @@ def protection_loss(unet, reference, scheduler, subject: _Subject, generator: to
     if config.loss == "naive":
         cond = subject.instance_cond.expand(batch, -1, -1)
         simple = diffusion_loss(unet, scheduler, x_neg, cond, generator)
-        ppl = _prior_loss(unet, scheduler, subject, generator, batch)
+        ppl = _prior_loss(unet, reference, scheduler, subject, generator, batch, config.prior_loss)
         return {"loss": -simple + config.naive_lambda * ppl, "simple": simple, "ppl": ppl}
     pos_idx = idx % len(prior) if config.paired else torch.randint(0, len(prior), (batch,), generator=generator)
     x_pos = sample_latents(prior.mean[pos_idx], prior.std[pos_idx], generator)
@@ -311,13 +319,17 @@ def protection_loss(unet, reference, scheduler, subject: _Subject, generator: to
     out = dpo_loss(err[:batch], err[batch:], ref_err[:batch], ref_err[batch:], config.beta, config.reduction)
     out["dpo"] = out["loss"]
     if config.prior_weight > 0:
-        out["ppl"] = _prior_loss(unet, scheduler, subject, generator, batch)
+        out["ppl"] = _prior_loss(unet, reference, scheduler, subject, generator, batch, config.prior_loss)
         out["loss"] = out["dpo"] + config.prior_weight * out["ppl"]
     return out
 
 
-def _prior_loss(unet, scheduler, subject: _Subject, generator: torch.Generator, batch: int) -> torch.Tensor:
+def _prior_loss(unet, reference, scheduler, subject: _Subject, generator: torch.Generator, batch: int,
+                kind: str = "ground_truth") -> torch.Tensor:
+    """L_ppl on class images under the class prompt: against the true noise, or distilling phi's prediction."""
     latents = subject.data.prior.batch(generator, batch)
+    if kind == "distill":
+        return distillation_loss(unet, reference, scheduler, latents, subject.class_cond, generator)
     return diffusion_loss(unet, scheduler, latents, subject.class_cond.expand(batch, -1, -1), generator)
 
 

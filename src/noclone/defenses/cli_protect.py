@@ -56,7 +56,7 @@ def _apdm_config(args: argparse.Namespace):
         "train_text_encoder": args.train_text_encoder, "batch_size": args.batch_size,
         "num_class_images": args.num_class_images, "multi_subject": args.multi_subject,
         "reference_dtype": args.reference_dtype, "optimizer": args.optimizer, "checkpoint_every": args.checkpoint_every,
-        "accumulate": args.accumulate, "seed": args.seed,
+        "accumulate": args.accumulate, "prior_loss": args.prior_loss, "seed": args.seed,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_l2p:
@@ -181,7 +181,7 @@ PROTECT_METHODS: dict[str, Callable[[argparse.Namespace], Path]] = {"apdm": cmd_
 METHOD_FLAGS: dict[str, dict[str, str]] = {
     "apdm": {"beta": "--beta", "reduction": "--reduction", "loss": "--loss", "naive_lambda": "--naive-lambda",
              "no_l2p": "--no-l2p", "unpaired": "--unpaired", "official_grad_quirk": "--official-grad-quirk",
-             "accumulate": "--accumulate"},
+             "accumulate": "--accumulate", "prior_loss": "--prior-loss"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -240,6 +240,8 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reduction", help="elementwise (official code, default) or per-sample (Diffusion-DPO)")
     p.add_argument("--loss", help="dpo (default) or naive (-L_simple + lambda L_ppl baseline)")
     p.add_argument("--naive-lambda", type=float)
+    p.add_argument("--prior-loss", help="L_ppl of the protection loss: ground_truth (paper, default) or distill "
+                                         "(the original model's prediction on class images)")
     p.add_argument("--params", help="weights changed: full (default), attention (cross-attention) or lora")
     p.add_argument("--rank", type=int, help="LoRA rank with --params lora")
     p.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")

@@ -86,7 +86,7 @@ from noclone.defenses.base import (
 from noclone.errors import NocloneError
 from noclone.training.data import LatentSet, SubjectData, pipeline_resolution
 from noclone.training.diffusion import (
-    diffusion_loss, noised, prediction_error, prompt_condition, step_generator, training_scheduler,
+    diffusion_loss, distillation_loss, prompt_condition, step_generator, training_scheduler,
 )
 from noclone.training.loop import LoopConfig, run_training, smoothed
 
@@ -367,17 +367,6 @@ def backdoor_loss(unet, scheduler, targets: LatentSet, cond: torch.Tensor, gener
                           generator)
 
 
-def preservation_loss(unet, reference, scheduler, latents: torch.Tensor, cond: torch.Tensor,
-                      generator: torch.Generator) -> torch.Tensor:
-    """L_PP: E||eps_theta(z_t(x), t, c) - eps_f(z_t(x), t, c)||^2 (distillation of the frozen original f)."""
-    noisy, timesteps, _ = noised(scheduler, latents, generator)
-    cond = cond.expand(len(latents), -1, -1)
-    with torch.no_grad():
-        teacher = reference(noisy.to(reference.device, reference.dtype), timesteps.to(reference.device),
-                            cond.to(reference.device, reference.dtype)).sample.float()
-    return prediction_error(unet, noisy, timesteps, cond, teacher)
-
-
 # ----------------------------------------------------------------------------------------------- the method
 
 
@@ -507,7 +496,7 @@ class PersGuard:
             g = step_generator(c.seed, step, f"{stream}/pp")
             latents, noun = subject.pp_sets[int(torch.randint(len(subject.pp_sets), (1,), generator=g))]
             prompt = c.pp_templates[int(torch.randint(len(c.pp_templates), (1,), generator=g))].format(class_noun=noun)
-            loss_pp = preservation_loss(unet, self.reference, scheduler, latents.batch(g, c.batch_size),
+            loss_pp = distillation_loss(unet, self.reference, scheduler, latents.batch(g, c.batch_size),
                                         _cond(pipe, subject.cond_cache, prompt), g)
             loss = loss + c.pp_weight * loss_pp
             stats["pp"].append(float(loss_pp.detach()))

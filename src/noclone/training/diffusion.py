@@ -102,6 +102,17 @@ def prediction_error(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: t
     return err.mean()
 
 
+def distillation_loss(unet, teacher, scheduler, latents: torch.Tensor, cond: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+    """E||eps_theta(z_t(x), t, c) - eps_teacher(z_t(x), t, c)||^2: keep the UNet's prediction the frozen teacher's."""
+    noisy, timesteps, _ = noised(scheduler, latents, generator)
+    cond = cond.expand(len(latents), -1, -1)
+    with torch.no_grad():
+        target = teacher(noisy.to(teacher.device, teacher.dtype), timesteps.to(teacher.device),
+                         cond.to(teacher.device, teacher.dtype)).sample.float()
+    return prediction_error(unet, noisy, timesteps, cond, target)
+
+
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights per sample (Hang et al. 2023): faster convergence than uniform weighting."""
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
