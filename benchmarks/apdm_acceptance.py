@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--lr-protect", type=float, help="protection lr (default: the preset's 3e-4)")
     parser.add_argument("--prior-weight", type=float, help="weight of L_ppl in both paths (default 1)")
     parser.add_argument("--prior-loss", help="ground_truth (default) | distill: L_ppl of the protection loss")
+    parser.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
     parser.add_argument("--simulate-text-encoder", action="store_true",
                         help="the simulated attacker also fine-tunes the text encoder (off by default: measured worse)")
     parser.add_argument("--markdown")
@@ -96,6 +97,8 @@ def main() -> None:
                                    "prior_weight": args.prior_weight, "prior_loss": args.prior_loss}.items() if v is not None}
     if args.simulate_text_encoder:
         overrides["train_text_encoder"] = True
+    if args.no_l2p:
+        overrides["l2p"] = False
     settings = APDMConfig.preset("quick", seed=args.seed, **overrides)
     rows, quality_rows = [], []
     for class_noun in args.classes.split(","):
