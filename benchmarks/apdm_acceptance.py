@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/apdm_acceptance.py --out /tmp/apdm-acc [--classes person,dog,cat] [--identity 0]
         [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N]
-        [--simulate-text-encoder] [--markdown F]
+        [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--markdown F]
 
 For each class: APDM (quick preset) protects held-out identity `--identity` (5 photos); the attacker runs the
 sandbox DreamBooth (the same settings the inner path simulates) on the unprotected and on the protected model;
@@ -24,19 +24,38 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 
-def protect(model: Path, work: Path, class_noun: str, identity: int, settings) -> tuple[Path, float]:
+def positive_photos(work: Path, class_noun: str, n: int) -> Path:
+    """One render each of n generator-training identities of the class: 'photos of other members of the class'."""
+    from noclone.sandbox.render import render
+    from noclone.data.atomic import atomic_output_dir
+    from noclone.data.images import save_image
+
+    folder = work / "positives" / f"{class_noun}-{n}"
+    if not (folder / ".complete").is_file():
+        with atomic_output_dir(folder, overwrite=True) as tmp:
+            for i in range(n):
+                save_image(render(class_noun, 7919 * i + 11, i % 8), tmp / f"{i:04d}.png")
+            (tmp / ".complete").write_text("")
+    return folder
+
+
+def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
+            positives: int = 0) -> tuple[Path, float]:
     """APDM-protect one held-out identity (cached); returns (protected model dir, seconds)."""
     from noclone.defenses import APDM, ProtectionSubject
     from noclone.models.pipeline import load_pipeline
     from noclone.sandbox.experiment import TRAIN_PHOTOS, model_tag, subject_photos
 
     key = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True, default=str).encode()).hexdigest()[:10]
-    out = work / "protected" / f"{model_tag(model)}-{class_noun}-{identity}-{key}"
+    suffix = f"-pos{positives}" if positives else ""
+    out = work / "protected" / f"{model_tag(model)}-{class_noun}-{identity}-{key}{suffix}"
     card = out / "protection.json"
     if not card.is_file():
         photos = subject_photos(work / "subjects" / f"{class_noun}-{identity}", class_noun, identity, TRAIN_PHOTOS)
+        positive_dir = positive_photos(work, class_noun, positives) if positives else None
         started = time.time()
-        APDM(settings).run(load_pipeline(model), [ProtectionSubject.from_folder(photos, class_noun)], out, overwrite=True)
+        subject = ProtectionSubject.from_folder(photos, class_noun, positives=positive_dir)
+        APDM(settings).run(load_pipeline(model), [subject], out, overwrite=True)
         data = json.loads(card.read_text())
         data.setdefault("metrics", {})["seconds"] = round(time.time() - started, 1)
         card.write_text(json.dumps(data, indent=2))
@@ -77,6 +96,8 @@ def main() -> None:
     parser.add_argument("--lr-protect", type=float, help="protection lr (default: the preset's 3e-4)")
     parser.add_argument("--prior-weight", type=float, help="weight of L_ppl in both paths (default 1)")
     parser.add_argument("--prior-loss", help="ground_truth (default) | distill: L_ppl of the protection loss")
+    parser.add_argument("--positives", type=int, default=0,
+                        help="DPO positives: renders of N generator-training identities instead of class images")
     parser.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
     parser.add_argument("--simulate-text-encoder", action="store_true",
                         help="the simulated attacker also fine-tunes the text encoder (off by default: measured worse)")
@@ -103,7 +124,7 @@ def main() -> None:
     rows, quality_rows = [], []
     for class_noun in args.classes.split(","):
         identity = held_out(args.identity)
-        protected, protect_seconds = protect(model, work, class_noun, identity, settings)
+        protected, protect_seconds = protect(model, work, class_noun, identity, settings, args.positives)
         attack = preset_config("dreambooth", "sandbox", class_noun=class_noun, seed=args.seed)
         base = base_experiment(model, work, class_noun, identity, attack.instance_prompt, args.n, args.seed, False)
         attackers = [("dreambooth", "dreambooth", attack)]

@@ -200,6 +200,21 @@ def test_naive_loss_and_ablations_run(tiny_model_dir, person):
     assert "per" not in history[0] and math.isfinite(history[0]["loss"])
 
 
+def test_positive_photos_replace_the_generated_positives(tiny_model_dir, person, subject_dir, dog_dir):
+    from noclone.models.pipeline import load_pipeline
+
+    with_photos = ProtectionSubject.from_folder(subject_dir, "person", positives=dog_dir)
+    assert with_photos.fingerprint != person.fingerprint and len(with_photos.positive_sha256) == 3
+    assert with_photos.card()["positive_sha256"] == with_photos.positive_sha256
+    config = _config(outer_steps=2, l2p=False)
+    data = APDM(config).subject_data(load_pipeline(tiny_model_dir), with_photos)
+    assert data.positives is not None and len(data.positives) == 3 and len(data.prior) == 4
+    plain = APDM(config).protect(load_pipeline(tiny_model_dir), [person])
+    dogs = APDM(config).protect(load_pipeline(tiny_model_dir), [with_photos])
+    assert dogs[0]["ppl"] == pytest.approx(plain[0]["ppl"], rel=1e-6)  # the prior term is the same ...
+    assert abs(dogs[1]["r_pos"] - plain[1]["r_pos"]) > 1e-6  # ... x+ is not (r+ = 0 at theta = phi: step 2)
+
+
 def test_distilled_prior_is_zero_at_the_original_weights(tiny_model_dir, person):
     from noclone.models.pipeline import load_pipeline
 
@@ -351,6 +366,9 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_model_dir, subject_dir, dog_di
     _fails(capsys, ok + ["--beta", "nan"] + out, "--beta")
     _fails(capsys, ok + ["--reduction", "sum"] + out, "--reduction")
     _fails(capsys, ok + ["--loss", "kl"] + out, "--loss")
+    _fails(capsys, ok + ["--prior-loss", "teacher"] + out, "--prior-loss")
+    _fails(capsys, ok + ["--positive-images", str(tmp_path / "nope2")] + out, "nope2")
+    _fails(capsys, ok + ["--positive-images", str(dog_dir)] * 2 + out, "one --positive-images")
     _fails(capsys, ok + ["--params", "vae"] + out, "--params")
     _fails(capsys, ok + ["--lr-protect", "3"] + out, "--lr-protect")
     _fails(capsys, ok + ["--single-file", str(tmp_path / "m.ckpt")] + out, ".safetensors")

@@ -394,6 +394,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_model_dir, subject_dir, dog_di
     _fails(capsys, ok + ["--preset", "huge"] + out, "unknown PersGuard preset")
     _fails(capsys, ok + ["--beta", "0.5"] + out, "--beta is a --method apdm setting")
     _fails(capsys, ok + ["--no-l2p"] + out, "--no-l2p is a --method apdm setting")
+    _fails(capsys, ok + ["--positive-images", str(subject_dir)] + out, "--positive-images is a --method apdm setting")
     _fails(capsys, ["protect-model", "--model", str(tiny_model_dir), "--images", str(subject_dir), "--class-noun",
                     "person", "--target", "erasure"] + out, "--target is a --method persguard setting")
     _fails(capsys, ok + ["--single-file", str(tmp_path / "m.ckpt")] + out, ".safetensors")

@@ -18,6 +18,11 @@ positive at random from the class set instead). BOTH are conditioned on the inst
     L_DPO = - E log sigmoid( -beta (r+ - r-) )          (beta = 1; smaller beta = stronger protection)
     L_protect = L_DPO + L_ppl                           (L_ppl: the prior term of L_per above)
 
+Positives from photos (beyond the paper): `ProtectionSubject.from_folder(..., positives=DIR)` (CLI
+`--positive-images DIR`) draws x+ from photos of other members of the class instead of the class images; the
+prior term and the simulated attacker keep the generated class images. On a model whose samples are easy to tell
+from photos, generated positives let the DPO loss fall by degrading photo-like images of the class as a whole.
+
 `prior_loss='distill'` (beyond the paper) replaces L_ppl in L_protect by the distillation of phi on the class
 images, E||eps_theta(x^pr_t, t, c_pr) - eps_phi(x^pr_t, t, c_pr)||^2, as PersGuard's L_PP does: the target is
 what the original model predicts, not the noise it never predicts exactly, so generic generation is held where it
@@ -101,7 +106,7 @@ from noclone.defenses.base import (
     merge_lora, protection_card, select_parameters, simulate_personalization,
 )
 from noclone.errors import NocloneError
-from noclone.training.data import SubjectData
+from noclone.training.data import LatentSet, SubjectData, pipeline_resolution
 from noclone.training.diffusion import (
     diffusion_loss, diffusion_target, distillation_loss, prediction_error, prompt_condition, sample_latents, step_generator,
     training_scheduler,
@@ -304,8 +309,10 @@ def protection_loss(unet, reference, scheduler, subject: _Subject, generator: to
         simple = diffusion_loss(unet, scheduler, x_neg, cond, generator)
         ppl = _prior_loss(unet, reference, scheduler, subject, generator, batch, config.prior_loss)
         return {"loss": -simple + config.naive_lambda * ppl, "simple": simple, "ppl": ppl}
-    pos_idx = idx % len(prior) if config.paired else torch.randint(0, len(prior), (batch,), generator=generator)
-    x_pos = sample_latents(prior.mean[pos_idx], prior.std[pos_idx], generator)
+    positives = data.positives if data.positives is not None else prior
+    pos_idx = (idx % len(positives) if config.paired
+               else torch.randint(0, len(positives), (batch,), generator=generator))
+    x_pos = sample_latents(positives.mean[pos_idx], positives.std[pos_idx], generator)
     noise = torch.randn(x_pos.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
     # one forward for both halves: [x+ ; x-], same t, same eps, both under the instance prompt
@@ -366,7 +373,11 @@ class APDM:
         c = self.config
         settings = subject.personalization_config(seed=c.seed, num_class_images=c.num_class_images,
                                                   class_image_steps=c.class_image_steps, progress=c.progress)
-        return build_subject_data(pipe, subject.images, settings, class_cache)
+        data = build_subject_data(pipe, subject.images, settings, class_cache)
+        if subject.positives:
+            data.positives = LatentSet.from_images(pipe.vae, subject.positives, data.instance.prompt,
+                                                   pipeline_resolution(pipe))
+        return data
 
     # --- training ---
     def protect(self, pipe, subjects: list[ProtectionSubject], checkpoint_dir: Path | None = None,

@@ -37,7 +37,14 @@ def _subjects(args: argparse.Namespace):
         tokens = tokens * len(images)
     if len(tokens) != len(images):
         raise NocloneError(f"give one --token for all subjects or one per subject (got {len(tokens)} for {len(images)})")
-    subjects = [ProtectionSubject.from_folder(folder, noun, token) for folder, noun, token in zip(images, nouns, tokens)]
+    positives = getattr(args, "positive_images", None) or [None]
+    if len(positives) == 1:
+        positives = positives * len(images)
+    if len(positives) != len(images):
+        raise NocloneError(f"give one --positive-images for all subjects or one per subject (got {len(positives)} "
+                           f"for {len(images)})")
+    subjects = [ProtectionSubject.from_folder(folder, noun, token, positive)
+                for folder, noun, token, positive in zip(images, nouns, tokens, positives)]
     seen = {}
     for folder, subject in zip(images, subjects):
         if subject.fingerprint in seen:
@@ -181,7 +188,7 @@ PROTECT_METHODS: dict[str, Callable[[argparse.Namespace], Path]] = {"apdm": cmd_
 METHOD_FLAGS: dict[str, dict[str, str]] = {
     "apdm": {"beta": "--beta", "reduction": "--reduction", "loss": "--loss", "naive_lambda": "--naive-lambda",
              "no_l2p": "--no-l2p", "unpaired": "--unpaired", "official_grad_quirk": "--official-grad-quirk",
-             "accumulate": "--accumulate", "prior_loss": "--prior-loss"},
+             "accumulate": "--accumulate", "prior_loss": "--prior-loss", "positive_images": "--positive-images"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -240,6 +247,9 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reduction", help="elementwise (official code, default) or per-sample (Diffusion-DPO)")
     p.add_argument("--loss", help="dpo (default) or naive (-L_simple + lambda L_ppl baseline)")
     p.add_argument("--naive-lambda", type=float)
+    p.add_argument("--positive-images", action="append",
+                   help="APDM's DPO positives: a folder of photos of other members of the class (consented, "
+                        "e.g. other people) instead of images generated from the class prompt (once or per subject)")
     p.add_argument("--prior-loss", help="L_ppl of the protection loss: ground_truth (paper, default) or distill "
                                          "(the original model's prediction on class images)")
     p.add_argument("--params", help="weights changed: full (default), attention (cross-attention) or lora")

@@ -42,10 +42,12 @@ class LatentSet:
 
 @dataclass
 class SubjectData:
-    """Instance set (the subject under the identifier prompt) and optional class set (prior preservation)."""
+    """Instance set (the subject under the identifier prompt), optional class set (prior preservation) and optional
+    photos of other members of the class (APDM's DPO positives, when given instead of the class set)."""
 
     instance: LatentSet
     prior: LatentSet | None = None
+    positives: LatentSet | None = None
 
 
 def pipeline_resolution(pipe) -> int:
