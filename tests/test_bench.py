@@ -266,6 +266,11 @@ def test_report_rerenders_from_db_without_computing(finished, monkeypatch, capsy
     assert "report.html" in capsys.readouterr().out
     assert "<svg" in (out / "report.html").read_text()
     assert render_report(out) == out / "report.html"
+    assert "data:image/png" in (out / "report.html").read_text()
+    assert main(["-q", "bench", "report", str(out), "--image-format", "jpeg", "--images-per-cell", "1"]) == 0
+    smaller = (out / "report.html").read_text()
+    assert "data:image/jpeg" in smaller and "data:image/png" not in smaller
+    assert main(["-q", "bench", "report", str(out), "--images-per-cell", "0"]) == 2
 
 
 def test_dry_run_lists_done_cells(finished, tmp_path, capsys, tiny_model_dir, subject_dir):

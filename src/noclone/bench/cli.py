@@ -3,7 +3,8 @@
     noclone bench CONFIG.yaml --out DIR [--set models.0.path=/models/sd15] [--dry-run] [--keep-going]
     noclone bench CONFIG.yaml --out DIR --shard 1/2 & noclone bench CONFIG.yaml --out DIR --shard 2/2
     noclone bench --preset sandbox-quick --out DIR
-    noclone bench report DIR          # re-render report.html (and the CSV/JSON) from DIR/results.sqlite
+    noclone bench report DIR [--images-per-cell 4] [--image-format jpeg]
+                                      # re-render report.html (and the CSV/JSON) from DIR/results.sqlite
     noclone bench --list-presets | --print-preset NAME
 """
 
@@ -30,8 +31,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     positional = list(args.args)
     if positional and positional[0] == "report":
         if len(positional) != 2:
-            raise NocloneError("usage: noclone bench report DIR")
-        print(f"bench report: {render_report(positional[1])}")
+            raise NocloneError("usage: noclone bench report DIR [--images-per-cell N] [--image-format png|jpeg]")
+        settings = {k: v for k, v in (("images_per_cell", args.images_per_cell),
+                                      ("image_format", args.image_format)) if v is not None}
+        if settings.get("images_per_cell", 1) < 1:
+            raise NocloneError(f"--images-per-cell {args.images_per_cell} must be at least 1")
+        print(f"bench report: {render_report(positional[1], settings)}")
         return
     if len(positional) > 1:
         raise NocloneError(f"expected one CONFIG.yaml, got {len(positional)} arguments: {' '.join(positional)}")
@@ -66,6 +71,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/N",
                    help="run only shard I of N (whole subject x defence groups); start all N side by side on the "
                         "same --out, one per core or GPU, to split the work")
+    p.add_argument("--images-per-cell", type=int, help="bench report: generated images shown per cell")
+    p.add_argument("--image-format", choices=("png", "jpeg"), help="bench report: picture encoding (jpeg: smaller file)")
     p.add_argument("--list-presets", action="store_true")
     p.add_argument("--print-preset", metavar="NAME", help="print a preset's YAML (to copy and edit)")
     p.set_defaults(func=cmd_bench)

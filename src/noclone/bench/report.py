@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from noclone.bench.store import STAGE_TIMES, Store
+from noclone.errors import NocloneError
 
 # metric -> (title, which direction means the defence works)
 METRIC_INFO = {
@@ -53,20 +54,29 @@ def _fmt(ms: tuple[float, float] | None, digits: int = 3) -> str:
     return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
 
 
-class Pictures:
-    """Each distinct picture becomes one CSS class holding its base64 PNG; tags refer to it."""
+IMAGE_FORMATS = ("png", "jpeg")
 
-    def __init__(self):
+
+class Pictures:
+    """Each distinct picture becomes one CSS class holding its base64 PNG (or JPEG: smaller files); tags refer to it."""
+
+    def __init__(self, image_format: str = "png"):
+        if image_format not in IMAGE_FORMATS:
+            raise NocloneError(f"image format {image_format!r}: choose from {', '.join(IMAGE_FORMATS)}")
+        self.format = image_format
         self.rules: list[str] = []
         self.known: dict[str, str] = {}
 
     def tag(self, key: str, image, title: str = "") -> str:
         if key not in self.known:
             buffer = io.BytesIO()
-            image.save(buffer, format="PNG", optimize=True)
+            if self.format == "jpeg":
+                image.convert("RGB").save(buffer, format="JPEG", quality=85)
+            else:
+                image.save(buffer, format="PNG", optimize=True)
             name = "p" + hashlib.sha1(key.encode()).hexdigest()[:10]
             data = base64.b64encode(buffer.getvalue()).decode()
-            self.rules.append(f".{name}{{background-image:url(data:image/png;base64,{data});"
+            self.rules.append(f".{name}{{background-image:url(data:image/{self.format};base64,{data});"
                               f"width:{image.width}px;height:{image.height}px}}")
             self.known[key] = name
         return f'<span class="pic {self.known[key]}" title="{html.escape(title)}"></span>'
@@ -171,12 +181,13 @@ def _group_key(row: dict, with_model: bool) -> tuple:
     return ((row["model"],) + key) if with_model else key
 
 
-def render(store: Store, out: Path) -> str:
-    """The whole report page."""
+def render(store: Store, out: Path, report_settings: dict | None = None) -> str:
+    """The whole report page; `report_settings` ({images_per_cell, image_format}) override the config's `report`."""
     from noclone.report import page, table
 
     rows = store.rows()
     config = store.meta("config") or {}
+    settings = {**(config.get("report") or {}), **(report_settings or {})}
     name = store.meta("name") or "benchmark"
     good = [r for r in rows if not r.get("error")]
     failed = [r for r in rows if r.get("error")]
@@ -233,8 +244,8 @@ def render(store: Store, out: Path) -> str:
     sections += ["<h2>Charts</h2>", "<div class='row'>" + "".join(charts) + "</div>"]
 
     # image grids: per subject, per cell (first seed): references | attacker's photos | clean attack | this defence
-    pictures = Pictures()
-    n_show = int((config.get("report") or {}).get("images_per_cell", 8))
+    pictures = Pictures(settings.get("image_format", "png"))
+    n_show = int(settings.get("images_per_cell", 8))
     first_seed = order(r["seed"] for r in rows)[:1]
     by_cell = {(r["model"], r["subject"], r["defence"], r["transform"], r["attack"]): r for r in good
                if r["seed"] in first_seed}

@@ -267,8 +267,9 @@ def run_bench(config: BenchConfig, out: str | Path, progress: bool = True, keep_
                 "report": report_path, "failures": failures}
 
 
-def render_report(out: str | Path) -> Path:
-    """(Re-)render DIR/report.html and the CSV/JSON exports from the database alone, computing nothing."""
+def render_report(out: str | Path, report_settings: dict | None = None) -> Path:
+    """(Re-)render DIR/report.html and the CSV/JSON exports from the database alone, computing nothing;
+    `report_settings` ({images_per_cell, image_format}) override the config's `report` for this rendering."""
     from noclone.bench.report import render
     from noclone.data.atomic import atomic_write_text
 
@@ -279,7 +280,7 @@ def render_report(out: str | Path) -> Path:
     store = Store(db)
     export(store, out)
     path = out / "report.html"
-    atomic_write_text(path, render(store, out))
+    atomic_write_text(path, render(store, out, report_settings))
     return path
 
 
