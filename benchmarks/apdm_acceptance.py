@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/apdm_acceptance.py --out /tmp/apdm-acc [--classes person,dog,cat] [--identity 0]
         [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N]
-        [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--markdown F]
+        [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--token T] [--markdown F]
 
 For each class: APDM (quick preset) protects held-out identity `--identity` (5 photos); the attacker runs the
 sandbox DreamBooth (the same settings the inner path simulates) on the unprotected and on the protected model;
@@ -40,21 +40,21 @@ def positive_photos(work: Path, class_noun: str, n: int) -> Path:
 
 
 def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
-            positives: int = 0) -> tuple[Path, float]:
+            positives: int = 0, token: str = "sks") -> tuple[Path, float]:
     """APDM-protect one held-out identity (cached); returns (protected model dir, seconds)."""
     from noclone.defenses import APDM, ProtectionSubject
     from noclone.models.pipeline import load_pipeline
     from noclone.sandbox.experiment import TRAIN_PHOTOS, model_tag, subject_photos
 
     key = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True, default=str).encode()).hexdigest()[:10]
-    suffix = f"-pos{positives}" if positives else ""
+    suffix = (f"-pos{positives}" if positives else "") + (f"-{token}" if token != "sks" else "")
     out = work / "protected" / f"{model_tag(model)}-{class_noun}-{identity}-{key}{suffix}"
     card = out / "protection.json"
     if not card.is_file():
         photos = subject_photos(work / "subjects" / f"{class_noun}-{identity}", class_noun, identity, TRAIN_PHOTOS)
         positive_dir = positive_photos(work, class_noun, positives) if positives else None
         started = time.time()
-        subject = ProtectionSubject.from_folder(photos, class_noun, positives=positive_dir)
+        subject = ProtectionSubject.from_folder(photos, class_noun, token, positives=positive_dir)
         APDM(settings).run(load_pipeline(model), [subject], out, overwrite=True)
         data = json.loads(card.read_text())
         data.setdefault("metrics", {})["seconds"] = round(time.time() - started, 1)
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--lr-protect", type=float, help="protection lr (default: the preset's 3e-4)")
     parser.add_argument("--prior-weight", type=float, help="weight of L_ppl in both paths (default 1)")
     parser.add_argument("--prior-loss", help="ground_truth (default) | distill: L_ppl of the protection loss")
+    parser.add_argument("--token", default="sks", help="the identifier both the protector and the attacker use")
     parser.add_argument("--positives", type=int, default=0,
                         help="DPO positives: renders of N generator-training identities instead of class images")
     parser.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
@@ -124,8 +125,8 @@ def main() -> None:
     rows, quality_rows = [], []
     for class_noun in args.classes.split(","):
         identity = held_out(args.identity)
-        protected, protect_seconds = protect(model, work, class_noun, identity, settings, args.positives)
-        attack = preset_config("dreambooth", "sandbox", class_noun=class_noun, seed=args.seed)
+        protected, protect_seconds = protect(model, work, class_noun, identity, settings, args.positives, args.token)
+        attack = preset_config("dreambooth", "sandbox", class_noun=class_noun, seed=args.seed, token=args.token)
         base = base_experiment(model, work, class_noun, identity, attack.instance_prompt, args.n, args.seed, False)
         attackers = [("dreambooth", "dreambooth", attack)]
         if class_noun in args.adaptive.split(","):
