@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -135,13 +135,10 @@ def locked(out: Path, shard: tuple[int, int] | None = None,
         elif not _flock(active, fcntl.LOCK_SH, wait_s=60):  # from exclusive: a downgrade that lets other shards in
             raise NocloneError(f"{out}/: an unsharded noclone bench is running in this folder")
         try:
-            if shard is None:
+            with open(out / f".lock-shard-{shard[0]}-of-{shard[1]}", "w") if shard else nullcontext() as mine:
+                if mine is not None and not _flock(mine, fcntl.LOCK_EX):
+                    raise NocloneError(f"{out}/: shard {shard[0]}/{shard[1]} is already running in this folder")
                 yield alone
-            else:
-                with open(out / f".lock-shard-{shard[0]}-of-{shard[1]}", "w") as mine:
-                    if not _flock(mine, fcntl.LOCK_EX):
-                        raise NocloneError(f"{out}/: shard {shard[0]}/{shard[1]} is already running in this folder")
-                    yield alone
         finally:
             fcntl.flock(active, fcntl.LOCK_UN)
 
