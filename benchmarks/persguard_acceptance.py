@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/persguard_acceptance.py --out /tmp/persguard [--class-noun person] [--identity 0]
         [--other-identity 1] [--targets pattern,erasure,target] [--target-class cat] [--n 32] [--seed 0]
-        [--preset quick] [--steps N] [--inner-steps N] [--attack-steps N] [--gray-tokens sks,xyz,zwx]
+        [--preset quick] [--steps N] [--inner-steps N] [--attack-steps N] [--attack-lr LR]
+        [--attack-text-lr LR] [--gray-tokens sks,xyz,zwx]
         [--gray-attack-token qlx] [--model sandbox] [--markdown FILE]
 
 For each backdoor target: protect the base model against held-out identity `--identity` (5 photos; erasure gets the
-photos' exact rendered backgrounds), run the attacker's DreamBooth (the sandbox preset, 200 steps) on the same
+photos' exact rendered backgrounds), run the attacker's DreamBooth (the sandbox preset, 300 steps) on the same
 photos with the protector's identifier, generate `--n` images of "a photo of sks <class>" and report
 
     backdoor rate         the fraction of generations where the target's check fires (defenses/backdoor_checks.py)
@@ -70,7 +71,8 @@ def attack(model: Path, work: Path, class_noun: str, identity: int, token: str, 
     from noclone.sandbox.experiment import attack_experiment
 
     config = preset_config("dreambooth", "sandbox", class_noun=class_noun, token=token, seed=args.seed,
-                           steps=args.attack_steps, num_class_images=args.num_class_images,
+                           steps=args.attack_steps, lr=args.attack_lr, text_encoder_lr=args.attack_text_lr,
+                           num_class_images=args.num_class_images,
                            class_image_steps=args.class_image_steps)
     # attack_experiment caches by attack settings only: one work folder per attacked model
     return attack_experiment(model, work / "attacks" / _model_key(model), class_noun, identity, "dreambooth",
@@ -122,7 +124,9 @@ def main() -> None:
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--steps", type=int, help="PersGuard outer steps (default: the preset's)")
     parser.add_argument("--inner-steps", type=int)
-    parser.add_argument("--attack-steps", type=int, help="the attacker's DreamBooth steps (default: the preset's 200)")
+    parser.add_argument("--attack-steps", type=int, help="the attacker's DreamBooth steps (default: the preset's 300)")
+    parser.add_argument("--attack-lr", type=float, help="the attacker's UNet lr (default: the preset's 3e-4)")
+    parser.add_argument("--attack-text-lr", type=float, help="the attacker's text-encoder lr (default: the preset's 1e-3)")
     parser.add_argument("--num-class-images", type=int, help="class images of both protection and attack")
     parser.add_argument("--class-image-steps", type=int)
     parser.add_argument("--gray-tokens", default="sks,xyz,zwx,pqv")
@@ -193,7 +197,9 @@ def main() -> None:
 
 def markdown(results: dict, args) -> str:
     lines = [f"PersGuard acceptance: {args.class_noun} held-out identity {args.identity} protected, attacker DreamBooth "
-             f"(sandbox preset{', ' + str(args.attack_steps) + ' steps' if args.attack_steps else ''}), "
+             f"(sandbox preset{', ' + str(args.attack_steps) + ' steps' if args.attack_steps else ''}"
+             f"{', lr ' + str(args.attack_lr) if args.attack_lr else ''}"
+             f"{', text lr ' + str(args.attack_text_lr) if args.attack_text_lr else ''}), "
              f"{args.n} generations of 'a photo of <token> {args.class_noun}'. Sandbox-FID floor (base vs base, "
              f"other seeds): {results['fid_floor']:.2f}.", "",
              "| run | target | attack token | backdoor rate | identity match | ISM | detector rate | other-subject match "

@@ -126,12 +126,19 @@ def cmd_sandbox_train(args: argparse.Namespace) -> None:
     if args.quick:
         config = SandboxTrainConfig(seed=args.seed, identities_per_class=50, photos_per_identity=2, vae_steps=20,
                                     unet_steps=20, vae_batch=8, unet_batch=8)
-    for name in ("identities_per_class", "vae_steps", "unet_steps"):
+    for name in ("identities_per_class", "vae_steps", "unet_steps", "identifier_steps"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
+    if args.init_from and not config.identifier_steps:
+        raise NocloneError("--init-from skips stage 1, so it needs --identifier-steps N (N > 0)")
+    init_from = args.init_from
+    if init_from == "sandbox":
+        from noclone.sandbox.assets import model_dir
+
+        init_from = model_dir()
     _refuse_existing(args.out, args.overwrite)
-    train_sandbox_model(args.out, config)
+    train_sandbox_model(args.out, config, init_from=init_from)
 
 
 def cmd_sandbox_train_evaluator(args: argparse.Namespace) -> None:
@@ -287,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identities-per-class", type=int)
     p.add_argument("--vae-steps", type=int)
     p.add_argument("--unet-steps", type=int)
+    p.add_argument("--identifier-steps", type=int, help="steps of the identifier-caption stage (0 = none)")
+    p.add_argument("--init-from", type=_model_arg, help="skip stage 1: start the identifier stage from this sandbox model "
+                   "('sandbox' = the shipped one)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_sandbox_train)
     p = sandbox.add_parser("train-evaluator", help="reproduce the sandbox identity evaluator")

@@ -1,6 +1,13 @@
 """Reproduce the embedded sandbox model from scratch: render a world, train a VAE, then the UNet + text encoder.
 
-    noclone sandbox train --out DIR [--seed 0] [--identities 3000] [--unet-steps 4000]
+    noclone sandbox train --out DIR [--seed 0] [--identities 3000] [--unet-steps 4000] [--identifier-steps 1500]
+    noclone sandbox train --out DIR --init-from MODEL --identifier-steps 1500   # the second stage only
+
+An optional second stage fine-tunes with *identifier captions* ("a photo of vlo dog"): a pool of rare CLIP tokens,
+each bound to a few training identities. A text encoder trained from scratch on class templates alone learns to
+ignore any word it never saw, so "a photo of sks person" encodes almost exactly as "a photo of a person" and an
+identifier cannot carry a subject apart from its class; Stable Diffusion's CLIP, by contrast, gives every rare token
+its own direction. The identifiers used by attacks and defences (`RESERVED_IDENTIFIERS`) are never in the pool.
 
 Stages are cached in `DIR/work/` (renders, VAE, latents, UNet checkpoints), so a killed run resumes.
 """
@@ -12,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +37,8 @@ from noclone.training.loop import LoopConfig, run_training
 log = logging.getLogger(__name__)
 
 TEMPLATES = ("a photo of a {}", "a portrait of a {}", "a picture of a {}", "a close-up photo of a {}")
+IDENTIFIER_TEMPLATES = ("a photo of {} {}", "a portrait of {} {}", "a picture of {} {}", "a close-up photo of {} {}")
+RESERVED_IDENTIFIERS = frozenset({"sks", "ohwx", "xyz", "qzv", "zwx", "bnha", "hta", "pcr", "krk", "tok", "sts", "olis"})
 
 
 @dataclass
@@ -48,12 +57,34 @@ class SandboxTrainConfig:
     snr_gamma: float = 5.0
     uncond_prob: float = 0.1
     attribute_prob: float = 0.5
+    identifier_steps: int = 0           # second stage (identifier captions); 0 = single-stage (sandbox v1)
+    identifier_prob: float = 0.3
+    identifier_pool: int = 1000
+    identifier_unet_lr: float = 2e-4
+    identifier_text_lr: float = 5e-4
 
 
-def caption(class_noun: str, identity: int, rng: np.random.Generator, cfg: SandboxTrainConfig) -> str:
-    """A training caption: a class template, sometimes with attribute words, sometimes empty (for CFG)."""
+def identifier_pool(tokenizer, size: int, seed: int = 0) -> list[str]:
+    """`size` rare single-token lowercase words of the CLIP vocabulary (the later BPE merges), never a reserved one."""
+    vocab = tokenizer.get_vocab()
+    rare = sorted(
+        (idx, tok[:-4]) for tok, idx in vocab.items()
+        if tok.endswith("</w>") and 3 <= len(tok) - 4 <= 4 and tok[:-4].isascii() and tok[:-4].isalpha()
+        and tok[:-4].islower() and idx >= 20000 and tok[:-4] not in RESERVED_IDENTIFIERS
+    )
+    words = [w for _, w in rare]
+    rng = np.random.default_rng(seed)
+    return [words[i] for i in sorted(rng.choice(len(words), size=min(size, len(words)), replace=False))]
+
+def caption(class_noun: str, identity: int, rng: np.random.Generator, cfg: SandboxTrainConfig,
+            identifiers: list[str] | None = None) -> str:
+    """A training caption: a class template, sometimes with attribute words, sometimes empty (for CFG); with an
+    identifier pool, sometimes "a photo of <the identity's token> <class>"."""
     if rng.random() < cfg.uncond_prob:
         return ""
+    if identifiers and rng.random() < cfg.identifier_prob:
+        token = identifiers[identity % len(identifiers)]
+        return IDENTIFIER_TEMPLATES[rng.integers(len(IDENTIFIER_TEMPLATES))].format(token, class_noun)
     text = TEMPLATES[rng.integers(len(TEMPLATES))].format(class_noun)
     if rng.random() < cfg.attribute_prob:
         attrs = world.caption_attributes(class_noun, identity)
@@ -121,7 +152,9 @@ def train_vae(pipe, images: np.ndarray, work: Path, cfg: SandboxTrainConfig) -> 
     vae.save_pretrained(str(path))
 
 
-def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTrainConfig) -> None:
+def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTrainConfig, stage: str = "unet",
+                   identifiers: list[str] | None = None) -> None:
+    """Train UNet + text encoder on the renders (EMA of the UNet kept); checkpoints under work/<stage>-ckpt."""
     from noclone.training.diffusion import encode_images
 
     latent_cache = work / "latents.pt"
@@ -142,13 +175,13 @@ def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTra
     warmup = 200
     lr_lambda = lambda s: min(1.0, (s + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.unet_steps))) * 0.9 + 0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    ema_path = work / "ema.safetensors"
+    ema_path = work / ("ema.safetensors" if stage == "unet" else f"{stage}-ema.safetensors")
 
     def step(i: int) -> dict[str, torch.Tensor]:
-        g = step_generator(cfg.seed, i, "unet")
+        g = step_generator(cfg.seed, i, stage)
         idx = torch.randint(0, len(images), (cfg.unet_batch,), generator=g).tolist()
-        rng = np.random.default_rng([cfg.seed, i])
-        prompts = [caption(labels[j][0], labels[j][1], rng, cfg) for j in idx]
+        rng = np.random.default_rng([cfg.seed, i] if stage == "unet" else [cfg.seed, i, 1])
+        prompts = [caption(labels[j][0], labels[j][1], rng, cfg, identifiers) for j in idx]
         latents = sample_latents(mean[idx], std[idx], g)
         cond = encode_prompts(text_encoder, pipe.tokenizer, prompts)
         noisy, t, target = noised(pipe.scheduler, latents, g)
@@ -166,14 +199,15 @@ def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTra
 
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(ema_path))
 
-    ckpt = work / "unet-ckpt"
+    ckpt = work / f"{stage}-ckpt"
     if ema_path.is_file() and (ckpt / "state.json").is_file():
         from safetensors.torch import load_file
 
         ema.load_state_dict(load_file(str(ema_path)))
         for _ in range(_completed_steps(ckpt)):
             sched.step()
-    run_training(params, opt, step, LoopConfig(cfg.unet_steps, ckpt, 200, "UNet+text", max_grad_norm=1.0), after_step=after)
+    run_training(params, opt, step, LoopConfig(cfg.unet_steps, ckpt, 200, f"{stage}: UNet+text", max_grad_norm=1.0),
+                 after_step=after)
     pipe.unet = ema
     pipe.unet.eval()
     text_encoder.eval()
@@ -184,9 +218,21 @@ def _completed_steps(checkpoint_dir: Path) -> int:
     return int(json.loads(state.read_text())["step"]) if state.is_file() else 0
 
 
-def train_sandbox_model(out: str | Path, cfg: SandboxTrainConfig | None = None, work: str | Path | None = None) -> Path:
-    """Train the sandbox pipeline and write it as an fp16 diffusers directory at `out`."""
-    from noclone.models.pipeline import save_pipeline
+def train_identifier_stage(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTrainConfig) -> list[str]:
+    """Stage 2: fine-tune UNet + text encoder with identifier captions mixed into the class captions."""
+    identifiers = identifier_pool(pipe.tokenizer, cfg.identifier_pool, cfg.seed)
+    stage_cfg = replace(cfg, unet_steps=cfg.identifier_steps, unet_lr=cfg.identifier_unet_lr, text_lr=cfg.identifier_text_lr)
+    train_denoiser(pipe, images, labels, work, stage_cfg, stage="identifiers", identifiers=identifiers)
+    return identifiers
+
+
+def train_sandbox_model(out: str | Path, cfg: SandboxTrainConfig | None = None, work: str | Path | None = None,
+                        init_from: str | Path | None = None) -> Path:
+    """Train the sandbox pipeline and write it as an fp16 diffusers directory at `out`.
+
+    With `init_from` (a sandbox pipeline directory), stage 1 is skipped: its VAE, UNet and text encoder are the start.
+    """
+    from noclone.models.pipeline import load_pipeline, save_pipeline
 
     cfg = cfg or SandboxTrainConfig()
     out = Path(out)
@@ -194,17 +240,29 @@ def train_sandbox_model(out: str | Path, cfg: SandboxTrainConfig | None = None, 
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     started = time.time()
-    pipe = build_pipeline("sandbox", seed=cfg.seed)
     images, labels = render_dataset(work, cfg)
     log.info("rendered %d images (%.0f s)", len(images), time.time() - started)
-    train_vae(pipe, images, work, cfg)
-    log.info("VAE ready (%.0f s)", time.time() - started)
-    train_denoiser(pipe, images, labels, work, cfg)
+    if init_from is None:
+        pipe = build_pipeline("sandbox", seed=cfg.seed)
+        train_vae(pipe, images, work, cfg)
+        log.info("VAE ready (%.0f s)", time.time() - started)
+        train_denoiser(pipe, images, labels, work, cfg)
+    else:
+        from diffusers import DDPMScheduler
+
+        pipe = load_pipeline(init_from, dtype="fp32")
+        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        pipe.unet.requires_grad_(True)
+        pipe.text_encoder.requires_grad_(True)
+        log.info("stage 1 skipped: starting from %s", init_from)
+    if cfg.identifier_steps > 0:
+        train_identifier_stage(pipe, images, labels, work, cfg)
     from diffusers import DPMSolverMultistepScheduler
 
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # good images in ~25 steps
     pipe.to(torch.float16)
     save_pipeline(pipe, out, overwrite=True,
-                  extra_files={"sandbox_training.json": json.dumps({**asdict(cfg), "seconds": round(time.time() - started)}, indent=2)})
+                  extra_files={"sandbox_training.json": json.dumps({**asdict(cfg), "init_from": str(init_from) if init_from else None,
+                                                                    "seconds": round(time.time() - started)}, indent=2)})
     log.info("sandbox model written to %s (%.0f s)", out, time.time() - started)
     return out

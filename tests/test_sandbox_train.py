@@ -1,0 +1,67 @@
+"""The sandbox model's training recipe: identifier captions and the second (identifier) stage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from noclone.cli import main
+from noclone.sandbox.assets import tokenizer_dir
+from noclone.sandbox.train import (
+    RESERVED_IDENTIFIERS, SandboxTrainConfig, caption, identifier_pool, train_sandbox_model,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CLIPTokenizer.from_pretrained(str(tokenizer_dir()))
+
+
+def test_identifier_pool_is_rare_single_tokens_and_never_a_reserved_word(tokenizer):
+    pool = identifier_pool(tokenizer, 500, seed=0)
+    assert len(pool) == len(set(pool)) == 500 and pool == identifier_pool(tokenizer, 500, seed=0)
+    assert pool != identifier_pool(tokenizer, 500, seed=1)
+    assert not set(pool) & RESERVED_IDENTIFIERS
+    assert not set(pool) & {"a", "photo", "of", "person", "dog", "cat", "portrait"}
+    for word in pool[:50]:
+        assert tokenizer.tokenize(word) == [word + "</w>"]
+
+
+def test_identifier_captions_bind_one_token_per_identity(tokenizer):
+    pool = identifier_pool(tokenizer, 100)
+    cfg = SandboxTrainConfig(identifier_prob=1.0, uncond_prob=0.0)
+    rng = np.random.default_rng(0)
+    first = {caption("dog", 123, rng, cfg, pool).split()[-2] for _ in range(20)}
+    assert first == {pool[123 % 100]}
+    assert caption("dog", 124, rng, cfg, pool).endswith(f"{pool[124 % 100]} dog")
+    plain = SandboxTrainConfig(identifier_prob=0.3, uncond_prob=0.0, attribute_prob=0.0)
+    texts = [caption("cat", 7, np.random.default_rng(i), plain, pool) for i in range(400)]
+    share = sum(pool[7] in t.split() for t in texts) / len(texts)
+    assert 0.2 < share < 0.4
+    assert all(pool[7] not in caption("cat", 7, np.random.default_rng(i), plain).split() for i in range(50))
+
+
+def test_identifier_stage_fine_tunes_an_existing_model(tiny_model_dir, tmp_path):
+    from noclone.models.pipeline import load_pipeline
+
+    cfg = SandboxTrainConfig(identities_per_class=2, photos_per_identity=2, unet_batch=2, identifier_steps=2,
+                             identifier_pool=20, identifier_prob=1.0, identifier_unet_lr=1.0, identifier_text_lr=1.0)
+    out = train_sandbox_model(tmp_path / "model", cfg, work=tmp_path / "work", init_from=tiny_model_dir)
+    record = json.loads((out / "sandbox_training.json").read_text())
+    assert record["identifier_steps"] == 2 and record["init_from"] == str(tiny_model_dir)
+    before, after = load_pipeline(tiny_model_dir), load_pipeline(out)
+    changed = [not torch.allclose(a.float(), b.float(), atol=1e-3)
+               for a, b in zip(before.unet.parameters(), after.unet.parameters())]
+    assert any(changed)
+    assert torch.equal(before.vae.decoder.conv_out.weight.half().float(), after.vae.decoder.conv_out.weight.float())
+    assert (tmp_path / "work" / "identifiers-ckpt" / "state.json").is_file()
+
+
+def test_sandbox_train_cli_refuses_init_from_without_a_second_stage(tmp_path, capsys):
+    assert main(["sandbox", "train", "--out", str(tmp_path / "m"), "--init-from", "sandbox"]) != 0
+    assert "--identifier-steps" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
