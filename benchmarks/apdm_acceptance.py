@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/apdm_acceptance.py --out /tmp/apdm-acc [--classes person,dog,cat] [--identity 0]
         [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N]
-        [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--token T] [--markdown F]
+        [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--token T]
+        [--loss naive] [--beta B] [--markdown F]
 
 For each class: APDM (quick preset) protects held-out identity `--identity` (5 photos); the attacker runs the
 sandbox DreamBooth (the same settings the inner path simulates) on the unprotected and on the protected model;
@@ -96,6 +97,8 @@ def main() -> None:
     parser.add_argument("--lr-protect", type=float, help="protection lr (default: the preset's 3e-4)")
     parser.add_argument("--prior-weight", type=float, help="weight of L_ppl in both paths (default 1)")
     parser.add_argument("--prior-loss", help="ground_truth (default) | distill: L_ppl of the protection loss")
+    parser.add_argument("--loss", help="dpo (default) | naive: -L_simple + lambda L_ppl, the baseline the paper rejects")
+    parser.add_argument("--beta", type=float, help="DPO beta (default 1)")
     parser.add_argument("--token", default="sks", help="the identifier both the protector and the attacker use")
     parser.add_argument("--positives", type=int, default=0,
                         help="DPO positives: renders of N generator-training identities instead of class images")
@@ -116,7 +119,8 @@ def main() -> None:
     work = Path(args.out)
     overrides = {k: v for k, v in {"outer_steps": args.outer_steps, "inner_steps": args.inner_steps,
                                    "params": args.params, "lr_protect": args.lr_protect,
-                                   "prior_weight": args.prior_weight, "prior_loss": args.prior_loss}.items() if v is not None}
+                                   "prior_weight": args.prior_weight, "prior_loss": args.prior_loss,
+                                   "loss": args.loss, "beta": args.beta}.items() if v is not None}
     if args.simulate_text_encoder:
         overrides["train_text_encoder"] = True
     if args.no_l2p:
@@ -171,7 +175,8 @@ def main() -> None:
 
 def markdown(rows, quality_rows, settings, args) -> str:
     lines = [f"APDM {settings.outer_steps} outer x {settings.inner_steps} inner steps, lr {settings.lr_protect:g}, "
-             f"beta {settings.beta:g}, params {settings.params}, seed {settings.seed}; {args.n} generations per cell.", "",
+             f"beta {settings.beta:g}, loss {settings.loss}, params {settings.params}, seed {settings.seed}; "
+             f"{args.n} generations per cell.", "",
              "| class | subject | attack | match unprotected | match protected | ISM unprotected | ISM protected | "
              "base ISM | FDFR protected | protect s | attack s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['class']} | {r['subject']} | {r['attack']} | {r['match_unprotected']:.2f} | {r['match_protected']:.2f} | "
