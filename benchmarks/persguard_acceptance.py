@@ -18,7 +18,9 @@ photos with the protector's identifier, generate `--n` images of "a photo of sks
     sandbox-FID           "a photo of a <class>" generations of the protected vs the base model (same seeds);
                           the floor is base vs base with other seeds
 
-against the same attacks on the unprotected base model. Then a gray-box run: protect with `--gray-tokens`
+against the same attacks on the unprotected base model, and the backdoor rate of the protected model before any
+attack, for the trigger prompt "a photo of <token> <class>" (may fire: the trigger is the identifier) and for the
+class prompt "a photo of a <class>" (should not: a backdoor there damages every user). Then a gray-box run: protect with `--gray-tokens`
 (templates sampled) and attack with `--gray-attack-token`, an identifier outside that set. Every stage is cached
 under --out (protected models, attacks, generations), so a rerun only computes what is missing. Prints a table,
 writes results.json (and --markdown).
@@ -89,6 +91,15 @@ def generic_generations(model: Path, work: Path, class_noun: str, n: int, seed: 
 
     folder = work / "generic" / f"{_model_key(model)}-{class_noun}-{n}-{seed}"
     return generate_cached(lambda: load_pipeline(model), folder, f"a photo of a {class_noun}", n, seed)
+
+
+def trigger_generations(model: Path, work: Path, class_noun: str, token: str, n: int, seed: int) -> list:
+    """The released (protected, not yet attacked) model's images for the trigger prompt itself."""
+    from noclone.models.pipeline import load_pipeline
+    from noclone.sandbox.experiment import generate_cached
+
+    folder = work / "trigger" / f"{_model_key(model)}-{class_noun}-{token}-{n}-{seed}"
+    return generate_cached(lambda: load_pipeline(model), folder, f"a photo of {token} {class_noun}", n, seed)
 
 
 def measure(result: dict, kind: str, class_noun: str, target_class: str | None) -> dict:
@@ -165,18 +176,27 @@ def main() -> None:
 
     def row(name: str, kind: str, protected: Path | None, seconds: float, token: str) -> dict:
         tc = target_class if kind == "target" else None
+        from noclone.defenses.backdoor_checks import backdoor_rate
+
+        before_attack = {"trigger": None, "class": None}
         if protected is None:
             own, other, fid_value = base_attack, base_other, None
         else:
             own = attack(protected, work, class_noun, protected_id, token, args)
             other = attack(protected, work, class_noun, other_id, token, args)
-            fid_value = fid(generic_generations(protected, work, class_noun, args.n, args.seed), base_generic)
+            generic = generic_generations(protected, work, class_noun, args.n, args.seed)
+            fid_value = fid(generic, base_generic)
+            before_attack = {
+                "trigger": backdoor_rate(kind, trigger_generations(protected, work, class_noun, token, args.n, args.seed),
+                                         class_noun=class_noun, target_class=tc),
+                "class": backdoor_rate(kind, generic, class_noun=class_noun, target_class=tc)}
         mine, theirs = measure(own, kind, class_noun, tc), measure(other, kind, class_noun, tc)
         return {"run": name, "target": kind, "attack_token": token, "protect_seconds": seconds,
                 "backdoor_rate": mine["backdoor_rate"], "identity_match_rate": mine["identity_match_rate"],
                 "ism": mine["ism"], "detector_rate": mine["detector_rate"],
                 "other_match_rate": theirs["identity_match_rate"], "other_backdoor_rate": theirs["backdoor_rate"],
-                "fid_vs_base": fid_value, "n": mine["n"]}
+                "fid_vs_base": fid_value, "n": mine["n"], "backdoor_before_attack_trigger": before_attack["trigger"],
+                "backdoor_before_attack_class": before_attack["class"]}
 
     for kind in kinds:
         results["rows"].append(row("base model (unprotected)", kind, None, 0.0, "sks"))
@@ -203,11 +223,12 @@ def markdown(results: dict, args) -> str:
              f"{args.n} generations of 'a photo of <token> {args.class_noun}'. Sandbox-FID floor (base vs base, "
              f"other seeds): {results['fid_floor']:.2f}.", "",
              "| run | target | attack token | backdoor rate | identity match | ISM | detector rate | other-subject match "
-             "| other-subject backdoor | FID vs base | protect s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| other-subject backdoor | FID vs base | backdoor before attack: trigger / class prompt | protect s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['target']} | {r['attack_token']} | {r['backdoor_rate']:.2f} | "
               f"{r['identity_match_rate']:.2f} | {r['ism']:.3f} | {r['detector_rate']:.2f} | {r['other_match_rate']:.2f} | "
-              f"{r['other_backdoor_rate']:.2f} | {_num(r['fid_vs_base'])} | {r['protect_seconds']:.0f} |"
+              f"{r['other_backdoor_rate']:.2f} | {_num(r['fid_vs_base'])} | {_num(r['backdoor_before_attack_trigger'])} / "
+              f"{_num(r['backdoor_before_attack_class'])} | {r['protect_seconds']:.0f} |"
               for r in results["rows"]]
     return "\n".join(lines) + "\n"
 
