@@ -146,6 +146,7 @@ def test_config_validation():
                         (dict(tokens=("sks", "two words")), "--tokens"), (dict(templates=("a {token}",)), "class_noun"),
                         (dict(templates=("a {token} {class_noun} {x}",)), "--templates"),
                         (dict(br_weight=-1.0), "--br-weight"), (dict(pp_weight=float("nan")), "--pp-weight"),
+                        (dict(pp_subject_weight=-0.5), "pp_subject_weight"),
                         (dict(bb_weight=0.0), "--bb-weight"), (dict(steps=0), "--steps"), (dict(br_every=0), "--br-every"),
                         (dict(params="vae"), "--params"), (dict(lr=2.0), "--lr-protect")]:
         with pytest.raises(NocloneError, match=needle.replace("-", r"\-")):
@@ -236,6 +237,23 @@ def test_simulated_attacker_restores_weights_and_adds_retention_gradient(tiny_pi
     assert sum(float(d.abs().sum()) for d in d1.values()) > 0
     assert max(float((d2[n] - 2 * d1[n]).abs().max()) for n in d1) < 1e-5
     assert s1["loss"][0] == pytest.approx(s1["bb"][0] + s1["pp"][0] + s1["br"][0], rel=1e-5)
+
+
+def test_subject_prior_term_is_zero_at_the_original_and_adds_a_gradient(tiny_pipe, person):
+    method, prepared, params = _setup(tiny_pipe, [person], inner_steps=1, br_weight=0.0, max_grad_norm=None)
+    g0, s0 = _gradient(method, tiny_pipe, params, prepared[0])
+    method.config.pp_subject_weight = 1.0
+    g1, s1 = _gradient(method, tiny_pipe, params, prepared[0])
+    assert "pp_subject" not in s0 and s1["pp_subject"][0] == pytest.approx(0.0, abs=1e-10)  # theta == f at step 0
+    assert s1["bb"] == s0["bb"] and s1["pp"] == s0["pp"]
+    assert max(float((g1[n] - g0[n]).abs().max()) for n in g0) < 1e-6  # a distillation term has no gradient at f
+    with torch.no_grad():  # away from f it pulls back toward f's behaviour on the subject's photos
+        for param in params.values():
+            param.add_(0.02 * torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+    g2, s2 = _gradient(method, tiny_pipe, params, prepared[0])
+    method.config.pp_subject_weight = 0.0
+    g3, _ = _gradient(method, tiny_pipe, params, prepared[0])
+    assert s2["pp_subject"][0] > 0 and max(float((g2[n] - g3[n]).abs().max()) for n in g2) > 0
 
 
 def test_training_lowers_backdoor_loss(tiny_pipe, person):

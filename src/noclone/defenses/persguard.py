@@ -49,6 +49,10 @@ Choices (where the paper is silent):
   f's own samples of the target prompt, which is what that distillation makes theta produce; not implemented).
 - L_PP distils f (not the ground-truth noise) on f's class images under several generic prompts, so the
   protected model keeps f's behaviour on everything but the trigger.
+- `pp_subject_weight` (off by default, an addition of ours): L_PP also on the subject's own clean photos under
+  the generic prompts, i.e. the same images must keep f's behaviour unless the trigger is typed. Without it the
+  backdoor can key on the images instead of the identifier: in the sandbox (person, pattern, quick preset) the
+  released model showed the mark in 28% of "a photo of sks person" *and* of "a photo of a person" generations.
 - L_BR averages over the N inner states (so br_weight = 1 weighs it like L_BB) and restarts the simulated
   attacker from theta at every outer step with a fresh AdamW (as APDM's L2P).
 - The simulated attacker trains the same parameter set as the protection (`params`: full | attention | lora),
@@ -114,6 +118,7 @@ class PersGuardConfig:
     text_lr_per: float = 1e-3            # ... at the sandbox DreamBooth's text-encoder lr
     bb_weight: float = 1.0
     pp_weight: float = 1.0
+    pp_subject_weight: float = 0.0       # L_PP also on the subject's own photos under the class prompt (see Choices)
     br_weight: float = 1.0               # 0 = no L_BR (ablation)
     prior_weight: float = 1.0            # prior term of the simulated DreamBooth
     tokens: tuple[str, ...] = ()         # gray-box identifiers; empty = white-box (each subject's own token)
@@ -173,6 +178,7 @@ class PersGuardConfig:
             (finite_nonneg(self.bb_weight) and self.bb_weight > 0, f"--bb-weight {self.bb_weight} must be > 0"),
             (finite_nonneg(self.pp_weight), f"--pp-weight {self.pp_weight} must be >= 0"),
             (finite_nonneg(self.br_weight), f"--br-weight {self.br_weight} must be >= 0"),
+            (finite_nonneg(self.pp_subject_weight), f"pp_subject_weight {self.pp_subject_weight} must be >= 0"),
             (finite_nonneg(self.prior_weight), f"prior_weight {self.prior_weight} must be >= 0"),
             (self.params in PARAM_SETS, f"--params {self.params!r}: choose from {', '.join(PARAM_SETS)}"),
             (self.lora_rank >= 1, f"--rank {self.lora_rank} must be at least 1"),
@@ -500,6 +506,14 @@ class PersGuard:
                                         _cond(pipe, subject.cond_cache, prompt), g)
             loss = loss + c.pp_weight * loss_pp
             stats["pp"].append(float(loss_pp.detach()))
+        if c.pp_subject_weight > 0:
+            g = step_generator(c.seed, step, f"{stream}/pp-subject")
+            noun = subject.subject.class_noun
+            prompt = c.pp_templates[int(torch.randint(len(c.pp_templates), (1,), generator=g))].format(class_noun=noun)
+            loss_contrast = distillation_loss(unet, self.reference, scheduler, subject.data.instance.batch(g, c.batch_size),
+                                              _cond(pipe, subject.cond_cache, prompt), g)
+            loss = loss + c.pp_subject_weight * loss_contrast
+            stats["pp_subject"].append(float(loss_contrast.detach()))
         if not torch.isfinite(loss):
             raise NocloneError(f"persguard: loss became {loss.item()} at step {step}; lower --lr-protect")
         loss.backward()

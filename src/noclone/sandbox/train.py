@@ -8,6 +8,10 @@ each bound to a few training identities. A text encoder trained from scratch on 
 ignore any word it never saw, so "a photo of sks person" encodes almost exactly as "a photo of a person" and an
 identifier cannot carry a subject apart from its class; Stable Diffusion's CLIP, by contrast, gives every rare token
 its own direction. The identifiers used by attacks and defences (`RESERVED_IDENTIFIERS`) are never in the pool.
+The shipped model is single-stage (v1). Measured (docs/sandbox-v1.md, "Identifier captions"): 1500 steps of this
+stage from the shipped model (44 min on 1 thread) leave "sks" as close to the class prompt as before (relative
+distance 0.006 vs 0.008), make APDM's protection much stronger (match rate 0.06 vs 0.22) and DreamBooth on dog and cat
+slightly stronger, but do not keep generic quality under APDM; so it is an option, not the default.
 
 Stages are cached in `DIR/work/` (renders, VAE, latents, UNet checkpoints), so a killed run resumes.
 """
@@ -38,7 +42,7 @@ log = logging.getLogger(__name__)
 
 TEMPLATES = ("a photo of a {}", "a portrait of a {}", "a picture of a {}", "a close-up photo of a {}")
 IDENTIFIER_TEMPLATES = ("a photo of {} {}", "a portrait of {} {}", "a picture of {} {}", "a close-up photo of {} {}")
-RESERVED_IDENTIFIERS = frozenset({"sks", "ohwx", "xyz", "qzv", "zwx", "bnha", "hta", "pcr", "krk", "tok", "sts", "olis"})
+RESERVED_IDENTIFIERS = frozenset({"sks", "ohwx", "xyz", "qzv", "zwx", "pqv", "qlx", "bnha", "hta", "pcr", "krk", "tok", "sts", "olis"})
 
 
 @dataclass
