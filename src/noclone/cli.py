@@ -126,7 +126,8 @@ def cmd_sandbox_train(args: argparse.Namespace) -> None:
     if args.quick:
         config = SandboxTrainConfig(seed=args.seed, identities_per_class=50, photos_per_identity=2, vae_steps=20,
                                     unet_steps=20, vae_batch=8, unet_batch=8)
-    for name in ("identities_per_class", "vae_steps", "unet_steps", "identifier_steps"):
+    for name in ("identities_per_class", "vae_steps", "unet_steps", "identifier_steps", "identifier_pool",
+                 "identifier_binding"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
@@ -295,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int)
     p.add_argument("--unet-steps", type=int)
     p.add_argument("--identifier-steps", type=int, help="steps of the identifier-caption stage (0 = none)")
+    p.add_argument("--identifier-pool", type=int, help="number of identifier tokens (default 1000)")
+    p.add_argument("--identifier-binding", choices=("modulo", "one-to-one"),
+                   help="modulo: each token names every identity sharing its index modulo the pool (default); "
+                        "one-to-one: token k names the k-th identity only, which is oversampled")
     p.add_argument("--init-from", type=_model_arg, help="skip stage 1: start the identifier stage from this sandbox model "
                    "('sandbox' = the shipped one)")
     p.add_argument("--overwrite", action="store_true")

@@ -64,6 +64,7 @@ class SandboxTrainConfig:
     identifier_steps: int = 0           # second stage (identifier captions); 0 = single-stage (sandbox v1)
     identifier_prob: float = 0.3
     identifier_pool: int = 1000
+    identifier_binding: str = "modulo"  # 'modulo': token = pool[identity % pool] | 'one-to-one': pool[k] <-> k-th identity
     identifier_unet_lr: float = 2e-4
     identifier_text_lr: float = 5e-4
 
@@ -180,12 +181,16 @@ def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTra
     lr_lambda = lambda s: min(1.0, (s + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.unet_steps))) * 0.9 + 0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     ema_path = work / ("ema.safetensors" if stage == "unet" else f"{stage}-ema.safetensors")
+    bound = _bound_photos(labels, len(identifiers)) if identifiers and cfg.identifier_binding == "one-to-one" else []
 
     def step(i: int) -> dict[str, torch.Tensor]:
         g = step_generator(cfg.seed, i, stage)
         idx = torch.randint(0, len(images), (cfg.unet_batch,), generator=g).tolist()
         rng = np.random.default_rng([cfg.seed, i] if stage == "unet" else [cfg.seed, i, 1])
-        prompts = [caption(labels[j][0], labels[j][1], rng, cfg, identifiers) for j in idx]
+        if identifiers and cfg.identifier_binding == "one-to-one":
+            idx, prompts = _one_to_one_batch(idx, labels, rng, cfg, identifiers, bound)
+        else:
+            prompts = [caption(labels[j][0], labels[j][1], rng, cfg, identifiers) for j in idx]
         latents = sample_latents(mean[idx], std[idx], g)
         cond = encode_prompts(text_encoder, pipe.tokenizer, prompts)
         noisy, t, target = noised(pipe.scheduler, latents, g)
@@ -215,6 +220,31 @@ def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTra
     pipe.unet = ema
     pipe.unet.eval()
     text_encoder.eval()
+
+
+def _bound_photos(labels, count: int) -> list[list[int]]:
+    """Photo indices of the first `count` distinct identities of the dataset (one per identifier token)."""
+    photos: dict[tuple[str, int], list[int]] = {}
+    for n, label in enumerate(labels):
+        if label in photos or len(photos) < count:
+            photos.setdefault(label, []).append(n)
+    return list(photos.values())
+
+
+def _one_to_one_batch(idx: list[int], labels, rng: np.random.Generator, cfg: SandboxTrainConfig,
+                      identifiers: list[str], bound: list[list[int]]) -> tuple[list[int], list[str]]:
+    """With probability identifier_prob a batch slot becomes a photo of bound identity k captioned with token k."""
+    out_idx, prompts = [], []
+    for j in idx:
+        if rng.random() < cfg.identifier_prob:
+            k = int(rng.integers(len(bound)))
+            j = bound[k][int(rng.integers(len(bound[k])))]
+            template = IDENTIFIER_TEMPLATES[rng.integers(len(IDENTIFIER_TEMPLATES))]
+            prompts.append(template.format(identifiers[k], labels[j][0]))
+        else:
+            prompts.append(caption(labels[j][0], labels[j][1], rng, replace(cfg, identifier_prob=0.0)))
+        out_idx.append(j)
+    return out_idx, prompts
 
 
 def _completed_steps(checkpoint_dir: Path) -> int:
