@@ -70,16 +70,17 @@ def test_sandbox_train_cli_refuses_init_from_without_a_second_stage(tmp_path, ca
 def test_one_to_one_binding_oversamples_the_bound_identities():
     from noclone.sandbox.train import _bound_photos, _one_to_one_batch
 
-    labels = [("dog", 10)] * 3 + [("cat", 20)] * 3 + [("person", 30)] * 3
+    labels = [("dog", 10)] * 3 + [("dog", 11)] * 3 + [("cat", 20)] * 3 + [("cat", 21)] * 3 + [("person", 30)] * 3
+    assert _bound_photos(labels, 5) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 14]]
     bound = _bound_photos(labels, 2)
-    assert bound == [[0, 1, 2], [3, 4, 5]]
+    assert bound == [[0, 1, 2], [6, 7, 8]]  # spread over the dataset (dog and cat), not its first identities
     cfg = SandboxTrainConfig(identifier_prob=0.5, uncond_prob=0.0, attribute_prob=0.0)
-    idx, prompts = _one_to_one_batch([8] * 400, labels, np.random.default_rng(0), cfg, ["vape", "oath"], bound)
+    idx, prompts = _one_to_one_batch([13] * 400, labels, np.random.default_rng(0), cfg, ["vape", "oath"], bound)
     for j, text in zip(idx, prompts):
         if "vape" in text.split():
             assert j in bound[0] and text.endswith("vape dog")
         elif "oath" in text.split():
             assert j in bound[1] and text.endswith("oath cat")
         else:
-            assert j == 8 and text.endswith("person")
-    assert 0.4 < sum(j != 8 for j in idx) / len(idx) < 0.6
+            assert j == 13 and text.endswith("person") and "vape" not in text and "oath" not in text
+    assert 0.4 < sum(j != 13 for j in idx) / len(idx) < 0.6

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from noclone.data.atomic import atomic_write_json
+from noclone.errors import NocloneError
 from noclone.models.architectures import build_pipeline
 from noclone.sandbox import render as world
 from noclone.sandbox.splits import GENERATOR_IDENTITIES
@@ -80,6 +81,7 @@ def identifier_pool(tokenizer, size: int, seed: int = 0) -> list[str]:
     words = [w for _, w in rare]
     rng = np.random.default_rng(seed)
     return [words[i] for i in sorted(rng.choice(len(words), size=min(size, len(words)), replace=False))]
+
 
 def caption(class_noun: str, identity: int, rng: np.random.Generator, cfg: SandboxTrainConfig,
             identifiers: list[str] | None = None) -> str:
@@ -223,12 +225,13 @@ def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTra
 
 
 def _bound_photos(labels, count: int) -> list[list[int]]:
-    """Photo indices of the first `count` distinct identities of the dataset (one per identifier token)."""
+    """Photo indices of `count` identities spread evenly over the dataset (so over every class), one per token."""
     photos: dict[tuple[str, int], list[int]] = {}
     for n, label in enumerate(labels):
-        if label in photos or len(photos) < count:
-            photos.setdefault(label, []).append(n)
-    return list(photos.values())
+        photos.setdefault(label, []).append(n)
+    identities = list(photos.values())
+    stride = max(1, len(identities) // count)
+    return identities[::stride][:count]
 
 
 def _one_to_one_batch(idx: list[int], labels, rng: np.random.Generator, cfg: SandboxTrainConfig,
@@ -254,6 +257,8 @@ def _completed_steps(checkpoint_dir: Path) -> int:
 
 def train_identifier_stage(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTrainConfig) -> list[str]:
     """Stage 2: fine-tune UNet + text encoder with identifier captions mixed into the class captions."""
+    if cfg.identifier_binding not in ("modulo", "one-to-one"):
+        raise NocloneError(f"identifier_binding {cfg.identifier_binding!r}: choose modulo or one-to-one")
     identifiers = identifier_pool(pipe.tokenizer, cfg.identifier_pool, cfg.seed)
     stage_cfg = replace(cfg, unet_steps=cfg.identifier_steps, unet_lr=cfg.identifier_unet_lr, text_lr=cfg.identifier_text_lr)
     train_denoiser(pipe, images, labels, work, stage_cfg, stage="identifiers", identifiers=identifiers)
