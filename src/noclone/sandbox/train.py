@@ -11,7 +11,9 @@ its own direction. The identifiers used by attacks and defences (`RESERVED_IDENT
 The shipped model is single-stage (v1). Measured (docs/sandbox-v1.md, "Identifier captions"): 1500 steps of this
 stage from the shipped model (44 min on 1 thread) leave "sks" as close to the class prompt as before (relative
 distance 0.006 vs 0.008), make APDM's protection much stronger (match rate 0.06 vs 0.22) and DreamBooth on dog and cat
-slightly stronger, but do not keep generic quality under APDM; so it is an option, not the default.
+slightly stronger, but do not keep generic quality under APDM. With `identifier_binding='one-to-one'` (100 tokens,
+one identity each, 1000 steps) unseen identifiers do carry: "sks" moves 0.141 from the class prompt. That variant is
+not fully measured yet, so the stage is an option, not the default.
 
 Stages are cached in `DIR/work/` (renders, VAE, latents, UNet checkpoints), so a killed run resumes.
 """
