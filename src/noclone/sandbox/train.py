@@ -247,7 +247,7 @@ def _one_to_one_batch(idx: list[int], labels, rng: np.random.Generator, cfg: San
             template = IDENTIFIER_TEMPLATES[rng.integers(len(IDENTIFIER_TEMPLATES))]
             prompts.append(template.format(identifiers[k], labels[j][0]))
         else:
-            prompts.append(caption(labels[j][0], labels[j][1], rng, replace(cfg, identifier_prob=0.0)))
+            prompts.append(caption(labels[j][0], labels[j][1], rng, cfg))  # no pool: a plain caption
         out_idx.append(j)
     return out_idx, prompts
 
