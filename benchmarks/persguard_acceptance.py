@@ -85,17 +85,21 @@ def _model_key(model: Path) -> str:
     return hashlib.sha256(str(Path(model).resolve()).encode()).hexdigest()[:12]
 
 
-def generations(model: Path, work: Path, prompt: str, n: int, seed: int) -> list:
-    """`n` seeded images of `prompt` from `model` (cached under work/generations)."""
+def generic_generations(model: Path, work: Path, class_noun: str, n: int, seed: int) -> list:
     from noclone.models.pipeline import load_pipeline
     from noclone.sandbox.experiment import generate_cached
 
-    folder = work / "generations" / f"{_model_key(model)}-{prompt.replace(' ', '_')}-{n}-{seed}"
-    return generate_cached(lambda: load_pipeline(model), folder, prompt, n, seed)
+    folder = work / "generic" / f"{_model_key(model)}-{class_noun}-{n}-{seed}"
+    return generate_cached(lambda: load_pipeline(model), folder, f"a photo of a {class_noun}", n, seed)
 
 
-def generic_generations(model: Path, work: Path, class_noun: str, n: int, seed: int) -> list:
-    return generations(model, work, f"a photo of a {class_noun}", n, seed)
+def trigger_generations(model: Path, work: Path, class_noun: str, token: str, n: int, seed: int) -> list:
+    """The released (protected, not yet attacked) model's images for the trigger prompt itself."""
+    from noclone.models.pipeline import load_pipeline
+    from noclone.sandbox.experiment import generate_cached
+
+    folder = work / "trigger" / f"{_model_key(model)}-{class_noun}-{token}-{n}-{seed}"
+    return generate_cached(lambda: load_pipeline(model), folder, f"a photo of {token} {class_noun}", n, seed)
 
 
 def measure(result: dict, kind: str, class_noun: str, target_class: str | None) -> dict:
@@ -174,9 +178,9 @@ def main() -> None:
     results = {"args": vars(args), "fid_floor": floor, "rows": []}
 
     def row(name: str, kind: str, protected: Path | None, seconds: float, token: str) -> dict:
+        tc = target_class if kind == "target" else None
         from noclone.defenses.backdoor_checks import backdoor_rate
 
-        tc = target_class if kind == "target" else None
         before_attack = {"trigger": None, "class": None}
         if protected is None:
             own, other, fid_value = base_attack, base_other, None
@@ -186,8 +190,8 @@ def main() -> None:
             generic = generic_generations(protected, work, class_noun, args.n, args.seed)
             fid_value = fid(generic, base_generic)
             before_attack = {
-                "trigger": backdoor_rate(kind, generations(protected, work, f"a photo of {token} {class_noun}", args.n,
-                                                           args.seed), class_noun=class_noun, target_class=tc),
+                "trigger": backdoor_rate(kind, trigger_generations(protected, work, class_noun, token, args.n, args.seed),
+                                         class_noun=class_noun, target_class=tc),
                 "class": backdoor_rate(kind, generic, class_noun=class_noun, target_class=tc)}
         mine, theirs = measure(own, kind, class_noun, tc), measure(other, kind, class_noun, tc)
         return {"run": name, "target": kind, "attack_token": token, "protect_seconds": seconds,
