@@ -41,21 +41,23 @@ def positive_photos(work: Path, class_noun: str, n: int) -> Path:
 
 
 def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
-            positives: int = 0, token: str = "sks") -> tuple[Path, float]:
+            positives: int = 0, token: str = "sks", anchors: int = 0) -> tuple[Path, float]:
     """APDM-protect one held-out identity (cached); returns (protected model dir, seconds)."""
     from noclone.defenses import APDM, ProtectionSubject
     from noclone.models.pipeline import load_pipeline
     from noclone.sandbox.experiment import TRAIN_PHOTOS, model_tag, subject_photos
 
     key = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True, default=str).encode()).hexdigest()[:10]
-    suffix = (f"-pos{positives}" if positives else "") + (f"-{token}" if token != "sks" else "")
+    suffix = ((f"-pos{positives}" if positives else "") + (f"-anchor{anchors}" if anchors else "")
+              + (f"-{token}" if token != "sks" else ""))
     out = work / "protected" / f"{model_tag(model)}-{class_noun}-{identity}-{key}{suffix}"
     card = out / "protection.json"
     if not card.is_file():
         photos = subject_photos(work / "subjects" / f"{class_noun}-{identity}", class_noun, identity, TRAIN_PHOTOS)
         positive_dir = positive_photos(work, class_noun, positives) if positives else None
+        anchor_dir = positive_photos(work, class_noun, anchors) if anchors else None
         started = time.time()
-        subject = ProtectionSubject.from_folder(photos, class_noun, token, positives=positive_dir)
+        subject = ProtectionSubject.from_folder(photos, class_noun, token, positives=positive_dir, anchors=anchor_dir)
         APDM(settings).run(load_pipeline(model), [subject], out, overwrite=True)
         data = json.loads(card.read_text())
         data.setdefault("metrics", {})["seconds"] = round(time.time() - started, 1)
@@ -102,6 +104,9 @@ def main() -> None:
     parser.add_argument("--token", default="sks", help="the identifier both the protector and the attacker use")
     parser.add_argument("--positives", type=int, default=0,
                         help="DPO positives: renders of N generator-training identities instead of class images")
+    parser.add_argument("--anchors", type=int, default=0,
+                        help="L_anchor (beyond the paper): keep phi's denoising of renders of N generator-training identities")
+    parser.add_argument("--anchor-weight", type=float, help="weight of L_anchor (default 1)")
     parser.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
     parser.add_argument("--simulate-text-encoder", action="store_true",
                         help="the simulated attacker also fine-tunes the text encoder (off by default: measured worse)")
@@ -120,7 +125,7 @@ def main() -> None:
     overrides = {k: v for k, v in {"outer_steps": args.outer_steps, "inner_steps": args.inner_steps,
                                    "params": args.params, "lr_protect": args.lr_protect,
                                    "prior_weight": args.prior_weight, "prior_loss": args.prior_loss,
-                                   "loss": args.loss, "beta": args.beta}.items() if v is not None}
+                                   "loss": args.loss, "beta": args.beta, "anchor_weight": args.anchor_weight}.items() if v is not None}
     if args.simulate_text_encoder:
         overrides["train_text_encoder"] = True
     if args.no_l2p:
@@ -129,7 +134,8 @@ def main() -> None:
     rows, quality_rows = [], []
     for class_noun in args.classes.split(","):
         identity = held_out(args.identity)
-        protected, protect_seconds = protect(model, work, class_noun, identity, settings, args.positives, args.token)
+        protected, protect_seconds = protect(model, work, class_noun, identity, settings, args.positives, args.token,
+                                             args.anchors)
         attack = preset_config("dreambooth", "sandbox", class_noun=class_noun, seed=args.seed, token=args.token)
         base = base_experiment(model, work, class_noun, identity, attack.instance_prompt, args.n, args.seed, False)
         attackers = [("dreambooth", "dreambooth", attack)]

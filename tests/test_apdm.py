@@ -227,6 +227,23 @@ def test_distilled_prior_is_zero_at_the_original_weights(tiny_model_dir, person)
         _config(prior_loss="teacher").validate()
 
 
+def test_anchor_term_is_zero_at_the_original_and_holds_the_anchors(tiny_model_dir, person, subject_dir, dog_dir):
+    from noclone.models.pipeline import load_pipeline
+
+    anchored = ProtectionSubject.from_folder(subject_dir, "person", anchors=dog_dir)
+    assert anchored.fingerprint != person.fingerprint and anchored.card()["anchor_sha256"] == anchored.anchor_sha256
+    assert ProtectionSubject.from_folder(subject_dir, "person", positives=dog_dir).fingerprint != anchored.fingerprint
+    config = _config(outer_steps=2, l2p=False)
+    history = APDM(config).protect(load_pipeline(tiny_model_dir), [anchored])
+    assert history[0]["anchor"] == pytest.approx(0.0, abs=1e-9) and history[1]["anchor"] > 1e-9  # theta = phi at step 1
+    plain = APDM(config).protect(load_pipeline(tiny_model_dir), [person])
+    assert "anchor" not in plain[0] and plain[0]["dpo"] == pytest.approx(history[0]["dpo"], rel=1e-6)
+    off = APDM(_config(outer_steps=2, l2p=False, anchor_weight=0.0)).protect(load_pipeline(tiny_model_dir), [anchored])
+    assert "anchor" not in off[0]
+    with pytest.raises(NocloneError, match="--anchor-weight"):
+        _config(anchor_weight=-1.0).validate()
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, person, tmp_path):
     from noclone.models.pipeline import load_pipeline
 
@@ -369,6 +386,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_model_dir, subject_dir, dog_di
     _fails(capsys, ok + ["--prior-loss", "teacher"] + out, "--prior-loss")
     _fails(capsys, ok + ["--positive-images", str(tmp_path / "nope2")] + out, "nope2")
     _fails(capsys, ok + ["--positive-images", str(dog_dir)] * 2 + out, "one --positive-images")
+    _fails(capsys, ok + ["--anchor-images", str(tmp_path / "nope3")] + out, "nope3")
+    _fails(capsys, ok + ["--anchor-images", str(dog_dir)] * 2 + out, "one --anchor-images")
     _fails(capsys, ok + ["--params", "vae"] + out, "--params")
     _fails(capsys, ok + ["--lr-protect", "3"] + out, "--lr-protect")
     _fails(capsys, ok + ["--single-file", str(tmp_path / "m.ckpt")] + out, ".safetensors")

@@ -137,6 +137,7 @@ class APDMConfig:
     naive_lambda: float = 1.0
     prior_weight: float = 1.0          # weight of L_ppl in L_per and in L_protect
     prior_loss: str = "ground_truth"   # L_ppl in L_protect: 'ground_truth' noise (paper) | 'distill' phi's prediction
+    anchor_weight: float = 1.0         # L_anchor weight (beyond the paper; only with anchor photos, see the docstring)
     l2p: bool = True                   # False: protection gradient at the current weights only
     accumulate: str = "sum"            # 'sum' (Algorithm 1) | 'mean' over the inner states
     official_grad_quirk: bool = False  # True: g = sum_i [grad L_per(theta'_i) + grad L_protect(theta'_{i+1})]
@@ -187,6 +188,7 @@ class APDMConfig:
             (self.loss in LOSSES, f"--loss {self.loss!r}: choose from {', '.join(LOSSES)}"),
             (math.isfinite(self.naive_lambda) and self.naive_lambda >= 0, "--naive-lambda must be >= 0"),
             (math.isfinite(self.prior_weight) and self.prior_weight >= 0, "prior_weight must be >= 0"),
+            (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0, "--anchor-weight must be >= 0"),
             (self.prior_loss in PRIOR_LOSSES, f"--prior-loss {self.prior_loss!r}: choose from {', '.join(PRIOR_LOSSES)}"),
             (self.accumulate in ("sum", "mean"), f"accumulate {self.accumulate!r}: choose sum or mean"),
             (self.params in PARAM_SETS, f"--params {self.params!r}: choose from {', '.join(PARAM_SETS)}"),
@@ -299,7 +301,20 @@ class _Subject:
 
 def protection_loss(unet, reference, scheduler, subject: _Subject, generator: torch.Generator,
                     config: APDMConfig) -> dict[str, torch.Tensor]:
-    """L_protect at the UNet's current weights: L_DPO + prior_weight * L_ppl (or the naive loss)."""
+    """L_protect at the UNet's current weights: L_DPO + prior_weight * L_ppl (or the naive loss), plus
+    anchor_weight * L_anchor when the subject has anchor photos."""
+    out = _paper_protection_loss(unet, reference, scheduler, subject, generator, config)
+    anchors = subject.data.anchors
+    if anchors is not None and config.anchor_weight > 0:
+        latents = anchors.batch(generator, config.batch_size)
+        out["anchor"] = 0.5 * (distillation_loss(unet, reference, scheduler, latents, subject.instance_cond, generator)
+                               + distillation_loss(unet, reference, scheduler, latents, subject.class_cond, generator))
+        out["loss"] = out["loss"] + config.anchor_weight * out["anchor"]
+    return out
+
+
+def _paper_protection_loss(unet, reference, scheduler, subject: _Subject, generator: torch.Generator,
+                           config: APDMConfig) -> dict[str, torch.Tensor]:
     data, batch = subject.data, config.batch_size
     instance, prior = data.instance, data.prior
     idx = torch.randint(0, len(instance), (batch,), generator=generator)
@@ -344,7 +359,7 @@ def _prior_loss(unet, reference, scheduler, subject: _Subject, generator: torch.
 def subject_dpo(unet, reference, scheduler, subject: _Subject, config: APDMConfig, n: int = 16,
                 seed: int = 1234) -> dict[str, float]:
     """L_DPO on the subject with fixed noise (a check: log 2 = 0.693 before protection, lower after)."""
-    probe = replace(config, batch_size=n, prior_weight=0.0, loss="dpo")
+    probe = replace(config, batch_size=n, prior_weight=0.0, anchor_weight=0.0, loss="dpo")
     out = protection_loss(unet, reference, scheduler, subject, step_generator(seed, 0, "apdm/probe"), probe)
     return {k: float(v) for k, v in out.items() if k != "dpo"}
 
@@ -377,6 +392,9 @@ class APDM:
         if subject.positives:
             data.positives = LatentSet.from_images(pipe.vae, subject.positives, data.instance.prompt,
                                                    pipeline_resolution(pipe))
+        if subject.anchors:
+            data.anchors = LatentSet.from_images(pipe.vae, subject.anchors, data.instance.prompt,
+                                                 pipeline_resolution(pipe))
         return data
 
     # --- training ---

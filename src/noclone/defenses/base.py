@@ -43,10 +43,12 @@ class ProtectionSubject(PromptTemplates):
     class_template: str = "a photo of a {class_noun}"
     positives: list[Image.Image] = field(default_factory=list)  # photos of other members of the class (APDM)
     positive_sha256: list[str] = field(default_factory=list)
+    anchors: list[Image.Image] = field(default_factory=list)  # other members of the class to keep as they were (APDM)
+    anchor_sha256: list[str] = field(default_factory=list)
 
     @classmethod
     def from_folder(cls, folder: str | Path, class_noun: str, token: str = "sks",
-                    positives: str | Path | None = None) -> "ProtectionSubject":
+                    positives: str | Path | None = None, anchors: str | Path | None = None) -> "ProtectionSubject":
         if not class_noun or not class_noun.strip():
             raise NocloneError("--class-noun must not be empty")
         if not token.strip() or " " in token:
@@ -56,13 +58,17 @@ class ProtectionSubject(PromptTemplates):
         if positives is not None:
             positive_paths, subject.positives = load_subject_images(positives)
             subject.positive_sha256 = subject_fingerprint(positive_paths)
+        if anchors is not None:
+            anchor_paths, subject.anchors = load_subject_images(anchors)
+            subject.anchor_sha256 = subject_fingerprint(anchor_paths)
         return subject
 
     @property
     def fingerprint(self) -> str:
         """One hash of the (sorted) photo hashes, class and token: identifies the subject in cards and checkpoints."""
         text = json.dumps([sorted(self.photo_sha256), self.class_noun, self.token]
-                          + ([sorted(self.positive_sha256)] if self.positive_sha256 else []))
+                          + ([sorted(self.positive_sha256)] if self.positive_sha256 else [])
+                          + ([["anchors"] + sorted(self.anchor_sha256)] if self.anchor_sha256 else []))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def personalization_config(self, **settings) -> PersonalizationConfig:
@@ -75,6 +81,7 @@ class ProtectionSubject(PromptTemplates):
         return {"class_noun": self.class_noun, "token": self.token, "instance_prompt": self.instance_prompt,
                 "class_prompt": self.class_prompt, "n_photos": len(self.images), "photo_sha256": list(self.photo_sha256),
                 **({"positive_sha256": list(self.positive_sha256)} if self.positive_sha256 else {}),
+                **({"anchor_sha256": list(self.anchor_sha256)} if self.anchor_sha256 else {}),
                 "fingerprint": self.fingerprint}
 
 

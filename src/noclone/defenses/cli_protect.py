@@ -37,14 +37,10 @@ def _subjects(args: argparse.Namespace):
         tokens = tokens * len(images)
     if len(tokens) != len(images):
         raise NocloneError(f"give one --token for all subjects or one per subject (got {len(tokens)} for {len(images)})")
-    positives = getattr(args, "positive_images", None) or [None]
-    if len(positives) == 1:
-        positives = positives * len(images)
-    if len(positives) != len(images):
-        raise NocloneError(f"give one --positive-images for all subjects or one per subject (got {len(positives)} "
-                           f"for {len(images)})")
-    subjects = [ProtectionSubject.from_folder(folder, noun, token, positive)
-                for folder, noun, token, positive in zip(images, nouns, tokens, positives)]
+    positives = _per_subject(getattr(args, "positive_images", None), len(images), "--positive-images")
+    anchors = _per_subject(getattr(args, "anchor_images", None), len(images), "--anchor-images")
+    subjects = [ProtectionSubject.from_folder(folder, noun, token, positive, anchor)
+                for folder, noun, token, positive, anchor in zip(images, nouns, tokens, positives, anchors)]
     seen = {}
     for folder, subject in zip(images, subjects):
         if subject.fingerprint in seen:
@@ -64,6 +60,7 @@ def _apdm_config(args: argparse.Namespace):
         "num_class_images": args.num_class_images, "multi_subject": args.multi_subject,
         "reference_dtype": args.reference_dtype, "optimizer": args.optimizer, "checkpoint_every": args.checkpoint_every,
         "accumulate": args.accumulate, "prior_loss": args.prior_loss, "seed": args.seed,
+        "anchor_weight": args.anchor_weight,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_l2p:
@@ -188,7 +185,8 @@ PROTECT_METHODS: dict[str, Callable[[argparse.Namespace], Path]] = {"apdm": cmd_
 METHOD_FLAGS: dict[str, dict[str, str]] = {
     "apdm": {"beta": "--beta", "reduction": "--reduction", "loss": "--loss", "naive_lambda": "--naive-lambda",
              "no_l2p": "--no-l2p", "unpaired": "--unpaired", "official_grad_quirk": "--official-grad-quirk",
-             "accumulate": "--accumulate", "prior_loss": "--prior-loss", "positive_images": "--positive-images"},
+             "accumulate": "--accumulate", "prior_loss": "--prior-loss", "positive_images": "--positive-images",
+             "anchor_images": "--anchor-images", "anchor_weight": "--anchor-weight"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -250,6 +248,10 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--positive-images", action="append",
                    help="APDM's DPO positives: a folder of photos of other members of the class (consented, "
                         "e.g. other people) instead of images generated from the class prompt (once or per subject)")
+    p.add_argument("--anchor-images", action="append",
+                   help="beyond the paper: a folder of photos of other members of the class (consented) whose "
+                        "denoising must stay the original model's (L_anchor; once or per subject)")
+    p.add_argument("--anchor-weight", type=float, help="weight of L_anchor (default 1; only with --anchor-images)")
     p.add_argument("--prior-loss", help="L_ppl of the protection loss: ground_truth (paper, default) or distill "
                                          "(the original model's prediction on class images)")
     p.add_argument("--params", help="weights changed: full (default), attention (cross-attention) or lora")

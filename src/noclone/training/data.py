@@ -43,11 +43,12 @@ class LatentSet:
 @dataclass
 class SubjectData:
     """Instance set (the subject under the identifier prompt), optional class set (prior preservation) and optional
-    photos of other members of the class (APDM's DPO positives, when given instead of the class set)."""
+    photos of other members of the class (APDM's DPO positives, when given instead of the class set; its anchors)."""
 
     instance: LatentSet
     prior: LatentSet | None = None
     positives: LatentSet | None = None
+    anchors: LatentSet | None = None
 
 
 def pipeline_resolution(pipe) -> int:
