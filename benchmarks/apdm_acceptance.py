@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--anchors", type=int, default=0,
                         help="L_anchor (beyond the paper): keep phi's denoising of renders of N generator-training identities")
     parser.add_argument("--anchor-weight", type=float, help="weight of L_anchor (default 1)")
+    parser.add_argument("--dpo-max-timestep", type=int, help="DPO on timesteps below this only (default: all)")
     parser.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
     parser.add_argument("--simulate-text-encoder", action="store_true",
                         help="the simulated attacker also fine-tunes the text encoder (off by default: measured worse)")
@@ -125,7 +126,8 @@ def main() -> None:
     overrides = {k: v for k, v in {"outer_steps": args.outer_steps, "inner_steps": args.inner_steps,
                                    "params": args.params, "lr_protect": args.lr_protect,
                                    "prior_weight": args.prior_weight, "prior_loss": args.prior_loss,
-                                   "loss": args.loss, "beta": args.beta, "anchor_weight": args.anchor_weight}.items() if v is not None}
+                                   "loss": args.loss, "beta": args.beta, "anchor_weight": args.anchor_weight,
+                                   "dpo_max_timestep": args.dpo_max_timestep}.items() if v is not None}
     if args.simulate_text_encoder:
         overrides["train_text_encoder"] = True
     if args.no_l2p:

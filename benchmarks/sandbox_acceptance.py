@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/sandbox_acceptance.py --out /tmp/acceptance [--classes person,dog,cat]
         [--methods dreambooth,lora] [--identity 0] [--n 32] [--seed 0] [--model sandbox]
+        [--steps N] [--lr LR] [--text-lr LR] [--prior-weight W]
 
 Prints a table and writes results.json. Every stage is cached in --out, so a rerun only computes what is missing.
 """
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--text-lr", type=float, default=None, help="text-encoder lr of the attack (preset: 1e-3)")
+    parser.add_argument("--prior-weight", type=float, default=None, help="prior-preservation weight (preset: 1)")
     parser.add_argument("--markdown", help="also write the tables as markdown to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -58,7 +61,8 @@ def main() -> None:
         identity = held_out(args.identity)
         base = base_experiment(model, work, class_noun, identity, f"a photo of sks {class_noun}", args.n, args.seed)
         for method in args.methods.split(","):
-            config = preset_config(method, "sandbox", class_noun=class_noun, seed=args.seed, lr=args.lr, steps=args.steps)
+            config = preset_config(method, "sandbox", class_noun=class_noun, seed=args.seed, lr=args.lr, steps=args.steps,
+                                   text_encoder_lr=args.text_lr, prior_weight=args.prior_weight)
             started = time.time()
             r = attack_experiment(model, work, class_noun, identity, method, config, args.n, args.seed)
             r["base_ism"] = base["ism"]

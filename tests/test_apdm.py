@@ -244,6 +244,19 @@ def test_anchor_term_is_zero_at_the_original_and_holds_the_anchors(tiny_model_di
         _config(anchor_weight=-1.0).validate()
 
 
+def test_dpo_max_timestep_draws_low_noise_timesteps_only(tiny_pipe, person, monkeypatch):
+    import noclone.defenses.apdm as apdm
+
+    seen = []
+    real = apdm.prediction_error
+    monkeypatch.setattr(apdm, "prediction_error", lambda unet, noisy, t, *a, **k: seen.append(t.clone()) or real(unet, noisy, t, *a, **k))
+    method = APDM(_config(outer_steps=3, l2p=False, batch_size=4, dpo_max_timestep=50))
+    method.protect(tiny_pipe, [person])
+    assert seen and all(int(t.max()) < 50 for t in seen)
+    with pytest.raises(NocloneError, match="--dpo-max-timestep"):
+        _config(dpo_max_timestep=0).validate()
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, person, tmp_path):
     from noclone.models.pipeline import load_pipeline
 

@@ -28,6 +28,11 @@ images, E||eps_theta(x^pr_t, t, c_pr) - eps_phi(x^pr_t, t, c_pr)||^2, as PersGua
 what the original model predicts, not the noise it never predicts exactly, so generic generation is held where it
 was. The simulated attacker's L_per keeps the ground-truth prior term (that is what DreamBooth minimises).
 
+Anchors (beyond the paper): `ProtectionSubject.from_folder(..., anchors=DIR)` (CLI `--anchor-images DIR`) adds
+anchor_weight * L_anchor to L_protect, the distillation of phi on photos of other members of the class under both
+the instance and the class prompt: the subject's photos may be denoised badly, other people's must not change. On
+the sandbox model L_DPO alone raises the error on every render of the class, not only on the subject's.
+
 Minimising L_DPO lowers the error on generic class images relative to phi (r+ < 0) and raises it on the subject
 (r- > 0) -- the model learns to denoise "sks person" into a generic person. `reduction='elementwise'` (default, the
 official code) takes r+/r- and the log-sigmoid per latent element and averages; 'per-sample' (Diffusion-DPO)
@@ -131,6 +136,7 @@ class APDMConfig:
     train_text_encoder: bool = False   # the simulated attacker also fine-tunes the text encoder (see the docstring)
     text_lr_per: float = 1e-3          # ... at the sandbox DreamBooth's text-encoder lr
     beta: float = 1.0
+    dpo_max_timestep: int | None = None  # beyond the paper: DPO timesteps t ~ U{0..max-1} only (None: all)
     reduction: str = "elementwise"     # 'elementwise' (official code) | 'per-sample' (Diffusion-DPO)
     paired: bool = True                # photo j <-> class image j; False = random positive (ablation)
     loss: str = "dpo"                  # 'dpo' | 'naive' (-L_simple + naive_lambda * L_ppl)
@@ -188,6 +194,7 @@ class APDMConfig:
             (self.loss in LOSSES, f"--loss {self.loss!r}: choose from {', '.join(LOSSES)}"),
             (math.isfinite(self.naive_lambda) and self.naive_lambda >= 0, "--naive-lambda must be >= 0"),
             (math.isfinite(self.prior_weight) and self.prior_weight >= 0, "prior_weight must be >= 0"),
+            (self.dpo_max_timestep is None or self.dpo_max_timestep >= 1, "--dpo-max-timestep must be at least 1"),
             (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0, "--anchor-weight must be >= 0"),
             (self.prior_loss in PRIOR_LOSSES, f"--prior-loss {self.prior_loss!r}: choose from {', '.join(PRIOR_LOSSES)}"),
             (self.accumulate in ("sum", "mean"), f"accumulate {self.accumulate!r}: choose sum or mean"),
@@ -329,7 +336,7 @@ def _paper_protection_loss(unet, reference, scheduler, subject: _Subject, genera
                else torch.randint(0, len(positives), (batch,), generator=generator))
     x_pos = sample_latents(positives.mean[pos_idx], positives.std[pos_idx], generator)
     noise = torch.randn(x_pos.shape, generator=generator)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    t = torch.randint(0, config.dpo_max_timestep or scheduler.config.num_train_timesteps, (batch,), generator=generator)
     # one forward for both halves: [x+ ; x-], same t, same eps, both under the instance prompt
     latents, noise2, t2 = torch.cat([x_pos, x_neg]), torch.cat([noise, noise]), torch.cat([t, t])
     noisy = scheduler.add_noise(latents, noise2, t2)

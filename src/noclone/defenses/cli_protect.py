@@ -60,7 +60,7 @@ def _apdm_config(args: argparse.Namespace):
         "num_class_images": args.num_class_images, "multi_subject": args.multi_subject,
         "reference_dtype": args.reference_dtype, "optimizer": args.optimizer, "checkpoint_every": args.checkpoint_every,
         "accumulate": args.accumulate, "prior_loss": args.prior_loss, "seed": args.seed,
-        "anchor_weight": args.anchor_weight,
+        "anchor_weight": args.anchor_weight, "dpo_max_timestep": args.dpo_max_timestep,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_l2p:
@@ -186,7 +186,8 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
     "apdm": {"beta": "--beta", "reduction": "--reduction", "loss": "--loss", "naive_lambda": "--naive-lambda",
              "no_l2p": "--no-l2p", "unpaired": "--unpaired", "official_grad_quirk": "--official-grad-quirk",
              "accumulate": "--accumulate", "prior_loss": "--prior-loss", "positive_images": "--positive-images",
-             "anchor_images": "--anchor-images", "anchor_weight": "--anchor-weight"},
+             "anchor_images": "--anchor-images", "anchor_weight": "--anchor-weight",
+             "dpo_max_timestep": "--dpo-max-timestep"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -251,6 +252,8 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--anchor-images", action="append",
                    help="beyond the paper: a folder of photos of other members of the class (consented) whose "
                         "denoising must stay the original model's (L_anchor; once or per subject)")
+    p.add_argument("--dpo-max-timestep", type=int,
+                   help="beyond the paper: the DPO term sees timesteps below this only (low noise, where identity shows)")
     p.add_argument("--anchor-weight", type=float, help="weight of L_anchor (default 1; only with --anchor-images)")
     p.add_argument("--prior-loss", help="L_ppl of the protection loss: ground_truth (paper, default) or distill "
                                          "(the original model's prediction on class images)")
