@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/sandbox_acceptance.py --out /tmp/acceptance [--classes person,dog,cat]
         [--methods dreambooth,lora] [--identity 0] [--n 32] [--seed 0] [--model sandbox]
-        [--steps N] [--lr LR] [--text-lr LR] [--prior-weight W]
+        [--steps N] [--lr LR] [--text-lr LR] [--prior-weight W] [--guidance G]
 
 Prints a table and writes results.json. Every stage is cached in --out, so a rerun only computes what is missing.
 """
@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 
-def base_sanity(model: Path, work: Path, class_noun: str, n: int, seed: int) -> dict:
+def base_sanity(model: Path, work: Path, class_noun: str, n: int, seed: int, guidance: float = 7.5) -> dict:
     """Detector rate of `n` generations of 'a photo of a <class>', and their match rate to a held-out identity."""
     from noclone.sandbox.experiment import base_experiment
     from noclone.sandbox.splits import held_out
 
-    r = base_experiment(model, work, class_noun, held_out(999), f"a photo of a {class_noun}", n, seed)
+    r = base_experiment(model, work, class_noun, held_out(999), f"a photo of a {class_noun}", n, seed, guidance=guidance)
     return {"class_noun": class_noun, "detector_rate": 1 - r["fdfr"], "match_rate_vs_fixed_identity": r["identity_match_rate"],
             "ism_vs_fixed_identity": r["ism"], "n": n}
 
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--text-lr", type=float, default=None, help="text-encoder lr of the attack (preset: 1e-3)")
     parser.add_argument("--prior-weight", type=float, default=None, help="prior-preservation weight (preset: 1)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of every generation")
     parser.add_argument("--markdown", help="also write the tables as markdown to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -56,15 +57,17 @@ def main() -> None:
     classes = args.classes.split(",")
     results = {"base": [], "attacks": []}
     for class_noun in classes:
-        results["base"].append(base_sanity(model, work, class_noun, args.base_n, args.seed))
+        results["base"].append(base_sanity(model, work, class_noun, args.base_n, args.seed, args.guidance))
     for class_noun in classes:
         identity = held_out(args.identity)
-        base = base_experiment(model, work, class_noun, identity, f"a photo of sks {class_noun}", args.n, args.seed)
+        base = base_experiment(model, work, class_noun, identity, f"a photo of sks {class_noun}", args.n, args.seed,
+                               guidance=args.guidance)
         for method in args.methods.split(","):
             config = preset_config(method, "sandbox", class_noun=class_noun, seed=args.seed, lr=args.lr, steps=args.steps,
                                    text_encoder_lr=args.text_lr, prior_weight=args.prior_weight)
             started = time.time()
-            r = attack_experiment(model, work, class_noun, identity, method, config, args.n, args.seed)
+            r = attack_experiment(model, work, class_noun, identity, method, config, args.n, args.seed,
+                                  guidance=args.guidance)
             r["base_ism"] = base["ism"]
             r["base_identity_match_rate"] = base["identity_match_rate"]
             r["ism_gain"] = r["ism"] - base["ism"]

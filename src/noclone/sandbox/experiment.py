@@ -52,7 +52,7 @@ def images_in(folder: Path) -> list:
 
 
 def generate_cached(load_pipe, folder: Path, prompt: str, n: int, seed: int, lora: Path | None = None,
-                    progress: bool = True) -> list:
+                    progress: bool = True, guidance: float = 7.5) -> list:
     """Generate `n` images of `prompt` into `folder` unless already there; returns the images."""
     if not (folder / "manifest.json").is_file():
         pipe = load_pipe()
@@ -60,7 +60,8 @@ def generate_cached(load_pipe, folder: Path, prompt: str, n: int, seed: int, lor
             from noclone.cli import load_lora
 
             load_lora(pipe, str(lora))
-        generate_to_dir(pipe, [prompt], folder, GenerationConfig(n=n, seed=seed), overwrite=True, progress=progress)
+        generate_to_dir(pipe, [prompt], folder, GenerationConfig(n=n, seed=seed, guidance=guidance), overwrite=True,
+                        progress=progress)
     return images_in(folder)
 
 
@@ -82,7 +83,7 @@ def personalize_cached(model: Path, photos: Path, out: Path, method: str, config
 
 def attack_experiment(model: Path, work: Path, class_noun: str, identity: int, method: str = "dreambooth",
                       config: PersonalizationConfig | None = None, n: int = 32, seed: int = 0,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, guidance: float = 7.5) -> dict:
     """Personalize `model` on 5 photos of `identity`, generate `n` images, measure against 8 reference photos."""
     from noclone.eval.evaluate import sandbox_scores
     from noclone.models.pipeline import load_pipeline
@@ -93,26 +94,33 @@ def attack_experiment(model: Path, work: Path, class_noun: str, identity: int, m
     refs = images_in(subject_photos(work / "references" / f"{class_noun}-{identity}", class_noun, identity, REFERENCE_PHOTOS))
     started = time.time()
     attacked, train_seconds = personalize_cached(model, photos, work / "attacks" / key, method, config)
+    folder = work / "generated" / (key + _guidance_tag(guidance))
     if method == "lora":
-        generated = generate_cached(lambda: load_pipeline(model), work / "generated" / key, config.instance_prompt,
-                                    n, seed + 1000, lora=attacked, progress=progress)
+        generated = generate_cached(lambda: load_pipeline(model), folder, config.instance_prompt,
+                                    n, seed + 1000, lora=attacked, progress=progress, guidance=guidance)
     else:
-        generated = generate_cached(lambda: load_pipeline(attacked), work / "generated" / key, config.instance_prompt,
-                                    n, seed + 1000, progress=progress)
+        generated = generate_cached(lambda: load_pipeline(attacked), folder, config.instance_prompt,
+                                    n, seed + 1000, progress=progress, guidance=guidance)
     scores = sandbox_scores(generated, refs, class_noun, ("ism", "fdfr"))
     return {"class_noun": class_noun, "identity": identity, "method": method, "config": asdict(config),
             "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - started, 1), **scores,
-            "generated_dir": str(work / "generated" / key)}
+            "guidance": guidance, "generated_dir": str(folder)}
+
+
+def _guidance_tag(guidance: float) -> str:
+    """Cache-folder suffix: none at the default 7.5, so earlier caches stay valid."""
+    return "" if guidance == 7.5 else f"-g{guidance:g}"
 
 
 def base_experiment(model: Path, work: Path, class_noun: str, identity: int, prompt: str, n: int = 32,
-                    seed: int = 0, progress: bool = True) -> dict:
+                    seed: int = 0, progress: bool = True, guidance: float = 7.5) -> dict:
     """The un-personalized model's scores for a prompt against the identity's references."""
     from noclone.eval.evaluate import sandbox_scores
     from noclone.models.pipeline import load_pipeline
 
     refs = images_in(subject_photos(work / "references" / f"{class_noun}-{identity}", class_noun, identity, REFERENCE_PHOTOS))
-    folder = work / "generated" / f"base-{model_tag(model)}-{prompt.replace(' ', '_')}-{n}-{seed}"
-    generated = generate_cached(lambda: load_pipeline(model), folder, prompt, n, seed + 1000, progress=progress)
+    folder = work / "generated" / f"base-{model_tag(model)}-{prompt.replace(' ', '_')}-{n}-{seed}{_guidance_tag(guidance)}"
+    generated = generate_cached(lambda: load_pipeline(model), folder, prompt, n, seed + 1000, progress=progress,
+                                guidance=guidance)
     return {"class_noun": class_noun, "identity": identity, "prompt": prompt,
             **sandbox_scores(generated, refs, class_noun, ("ism", "fdfr")), "generated_dir": str(folder)}
