@@ -14,13 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
-
-
-def pixels(images) -> torch.Tensor:
-    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1 for image in images]
-    return torch.tensor(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 def main() -> None:
@@ -40,13 +34,14 @@ def main() -> None:
     from noclone.sandbox.assets import model_dir
     from noclone.sandbox.render import render
     from noclone.sandbox.splits import held_out
-    from noclone.training.diffusion import encode_images, encode_prompts
+    from noclone.training.data import LatentSet, pipeline_resolution
+    from noclone.training.diffusion import encode_prompts
 
     torch.manual_seed(0)
     prompt = args.prompt or f"a photo of a {args.class_noun}"
     base = load_pipeline(model_dir() if args.model == "sandbox" else Path(args.model))
     renders = [render(args.class_noun, held_out(args.first_identity + i), 1) for i in range(args.n)]
-    latents, _ = encode_images(base.vae, pixels(renders))
+    latents = LatentSet.from_images(base.vae, renders, prompt, pipeline_resolution(base)).mean
     scheduler = DDPMScheduler.from_config(base.scheduler.config)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
     timesteps = [int(t) for t in args.timesteps.split(",")]
