@@ -95,12 +95,9 @@ def attack_experiment(model: Path, work: Path, class_noun: str, identity: int, m
     started = time.time()
     attacked, train_seconds = personalize_cached(model, photos, work / "attacks" / key, method, config)
     folder = work / "generated" / (key + _guidance_tag(guidance))
-    if method == "lora":
-        generated = generate_cached(lambda: load_pipeline(model), folder, config.instance_prompt,
-                                    n, seed + 1000, lora=attacked, progress=progress, guidance=guidance)
-    else:
-        generated = generate_cached(lambda: load_pipeline(attacked), folder, config.instance_prompt,
-                                    n, seed + 1000, progress=progress, guidance=guidance)
+    source, lora = (model, attacked) if method == "lora" else (attacked, None)  # a LoRA loads onto the base model
+    generated = generate_cached(lambda: load_pipeline(source), folder, config.instance_prompt, n, seed + 1000,
+                                lora=lora, progress=progress, guidance=guidance)
     scores = sandbox_scores(generated, refs, class_noun, ("ism", "fdfr"))
     return {"class_noun": class_noun, "identity": identity, "method": method, "config": asdict(config),
             "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - started, 1), **scores,
@@ -123,4 +120,5 @@ def base_experiment(model: Path, work: Path, class_noun: str, identity: int, pro
     generated = generate_cached(lambda: load_pipeline(model), folder, prompt, n, seed + 1000, progress=progress,
                                 guidance=guidance)
     return {"class_noun": class_noun, "identity": identity, "prompt": prompt,
-            **sandbox_scores(generated, refs, class_noun, ("ism", "fdfr")), "generated_dir": str(folder)}
+            **sandbox_scores(generated, refs, class_noun, ("ism", "fdfr")), "guidance": guidance,
+            "generated_dir": str(folder)}
