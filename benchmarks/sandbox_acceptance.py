@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/sandbox_acceptance.py --out /tmp/acceptance [--classes person,dog,cat]
         [--methods dreambooth,lora] [--identity 0] [--n 32] [--seed 0] [--model sandbox]
-        [--steps N] [--lr LR] [--text-lr LR] [--prior-weight W] [--uncond-weight W] [--guidance G]
+        [--steps N] [--lr LR] [--text-lr LR] [--prior-weight W] [--guidance G]
 
 Prints a table and writes results.json. Every stage is cached in --out, so a rerun only computes what is missing.
 """
@@ -42,10 +42,6 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--text-lr", type=float, default=None, help="text-encoder lr of the attack (preset: 1e-3)")
     parser.add_argument("--prior-weight", type=float, default=None, help="prior-preservation weight (preset: 1)")
-    parser.add_argument("--uncond-weight", type=float, default=None,
-                        help="weight holding the text encoder's empty-prompt encoding (preset: see attacks/base.py)")
-    parser.add_argument("--text-encoder-params", choices=("all", "identifier"), default=None,
-                        help="what of the text encoder the attack trains (preset: all)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of every generation")
     parser.add_argument("--markdown", help="also write the tables as markdown to this file")
     args = parser.parse_args()
@@ -68,8 +64,7 @@ def main() -> None:
                                guidance=args.guidance)
         for method in args.methods.split(","):
             config = preset_config(method, "sandbox", class_noun=class_noun, seed=args.seed, lr=args.lr, steps=args.steps,
-                                   text_encoder_lr=args.text_lr, prior_weight=args.prior_weight,
-                                   uncond_weight=args.uncond_weight, text_encoder_params=args.text_encoder_params)
+                                   text_encoder_lr=args.text_lr, prior_weight=args.prior_weight)
             started = time.time()
             r = attack_experiment(model, work, class_noun, identity, method, config, args.n, args.seed,
                                   guidance=args.guidance)

@@ -52,8 +52,7 @@ def cmd_personalize(args: argparse.Namespace) -> None:
         args.method, args.preset, class_noun=args.class_noun, token=args.token, steps=args.steps, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, prior_preservation=False if args.no_prior else None,
         prior_weight=args.prior_weight, num_class_images=args.num_class_images,
-        train_text_encoder=args.train_text_encoder or None, uncond_weight=args.uncond_weight, lora_rank=args.rank,
-        lora_targets=args.lora_targets,
+        train_text_encoder=args.train_text_encoder or None, lora_rank=args.rank, lora_targets=args.lora_targets,
         checkpoint_every=args.checkpoint_every, progress=not args.quiet, template=args.template,
     )
     attack = METHODS[args.method](config)
@@ -226,8 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior-weight", type=float)
     p.add_argument("--num-class-images", type=int)
     p.add_argument("--train-text-encoder", action="store_true")
-    p.add_argument("--uncond-weight", type=float,
-                   help="while the text encoder trains, hold its encoding of the empty prompt (preset default)")
     p.add_argument("--rank", type=int, help="LoRA rank")
     p.add_argument("--lora-targets", help="UNet layers a LoRA adapts: attention (default) or all (+ convs, feed-forward)")
     p.add_argument("--checkpoint-every", type=int, default=50)

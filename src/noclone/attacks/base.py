@@ -16,13 +16,12 @@ import torch
 from noclone.data.images import file_sha256, load_image_folder
 from noclone.errors import NocloneError
 from noclone.training.data import LatentSet, SubjectData, pipeline_resolution
-from noclone.training.diffusion import diffusion_loss, encode_prompts, prompt_condition, step_generator, training_scheduler
+from noclone.training.diffusion import diffusion_loss, prompt_condition, step_generator, training_scheduler
 from noclone.training.loop import LoopConfig, run_training
 
 log = logging.getLogger(__name__)
 
 MIN_SUBJECT_IMAGES = 2
-TEXT_ENCODER_PARAMS = ("all", "identifier")
 
 
 class PromptTemplates:
@@ -60,8 +59,6 @@ class PersonalizationConfig(PromptTemplates):
     class_image_steps: int = 25
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None
-    text_encoder_params: str = "all"   # what of the text encoder trains: 'all' | 'identifier' (the token's embedding row)
-    uncond_weight: float = 0.0         # hold the text encoder's "" (the guidance baseline) at its original encoding
     lora_rank: int = 4
     lora_alpha: float | None = None
     lora_targets: str = "attention"    # UNet layers a LoRA adapts: 'attention' | 'all' (+ feed-forward and resnet convs)
@@ -78,11 +75,6 @@ class PersonalizationConfig(PromptTemplates):
             raise NocloneError("--steps and --batch-size must be at least 1")
         if not (0 < self.lr < 1):
             raise NocloneError(f"--lr {self.lr} is outside (0, 1)")
-        if self.text_encoder_params not in TEXT_ENCODER_PARAMS:
-            raise NocloneError(f"--text-encoder-params {self.text_encoder_params!r}: choose from "
-                               f"{', '.join(TEXT_ENCODER_PARAMS)}")
-        if self.uncond_weight < 0:
-            raise NocloneError(f"--uncond-weight {self.uncond_weight} must be >= 0")
         if not self.token.strip() or " " in self.token:
             raise NocloneError(f"--token {self.token!r} must be one non-empty word")
         from noclone.attacks.lora import LORA_TARGET_SETS
@@ -169,17 +161,6 @@ def dreambooth_loss(unet, text_encoder, tokenizer, scheduler, data: SubjectData,
     return out
 
 
-@torch.no_grad()
-def _empty_prompt_encoding(pipe) -> torch.Tensor:
-    return encode_prompts(pipe.text_encoder, pipe.tokenizer, [""]).detach().clone()
-
-
-def uncond_drift(text_encoder, tokenizer, original: torch.Tensor) -> torch.Tensor:
-    """Mean squared change of the empty prompt's encoding: classifier-free guidance steers away from it, so a text
-    encoder fine-tuned on one subject must not move it (on a small encoder it drifts and samples wash out)."""
-    return (encode_prompts(text_encoder, tokenizer, [""]).float() - original.float()).pow(2).mean()
-
-
 class Personalization(ABC):
     """Base of DreamBooth / LoRA / textual inversion: subclasses choose what trains and how it is saved."""
 
@@ -223,18 +204,12 @@ class Personalization(ABC):
         optimizer = self.optimizer(params)
         cond_cache: dict = {}
         scheduler = training_scheduler(pipe)
-        text_trains = any(n.startswith("text_encoder.") for n, _ in params)
-        uncond_target = _empty_prompt_encoding(pipe) if config.uncond_weight > 0 and text_trains else None
 
         def step_fn(step: int) -> dict[str, torch.Tensor]:
             generator = step_generator(config.seed, step, self.name)
-            out = dreambooth_loss(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, data, generator,
-                                  config.batch_size, config.prior_weight if config.prior_preservation else 0.0,
-                                  cond_cache)
-            if uncond_target is not None:
-                out["uncond"] = uncond_drift(pipe.text_encoder, pipe.tokenizer, uncond_target)
-                out["loss"] = out["loss"] + config.uncond_weight * out["uncond"]
-            return out
+            return dreambooth_loss(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, data, generator,
+                                   config.batch_size, config.prior_weight if config.prior_preservation else 0.0,
+                                   cond_cache)
 
         if checkpoint_dir is not None:
             _check_checkpoint_matches(checkpoint_dir, config)
