@@ -4,6 +4,8 @@
         [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N]
         [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--token T]
         [--loss naive] [--beta B] [--markdown F]
+    .venv/bin/python benchmarks/apdm_acceptance.py --out DIR --subjects person:0,dog:4,cat:2 [--multi-subject sum]
+        [--other-identity K]     # criterion 6: several subjects protected in ONE model
 
 For each class: APDM (quick preset) protects held-out identity `--identity` (5 photos); the attacker runs the
 sandbox DreamBooth (the same settings the inner path simulates) on the unprotected and on the protected model;
@@ -12,6 +14,10 @@ both are measured against 8 held-back reference photos, and against the base mod
 `--other-identity K` checks that another subject still personalizes on the protected model; `--quality` compares
 generic generations (detector rate, sandbox-FID against renders) of the base and protected models. Every stage is
 cached in --out, so a rerun only computes what is missing.
+
+`--subjects CLASS:K,...` protects all the listed held-out identities together in one model (APDM's multi-subject
+mode, `--multi-subject cycle|sum`) and then attacks each of them on it; `--other-identity K` is then the "fourth
+subject" (held-out K of the first subject's class), which should still personalize.
 """
 
 from __future__ import annotations
@@ -41,24 +47,28 @@ def positive_photos(work: Path, class_noun: str, n: int) -> Path:
 
 
 def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
-            positives: int = 0, token: str = "sks", anchors: int = 0) -> tuple[Path, float]:
-    """APDM-protect one held-out identity (cached); returns (protected model dir, seconds)."""
+            positives: int = 0, token: str = "sks", anchors: int = 0,
+            also: list[tuple[str, int]] = ()) -> tuple[Path, float]:
+    """APDM-protect one held-out identity, plus any `also` (class, identity) in the same model (cached); returns
+    (protected model dir, seconds)."""
     from noclone.defenses import APDM, ProtectionSubject
     from noclone.models.pipeline import load_pipeline
     from noclone.sandbox.experiment import TRAIN_PHOTOS, model_tag, subject_photos
 
     key = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True, default=str).encode()).hexdigest()[:10]
     suffix = ((f"-pos{positives}" if positives else "") + (f"-anchor{anchors}" if anchors else "")
-              + (f"-{token}" if token != "sks" else ""))
+              + (f"-{token}" if token != "sks" else "") + "".join(f"+{c}-{i}" for c, i in also))
     out = work / "protected" / f"{model_tag(model)}-{class_noun}-{identity}-{key}{suffix}"
     card = out / "protection.json"
     if not card.is_file():
-        photos = subject_photos(work / "subjects" / f"{class_noun}-{identity}", class_noun, identity, TRAIN_PHOTOS)
-        positive_dir = positive_photos(work, class_noun, positives) if positives else None
-        anchor_dir = positive_photos(work, class_noun, anchors) if anchors else None
+        subjects = []
+        for c, i in [(class_noun, identity), *also]:
+            photos = subject_photos(work / "subjects" / f"{c}-{i}", c, i, TRAIN_PHOTOS)
+            positive_dir = positive_photos(work, c, positives) if positives else None
+            anchor_dir = positive_photos(work, c, anchors) if anchors else None
+            subjects.append(ProtectionSubject.from_folder(photos, c, token, positives=positive_dir, anchors=anchor_dir))
         started = time.time()
-        subject = ProtectionSubject.from_folder(photos, class_noun, token, positives=positive_dir, anchors=anchor_dir)
-        APDM(settings).run(load_pipeline(model), [subject], out, overwrite=True)
+        APDM(settings).run(load_pipeline(model), subjects, out, overwrite=True)
         data = json.loads(card.read_text())
         data.setdefault("metrics", {})["seconds"] = round(time.time() - started, 1)
         card.write_text(json.dumps(data, indent=2))
@@ -87,6 +97,8 @@ def main() -> None:
     parser.add_argument("--model", default="sandbox")
     parser.add_argument("--classes", default="person,dog,cat")
     parser.add_argument("--identity", type=int, default=0)
+    parser.add_argument("--subjects", help="CLASS:K,... held-out identities protected together in one model")
+    parser.add_argument("--multi-subject", help="cycle (default) | sum: how APDM shares its steps among --subjects")
     parser.add_argument("--adaptive", default="", help="classes to run the adaptive attackers on, e.g. person")
     parser.add_argument("--other-identity", type=int, default=None)
     parser.add_argument("--quality", action="store_true")
@@ -127,17 +139,26 @@ def main() -> None:
                                    "params": args.params, "lr_protect": args.lr_protect,
                                    "prior_weight": args.prior_weight, "prior_loss": args.prior_loss,
                                    "loss": args.loss, "beta": args.beta, "anchor_weight": args.anchor_weight,
-                                   "dpo_max_timestep": args.dpo_max_timestep}.items() if v is not None}
+                                   "dpo_max_timestep": args.dpo_max_timestep,
+                                   "multi_subject": args.multi_subject}.items() if v is not None}
     if args.simulate_text_encoder:
         overrides["train_text_encoder"] = True
     if args.no_l2p:
         overrides["l2p"] = False
     settings = APDMConfig.preset("quick", seed=args.seed, **overrides)
     rows, quality_rows = [], []
-    for class_noun in args.classes.split(","):
-        identity = held_out(args.identity)
-        protected, protect_seconds = protect(model, work, class_noun, identity, settings, args.positives, args.token,
-                                             args.anchors)
+    if args.subjects:
+        targets = [(c, held_out(int(k))) for c, k in (item.split(":") for item in args.subjects.split(","))]
+    else:
+        targets = [(c, held_out(args.identity)) for c in args.classes.split(",")]
+    joint = None
+    if args.subjects:
+        (first_class, first_identity), rest = targets[0], targets[1:]
+        joint = protect(model, work, first_class, first_identity, settings, args.positives, args.token, args.anchors,
+                        also=rest)
+    for n_target, (class_noun, identity) in enumerate(targets):
+        protected, protect_seconds = joint or protect(model, work, class_noun, identity, settings, args.positives,
+                                                      args.token, args.anchors)
         attack = preset_config("dreambooth", "sandbox", class_noun=class_noun, seed=args.seed, token=args.token)
         base = base_experiment(model, work, class_noun, identity, attack.instance_prompt, args.n, args.seed, False)
         attackers = [("dreambooth", "dreambooth", attack)]
@@ -157,7 +178,7 @@ def main() -> None:
                          "fdfr_protected": prot["fdfr"], "protect_seconds": protect_seconds,
                          "attack_seconds": prot["train_seconds"]})
             print(rows[-1], flush=True)
-        if args.other_identity is not None:
+        if args.other_identity is not None and not (joint and n_target > 0):
             other = held_out(args.other_identity)
             clean = attack_experiment(model, work, class_noun, other, "dreambooth", attack, args.n, args.seed, False)
             prot = attack_experiment(protected, work, class_noun, other, "dreambooth", attack, args.n, args.seed, False)
@@ -167,7 +188,7 @@ def main() -> None:
                          "fdfr_protected": prot["fdfr"], "protect_seconds": protect_seconds,
                          "attack_seconds": prot["train_seconds"]})
             print(rows[-1], flush=True)
-        if args.quality:
+        if args.quality and not (joint and any(c == class_noun for c, _ in targets[:n_target])):
             q_base, q_prot = quality(model, work, class_noun, args.quality_n, args.seed), quality(protected, work, class_noun, args.quality_n, args.seed)
             quality_rows.append({"class": class_noun, "detector_base": q_base["detector_rate"],
                                  "detector_protected": q_prot["detector_rate"], "fid_base": q_base["fid"],

@@ -399,7 +399,7 @@ class APDM:
         if subject.positives:
             data.positives = LatentSet.from_images(pipe.vae, subject.positives, data.instance.prompt,
                                                    pipeline_resolution(pipe))
-        if subject.anchors:
+        if subject.anchors and c.anchor_weight > 0:
             data.anchors = LatentSet.from_images(pipe.vae, subject.anchors, data.instance.prompt,
                                                  pipeline_resolution(pipe))
         return data
