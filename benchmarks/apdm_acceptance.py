@@ -147,15 +147,17 @@ def main() -> None:
         overrides["l2p"] = False
     settings = APDMConfig.preset("quick", seed=args.seed, **overrides)
     rows, quality_rows = [], []
-    if args.subjects:
-        targets = [(c, held_out(int(k))) for c, k in (item.split(":") for item in args.subjects.split(","))]
-    else:
-        targets = [(c, held_out(args.identity)) for c in args.classes.split(",")]
     joint = None
     if args.subjects:
-        (first_class, first_identity), rest = targets[0], targets[1:]
+        try:
+            targets = [(c, held_out(int(k))) for c, k in (item.split(":") for item in args.subjects.split(","))]
+        except ValueError:
+            parser.error(f"--subjects {args.subjects!r}: expected CLASS:K[,CLASS:K...], e.g. person:0,dog:4")
+        (first_class, first_identity), *rest = targets
         joint = protect(model, work, first_class, first_identity, settings, args.positives, args.token, args.anchors,
                         also=rest)
+    else:
+        targets = [(c, held_out(args.identity)) for c in args.classes.split(",")]
     for n_target, (class_noun, identity) in enumerate(targets):
         protected, protect_seconds = joint or protect(model, work, class_noun, identity, settings, args.positives,
                                                       args.token, args.anchors)
