@@ -190,7 +190,7 @@ def main() -> None:
                          "fdfr_protected": prot["fdfr"], "protect_seconds": protect_seconds,
                          "attack_seconds": prot["train_seconds"]})
             print(rows[-1], flush=True)
-        if args.quality and not (joint and any(c == class_noun for c, _ in targets[:n_target])):
+        if args.quality and class_noun not in [c for c, _ in targets[:n_target]]:  # one quality row per model and class
             q_base, q_prot = quality(model, work, class_noun, args.quality_n, args.seed), quality(protected, work, class_noun, args.quality_n, args.seed)
             quality_rows.append({"class": class_noun, "detector_base": q_base["detector_rate"],
                                  "detector_protected": q_prot["detector_rate"], "fid_base": q_base["fid"],
