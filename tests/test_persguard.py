@@ -2,6 +2,7 @@
 backdoor checks on sandbox renders (each check separates its positives from its negatives)."""
 
 import argparse
+import copy
 import json
 import sys
 from types import SimpleNamespace
@@ -148,6 +149,8 @@ def test_config_validation():
                         (dict(br_weight=-1.0), "--br-weight"), (dict(pp_weight=float("nan")), "--pp-weight"),
                         (dict(pp_subject_weight=-0.5), "pp_subject_weight"),
                         (dict(bb_weight=0.0), "--bb-weight"), (dict(steps=0), "--steps"), (dict(br_every=0), "--br-every"),
+                        (dict(br_horizon=-1), "--br-horizon"),
+                        (dict(br_horizon=10, train_text_encoder=True), "text encoder"),
                         (dict(params="vae"), "--params"), (dict(lr=2.0), "--lr-protect")]:
         with pytest.raises(NocloneError, match=needle.replace("-", r"\-")):
             _config(**bad).validate()
@@ -256,6 +259,49 @@ def test_subject_prior_term_is_zero_at_the_original_and_adds_a_gradient(tiny_pip
     assert s2["pp_subject"][0] > 0 and max(float((g2[n] - g3[n]).abs().max()) for n in g2) > 0
 
 
+def test_persistent_attacker_continues_where_it_stopped_and_restarts_at_its_horizon():
+    from noclone.defenses.base import PersistentAttacker
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    data = torch.randn(16, 4), torch.randn(16, 1)
+    params = dict(model.named_parameters())
+    theta = {n: p.detach().clone() for n, p in params.items()}
+
+    def loss_fn(i):
+        return ((model(data[0]) - data[1]) ** 2).mean()
+
+    seen = []
+    attacker = PersistentAttacker(params, lr=0.05, horizon=4, max_grad_norm=None)
+    attacker.run(loss_fn, 2, lambda i: seen.append(float(loss_fn(i))))
+    assert all(torch.equal(p, theta[n]) for n, p in params.items())  # theta restored after each call
+    state = copy.deepcopy(attacker.state_dict())  # a checkpoint writes it to disk at once
+    attacker.run(loss_fn, 2, lambda i: seen.append(float(loss_fn(i))))
+    # the same as one plain AdamW run of 4 steps from theta: the second call went on from depth 2
+    plain = torch.optim.AdamW(list(params.values()), lr=0.05, weight_decay=1e-2)
+    reference = []
+    for i in range(4):
+        plain.zero_grad()
+        loss_fn(i).backward()
+        plain.step()
+        reference.append(float(loss_fn(i)))
+    assert seen == pytest.approx(reference, rel=1e-6) and reference[-1] < reference[0]
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(theta[n])
+    assert attacker.depth == 4
+    restarted = []
+    attacker.run(loss_fn, 1, lambda i: restarted.append(float(loss_fn(i))))
+    assert attacker.depth == 1 and restarted[0] == pytest.approx(reference[0], rel=1e-6)  # back to theta
+    resumed = PersistentAttacker(params, lr=0.05, horizon=4, max_grad_norm=None)
+    resumed.load_state_dict(state)
+    again = []
+    resumed.run(loss_fn, 2, lambda i: again.append(float(loss_fn(i))))
+    assert again == pytest.approx(reference[2:], rel=1e-6)
+    with pytest.raises(NocloneError, match="horizon"):
+        PersistentAttacker(params, lr=0.05, horizon=0)
+
+
 def test_training_lowers_backdoor_loss(tiny_pipe, person):
     method = PersGuard(_config(steps=8, batch_size=2, inner_steps=1, br_every=4))
     history = method.protect(tiny_pipe, [person])
@@ -266,10 +312,13 @@ def test_training_lowers_backdoor_loss(tiny_pipe, person):
     assert not any(p.requires_grad for p in tiny_pipe.unet.parameters())
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, person, tmp_path):
+@pytest.mark.parametrize("br_horizon", [0, 3])
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, person, tmp_path, br_horizon):
     from noclone.models.pipeline import load_pipeline
 
-    settings = dict(steps=3, checkpoint_every=1, tokens=("sks", "xyz"), br_every=2)
+    # br_horizon 3: the persistent attacker's displacement and AdamW state must come back from the checkpoint
+    settings = dict(steps=3, checkpoint_every=1, tokens=("sks", "xyz"), br_every=1 if br_horizon else 2,
+                    br_horizon=br_horizon, inner_steps=2)
     full = load_pipeline(tiny_model_dir)
     PersGuard(_config(**settings)).protect(full, [person])
 

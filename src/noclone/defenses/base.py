@@ -242,6 +242,74 @@ def simulate_personalization(
     return losses
 
 
+class PersistentAttacker:
+    """A simulated attacker that keeps its progress across outer steps (deep backdoor retention).
+
+    `simulate_personalization` restarts from theta at every outer step, so a defence only sees the first N states
+    of an attack. This attacker's weights are theta + delta, where delta (its displacement) and its AdamW state
+    carry over from one call to the next: each call takes N more steps from theta + delta, so after k calls the
+    defence sees depth k*N of an attack that follows the defence's own updates of theta. It restarts (delta = 0,
+    fresh AdamW) once it has taken `horizon` steps. `state_dict` / `load_state_dict` let a checkpoint resume it.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], lr: float, horizon: int, *,
+                 weight_decay: float = 1e-2, max_grad_norm: float | None = 1.0):
+        if horizon < 1:
+            raise NocloneError(f"the persistent attacker's horizon {horizon} must be at least 1")
+        self.params, self.lr, self.horizon = params, lr, horizon
+        self.weight_decay, self.max_grad_norm = weight_decay, max_grad_norm
+        self.depth = 0
+        self.delta: dict[str, torch.Tensor] = {}
+        self.optimizer = self._fresh_optimizer()
+
+    def _fresh_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(list(self.params.values()), lr=self.lr, weight_decay=self.weight_decay)
+
+    def run(self, personalization_loss: Callable[[int], torch.Tensor], steps: int,
+            on_step: Callable[[int], None] | None = None) -> list[float]:
+        """`steps` more attacker steps from theta + delta, `on_step(i)` after each; theta is restored afterwards."""
+        if self.depth >= self.horizon:
+            self.depth, self.delta, self.optimizer = 0, {}, self._fresh_optimizer()
+        named = list(self.params.items())
+        snapshot = {name: p.detach().clone() for name, p in named}
+        losses: list[float] = []
+        try:
+            with torch.no_grad():
+                for name, p in named:
+                    if name in self.delta:
+                        p.add_(self.delta[name])
+            for i in range(steps):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = personalization_loss(i)
+                if not torch.isfinite(loss):
+                    raise NocloneError(f"simulated personalization: loss became {loss.item()} at depth {self.depth}")
+                loss.backward()
+                if self.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([p for _, p in named], self.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.depth += 1
+                losses.append(float(loss.detach()))
+                if on_step is not None:
+                    on_step(i)
+            with torch.no_grad():
+                self.delta = {name: p.detach() - snapshot[name] for name, p in named}
+        finally:
+            with torch.no_grad():
+                for name, p in named:
+                    p.copy_(snapshot[name])
+                    p.grad = None
+        return losses
+
+    def state_dict(self) -> dict:
+        return {"depth": self.depth, "delta": dict(self.delta), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.depth, self.delta = int(state["depth"]), dict(state["delta"])
+        self.optimizer = self._fresh_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
 def add_grads_into(accumulator: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter],
                    scale: float = 1.0) -> None:
     """accumulator[name] += scale * params[name].grad (missing gradients count as zero)."""

@@ -84,7 +84,7 @@ from noclone.attacks.base import build_subject_data, dreambooth_loss
 from noclone.defenses.apdm import Reference, make_optimizer
 from noclone.defenses.backdoor_checks import BACKDOOR_KINDS, MARK_CELLS, MARK_FRACTION, add_pattern
 from noclone.defenses.base import (
-    CARD_NAME, PARAM_SETS, ProtectionSubject, add_grads_into, check_checkpoint, config_from_preset, earlier_subjects, merge_lora,
+    CARD_NAME, PARAM_SETS, PersistentAttacker, ProtectionSubject, add_grads_into, check_checkpoint, config_from_preset, earlier_subjects, merge_lora,
     protection_card, select_parameters, simulate_personalization,
 )
 from noclone.errors import NocloneError
@@ -112,6 +112,8 @@ class PersGuardConfig:
     steps: int = 120                     # outer protection steps
     inner_steps: int = 2                 # N: simulated DreamBooth steps of L_BR
     br_every: int = 1                    # L_BR on every k-th outer step (cost)
+    br_horizon: int = 0                  # 0: the simulated attacker restarts from theta every outer step; H > 0: it
+                                         # persists across outer steps, restarting after H of its own steps
     lr: float = 3e-4                     # protection AdamW
     lr_per: float = 3e-4                 # the simulated attacker's (the sandbox DreamBooth preset)
     train_text_encoder: bool = False     # the simulated attacker also fine-tunes the text encoder (measured: no help)
@@ -168,6 +170,9 @@ class PersGuardConfig:
             (self.steps >= 1, f"--steps {self.steps} must be at least 1"),
             (self.inner_steps >= 1, f"--inner-steps {self.inner_steps} must be at least 1"),
             (self.br_every >= 1, f"--br-every {self.br_every} must be at least 1"),
+            (self.br_horizon >= 0, f"--br-horizon {self.br_horizon} must be 0 or more"),
+            (not (self.br_horizon and self.train_text_encoder),
+             "the persistent simulated attacker (--br-horizon) does not fine-tune the text encoder"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1"),
             (self.num_class_images >= 1, f"--num-class-images {self.num_class_images} must be at least 1"),
             (self.num_target_images >= 1, f"--num-target-images {self.num_target_images} must be at least 1"),
@@ -376,6 +381,20 @@ def backdoor_loss(unet, scheduler, targets: LatentSet, cond: torch.Tensor, gener
 # ----------------------------------------------------------------------------------------------- the method
 
 
+class _AttackerStates:
+    """The persistent simulated attackers of a run, as one checkpointable object."""
+
+    def __init__(self, attackers: dict[str, PersistentAttacker]):
+        self.attackers = attackers
+
+    def state_dict(self) -> dict:
+        return {name: a.state_dict() for name, a in self.attackers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, a in self.attackers.items():
+            a.load_state_dict(state[name])
+
+
 class PersGuard:
     """Implant protective backdoors for the given subjects into a pipeline's UNet (in place)."""
 
@@ -386,6 +405,7 @@ class PersGuard:
         self.config.validate()
         self.reference: Reference | None = None
         self.subjects: list[_Subject] = []
+        self.attackers: dict[str, PersistentAttacker] = {}
         self.final_metrics: dict = {}
 
     def after_step(self, step: int) -> None:
@@ -460,12 +480,18 @@ class PersGuard:
 
         if checkpoint_dir is not None:
             check_checkpoint(Path(checkpoint_dir), identity or {"config": c.identity()})
+        self.attackers = {}
+        if c.br_horizon:
+            self.attackers = {f"persguard/{k}": PersistentAttacker(params, c.lr_per, c.br_horizon,
+                                                                     weight_decay=c.weight_decay,
+                                                                     max_grad_norm=c.max_grad_norm)
+                              for k in range(len(subjects))}
         try:
             history = run_training(
                 list(params.items()), optimizer, step_fn,
                 LoopConfig(c.steps, Path(checkpoint_dir) if checkpoint_dir else None, c.checkpoint_every,
                            self.name, c.progress, c.max_grad_norm, manual_backward=True),
-                after_step=self.after_step,
+                after_step=self.after_step, stateful=_AttackerStates(self.attackers) if self.attackers else None,
             )
         finally:
             unet.eval().requires_grad_(False)
@@ -543,11 +569,15 @@ class PersGuard:
                                        step_generator(c.seed, step, f"{stream}/per/{i}"), c.batch_size,
                                        c.prior_weight, subject.cond_cache)["loss"]
 
-            per = simulate_personalization(params, personalization_loss, c.inner_steps, c.lr_per,
-                                           backdoor_at_simulated_state,
-                                           text_encoder=pipe.text_encoder if c.train_text_encoder else None,
-                                           text_lr=c.text_lr_per, weight_decay=c.weight_decay,
-                                           max_grad_norm=c.max_grad_norm)
+            attacker = self.attackers.get(stream)
+            if attacker is not None:
+                per = attacker.run(personalization_loss, c.inner_steps, backdoor_at_simulated_state)
+                stats["br_depth"].append(float(attacker.depth))
+            else:
+                per = simulate_personalization(
+                    params, personalization_loss, c.inner_steps, c.lr_per, backdoor_at_simulated_state,
+                    text_encoder=pipe.text_encoder if c.train_text_encoder else None, text_lr=c.text_lr_per,
+                    weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm)
             stats["per"].append(sum(per) / len(per))
             stats["br"].append(sum(retained) / len(retained))
             total += c.br_weight * stats["br"][-1]

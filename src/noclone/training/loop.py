@@ -40,11 +40,13 @@ def _trainable(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> dict[s
 
 
 def save_checkpoint(directory: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer,
-                    history: list[dict], extra: dict | None = None) -> None:
+                    history: list[dict], extra: dict | None = None, stateful=None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in params.items()}
     atomic_write_bytes(directory / "params.safetensors", lambda f: f.write(_safetensors_bytes(tensors)))
     atomic_write_bytes(directory / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
+    if stateful is not None:
+        atomic_write_bytes(directory / "extra_state.pt", lambda f: torch.save(stateful.state_dict(), f))
     atomic_write_json(directory / "state.json", {"step": step, "history": history, **(extra or {})})
 
 
@@ -54,8 +56,9 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save(tensors)
 
 
-def load_checkpoint(directory: Path, params: dict[str, torch.nn.Parameter], optimizer) -> tuple[int, list[dict]]:
-    """Restore parameters and optimizer state in place; returns (step, history)."""
+def load_checkpoint(directory: Path, params: dict[str, torch.nn.Parameter], optimizer,
+                    stateful=None) -> tuple[int, list[dict]]:
+    """Restore parameters, optimizer state (and `stateful`'s state) in place; returns (step, history)."""
     state = json.loads((directory / "state.json").read_text())
     saved = load_file(str(directory / "params.safetensors"))
     if set(saved) != set(params):
@@ -65,6 +68,10 @@ def load_checkpoint(directory: Path, params: dict[str, torch.nn.Parameter], opti
             p.copy_(saved[name].to(p.device, p.dtype))
     # weights_only: optimizer state is tensors and plain containers; never unpickle arbitrary objects
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
+    if stateful is not None:
+        if not (directory / "extra_state.pt").is_file():
+            raise NocloneError(f"{directory}: checkpoint lacks extra_state.pt (written by another version); delete it")
+        stateful.load_state_dict(torch.load(directory / "extra_state.pt", weights_only=True, map_location="cpu"))
     return int(state["step"]), list(state["history"])
 
 
@@ -74,19 +81,21 @@ def run_training(
     step_fn: Callable[[int], dict[str, torch.Tensor]],
     config: LoopConfig,
     after_step: Callable[[int], None] | None = None,
+    stateful=None,
 ) -> list[dict]:
     """Run `config.steps` optimizer steps of `step_fn(step) -> {"loss": tensor, ...}`; resume from a checkpoint.
 
     `step_fn` must draw all randomness from the step index (see `step_generator`) so that a resumed run
     equals an uninterrupted one. With `config.manual_backward` the step function sets the gradients of the
     parameters itself (they are cleared before each call) and the returned "loss" is only checked and recorded.
-    Returns the per-step history of float losses.
+    `stateful` (an object with `state_dict` / `load_state_dict`, e.g. a persistent simulated attacker) is saved
+    and restored with each checkpoint. Returns the per-step history of float losses.
     """
     params = _trainable(named_params)
     start, history = 0, []
     ckpt = config.checkpoint_dir
     if ckpt is not None and (ckpt / "state.json").is_file():
-        start, history = load_checkpoint(ckpt, params, optimizer)
+        start, history = load_checkpoint(ckpt, params, optimizer, stateful)
         log.info("resuming %s from step %d", config.description, start)
     bar = tqdm(total=config.steps, initial=start, desc=config.description, disable=not config.progress, leave=False)
     for step in range(start, config.steps):
@@ -108,7 +117,7 @@ def run_training(
         bar.update(1)
         done = step + 1
         if ckpt is not None and (done % config.checkpoint_every == 0 or done == config.steps):
-            save_checkpoint(ckpt, done, params, optimizer, history)
+            save_checkpoint(ckpt, done, params, optimizer, history, stateful=stateful)
     bar.close()
     return history
 
