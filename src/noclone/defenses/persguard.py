@@ -54,7 +54,11 @@ Choices (where the paper is silent):
   backdoor can key on the images instead of the identifier: in the sandbox (person, pattern, quick preset) the
   released model showed the mark in 28% of "a photo of sks person" *and* of "a photo of a person" generations.
 - L_BR averages over the N inner states (so br_weight = 1 weighs it like L_BB) and restarts the simulated
-  attacker from theta at every outer step with a fresh AdamW (as APDM's L2P).
+  attacker from theta at every outer step with a fresh AdamW (as APDM's L2P). That only ever shows the defence the
+  first N steps of an attack. `br_horizon` H > 0 (an addition of ours) keeps one `PersistentAttacker` per subject
+  instead: its weights are theta + delta, with delta and its AdamW state carried from one outer step to the next
+  (and saved in checkpoints), so L_BR is taken at ever deeper states of an attack that tracks theta, up to H steps,
+  after which it restarts from theta.
 - The simulated attacker trains the same parameter set as the protection (`params`: full | attention | lora),
   and with `train_text_encoder` the text encoder too, as the sandbox DreamBooth does; L_BB at each theta'_i is then
   conditioned on the trigger as that text encoder encodes it. Off by default: in the sandbox (person, pattern,
