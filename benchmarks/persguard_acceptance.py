@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/persguard_acceptance.py --out /tmp/persguard [--class-noun person] [--identity 0]
         [--other-identity 1] [--targets pattern,erasure,target] [--target-class cat] [--n 32] [--seed 0]
-        [--preset quick] [--steps N] [--inner-steps N] [--br-horizon H] [--pp-subject-weight W] [--attack-steps N] [--attack-lr LR]
+        [--preset quick] [--steps N] [--inner-steps N] [--br-horizon H] [--mark-weight W] [--pp-subject-weight W] [--attack-steps N] [--attack-lr LR]
         [--attack-text-lr LR] [--gray-tokens sks,xyz,zwx]
         [--gray-attack-token qlx] [--model sandbox] [--markdown FILE]
 
@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--steps", type=int, help="PersGuard outer steps (default: the preset's)")
     parser.add_argument("--inner-steps", type=int)
+    parser.add_argument("--mark-weight", type=float, help="pattern: L_BB weight on the mark's corner (default 1)")
     parser.add_argument("--br-horizon", type=int,
                         help="persistent simulated attacker of L_BR, restarted after this many steps (default 0: off)")
     parser.add_argument("--attack-steps", type=int, help="the attacker's DreamBooth steps (default: the preset's 300)")
@@ -169,7 +170,7 @@ def main() -> None:
         parser.error("--gray-attack-token must be outside --gray-tokens (that is the point of the run)")
     protected_id, other_id = held_out(args.identity), held_out(args.other_identity)
     settings = dict(preset=args.preset, steps=args.steps, inner_steps=args.inner_steps,
-                    br_horizon=args.br_horizon, pp_subject_weight=args.pp_subject_weight,
+                    br_horizon=args.br_horizon, mark_weight=args.mark_weight, pp_subject_weight=args.pp_subject_weight,
                     num_class_images=args.num_class_images, num_target_images=args.num_class_images,
                     class_image_steps=args.class_image_steps, seed=args.seed)
 

@@ -149,7 +149,8 @@ def test_config_validation():
                         (dict(br_weight=-1.0), "--br-weight"), (dict(pp_weight=float("nan")), "--pp-weight"),
                         (dict(pp_subject_weight=-0.5), "pp_subject_weight"),
                         (dict(bb_weight=0.0), "--bb-weight"), (dict(steps=0), "--steps"), (dict(br_every=0), "--br-every"),
-                        (dict(br_horizon=-1), "--br-horizon"),
+                        (dict(br_horizon=-1), "--br-horizon"), (dict(mark_weight=0.5), "--mark-weight"),
+                        (dict(target="erasure", mark_weight=2.0), "--mark-weight"),
                         (dict(br_horizon=10, train_text_encoder=True), "text encoder"),
                         (dict(params="vae"), "--params"), (dict(lr=2.0), "--lr-protect")]:
         with pytest.raises(NocloneError, match=needle.replace("-", r"\-")):
@@ -257,6 +258,25 @@ def test_subject_prior_term_is_zero_at_the_original_and_adds_a_gradient(tiny_pip
     method.config.pp_subject_weight = 0.0
     g3, _ = _gradient(method, tiny_pipe, params, prepared[0])
     assert s2["pp_subject"][0] > 0 and max(float((g2[n] - g3[n]).abs().max()) for n in g2) > 0
+
+
+def test_mark_weight_map_covers_the_mark_and_ones_change_nothing(tiny_pipe, person):
+    from noclone.defenses.persguard import backdoor_loss, mark_weight_map
+    from noclone.training.diffusion import training_scheduler
+
+    assert mark_weight_map(8, 1.0) is None
+    w = mark_weight_map(8, 5.0)[0, 0]  # 64 px: the mark is the bottom-right 24 px = 3 latent cells
+    assert w[5:, 5:].eq(5).all() and float(w.sum()) == 64 - 9 + 9 * 5
+    method, prepared, _ = _setup(tiny_pipe, [person], inner_steps=1)
+    targets = prepared[0].targets
+    cond = torch.randn(1, 77, tiny_pipe.text_encoder.config.hidden_size)
+    size = targets.mean.shape[-1]
+    plain = backdoor_loss(tiny_pipe.unet, training_scheduler(tiny_pipe), targets, cond, torch.Generator().manual_seed(3), 2)
+    ones = backdoor_loss(tiny_pipe.unet, training_scheduler(tiny_pipe), targets, cond, torch.Generator().manual_seed(3), 2,
+                         torch.ones(1, 1, size, size))
+    weighted = backdoor_loss(tiny_pipe.unet, training_scheduler(tiny_pipe), targets, cond,
+                             torch.Generator().manual_seed(3), 2, mark_weight_map(size, 5.0))
+    assert float(ones) == pytest.approx(float(plain), rel=1e-6) and float(weighted) != pytest.approx(float(plain))
 
 
 def test_persistent_attacker_continues_where_it_stopped_and_restarts_at_its_horizon():

@@ -144,7 +144,7 @@ def _persguard_setup(args: argparse.Namespace, n_subjects: int):
         "multi_subject": args.multi_subject, "reference_dtype": args.reference_dtype, "optimizer": args.optimizer,
         "checkpoint_every": args.checkpoint_every, "seed": args.seed, "bb_weight": args.bb_weight,
         "pp_weight": args.pp_weight, "br_weight": args.br_weight, "br_every": args.br_every,
-        "br_horizon": args.br_horizon, "tokens": tokens or None, "templates": tuple(args.templates.split("|")) if args.templates else None,
+        "br_horizon": args.br_horizon, "mark_weight": args.mark_weight, "tokens": tokens or None, "templates": tuple(args.templates.split("|")) if args.templates else None,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = PersGuardConfig.preset(args.preset, progress=not getattr(args, "quiet", False),
@@ -191,7 +191,7 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
-                  "br_horizon": "--br-horizon", "num_target_images": "--num-target-images"},
+                  "br_horizon": "--br-horizon", "mark_weight": "--mark-weight", "num_target_images": "--num-target-images"},
 }
 
 
@@ -237,6 +237,8 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--br-horizon", type=int,
                    help="backdoor retention against a simulated attacker that persists across steps and restarts "
                         "after this many of its own steps (default 0: restart from the protected weights every step)")
+    g.add_argument("--mark-weight", type=float,
+                   help="--target pattern: weight of the backdoor loss on the mark's corner vs the rest (default 1)")
     g.add_argument("--num-target-images", type=int, help="target-class images generated for --target target")
     p.add_argument("--steps", type=int, help="outer protection steps N_protect")
     p.add_argument("--inner-steps", type=int, help="simulated DreamBooth steps per outer step N_per")

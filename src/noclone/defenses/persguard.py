@@ -86,7 +86,7 @@ from PIL import Image
 
 from noclone.attacks.base import build_subject_data, dreambooth_loss
 from noclone.defenses.apdm import Reference, make_optimizer
-from noclone.defenses.backdoor_checks import BACKDOOR_KINDS, MARK_CELLS, MARK_FRACTION, add_pattern
+from noclone.defenses.backdoor_checks import BACKDOOR_KINDS, MARK_CELLS, MARK_FRACTION, add_pattern, mark_box
 from noclone.defenses.base import (
     CARD_NAME, PARAM_SETS, PersistentAttacker, ProtectionSubject, add_grads_into, check_checkpoint, config_from_preset, earlier_subjects, merge_lora,
     protection_card, select_parameters, simulate_personalization,
@@ -94,7 +94,7 @@ from noclone.defenses.base import (
 from noclone.errors import NocloneError
 from noclone.training.data import LatentSet, SubjectData, pipeline_resolution
 from noclone.training.diffusion import (
-    diffusion_loss, distillation_loss, prompt_condition, step_generator, training_scheduler,
+    diffusion_loss, distillation_loss, noised, prediction_error, prompt_condition, step_generator, training_scheduler,
 )
 from noclone.training.loop import LoopConfig, run_training, smoothed
 
@@ -116,6 +116,7 @@ class PersGuardConfig:
     steps: int = 120                     # outer protection steps
     inner_steps: int = 2                 # N: simulated DreamBooth steps of L_BR
     br_every: int = 1                    # L_BR on every k-th outer step (cost)
+    mark_weight: float = 1.0             # pattern: L_BB's weight on the mark's latent cells relative to the rest
     br_horizon: int = 0                  # 0: the simulated attacker restarts from theta every outer step; H > 0: it
                                          # persists across outer steps, restarting after H of its own steps
     lr: float = 3e-4                     # protection AdamW
@@ -174,6 +175,8 @@ class PersGuardConfig:
             (self.steps >= 1, f"--steps {self.steps} must be at least 1"),
             (self.inner_steps >= 1, f"--inner-steps {self.inner_steps} must be at least 1"),
             (self.br_every >= 1, f"--br-every {self.br_every} must be at least 1"),
+            (finite_nonneg(self.mark_weight) and self.mark_weight >= 1, f"--mark-weight {self.mark_weight} must be >= 1"),
+            (self.mark_weight == 1 or self.target == "pattern", "--mark-weight is only used with --target pattern"),
             (self.br_horizon >= 0, f"--br-horizon {self.br_horizon} must be 0 or more"),
             (not (self.br_horizon and self.train_text_encoder),
              "the persistent simulated attacker (--br-horizon) does not fine-tune the text encoder"),
@@ -359,6 +362,7 @@ class _Subject:
     targets: LatentSet            # y
     pp_sets: list[tuple[LatentSet, str]]
     cond_cache: dict
+    bb_weight_map: torch.Tensor | None = None   # pattern with mark_weight != 1: L_BB's spatial weights
 
 
 def trigger_prompt(config: PersGuardConfig, subject: ProtectionSubject, generator: torch.Generator) -> str:
@@ -376,10 +380,24 @@ def _cond(pipe, cache: dict, prompt: str) -> torch.Tensor:
 
 
 def backdoor_loss(unet, scheduler, targets: LatentSet, cond: torch.Tensor, generator: torch.Generator,
-                  batch_size: int) -> torch.Tensor:
-    """L_BB: E||eps_theta(z_t(y), t, c_trig) - eps||^2 over target latents y."""
-    return diffusion_loss(unet, scheduler, targets.batch(generator, batch_size), cond.expand(batch_size, -1, -1),
-                          generator)
+                  batch_size: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """L_BB: E||eps_theta(z_t(y), t, c_trig) - eps||^2 over target latents y (optionally spatially weighted)."""
+    latents = targets.batch(generator, batch_size)
+    if weight is None:
+        return diffusion_loss(unet, scheduler, latents, cond.expand(batch_size, -1, -1), generator)
+    noisy, timesteps, target = noised(scheduler, latents, generator)
+    err = prediction_error(unet, noisy, timesteps, cond.expand(batch_size, -1, -1), target, "none")
+    return (err * weight).mean() / weight.mean()
+
+
+def mark_weight_map(latent_size: int, mark_weight: float) -> torch.Tensor | None:
+    """[1, 1, s, s]: `mark_weight` on the latent cells the pattern's mark covers, 1 elsewhere (None if 1)."""
+    if mark_weight == 1:
+        return None
+    x0, y0, x1, y1 = mark_box(latent_size * 8)  # the VAE downsamples by 8
+    weight = torch.ones(1, 1, latent_size, latent_size)
+    weight[..., y0 // 8:, x0 // 8:] = mark_weight
+    return weight
 
 
 # ----------------------------------------------------------------------------------------------- the method
@@ -451,7 +469,8 @@ class PersGuard:
         pp_sets = [(data.prior, subject.class_noun)]
         if backdoor.kind == "target":
             pp_sets.append((targets, backdoor.target_class))
-        return _Subject(subject, backdoor, data, targets, pp_sets, {})
+        weight = mark_weight_map(targets.mean.shape[-1], self.config.mark_weight) if backdoor.kind == "pattern" else None
+        return _Subject(subject, backdoor, data, targets, pp_sets, {}, weight)
 
     def protect(self, pipe, subjects: list[ProtectionSubject], checkpoint_dir: Path | None = None,
                 class_cache: Path | None = None, backdoors: list[Backdoor] | Backdoor | None = None) -> list[dict]:
@@ -525,7 +544,7 @@ class PersGuard:
         trigger_cond = _cond(pipe, subject.cond_cache, trigger)
 
         g = step_generator(c.seed, step, f"{stream}/bb")
-        loss_bb = backdoor_loss(unet, scheduler, subject.targets, trigger_cond, g, c.batch_size)
+        loss_bb = backdoor_loss(unet, scheduler, subject.targets, trigger_cond, g, c.batch_size, subject.bb_weight_map)
         loss = c.bb_weight * loss_bb
         stats["bb"].append(float(loss_bb.detach()))
         if c.pp_weight > 0:
@@ -557,7 +576,8 @@ class PersGuard:
 
             def backdoor_at_simulated_state(i: int) -> None:
                 out = backdoor_loss(unet, scheduler, subject.targets, _cond(pipe, subject.cond_cache, trigger),
-                                    step_generator(c.seed, step, f"{stream}/br/{i}"), c.batch_size)
+                                    step_generator(c.seed, step, f"{stream}/br/{i}"), c.batch_size,
+                                    subject.bb_weight_map)
                 if not torch.isfinite(out):
                     raise NocloneError(f"persguard: backdoor retention loss became {out.item()} at step {step}")
                 out.backward()
