@@ -20,7 +20,9 @@ photos with the protector's identifier, generate `--n` images of "a photo of sks
 
 against the same attacks on the unprotected base model, and the backdoor rate of the protected model before any
 attack, for the trigger prompt "a photo of <token> <class>" (may fire: the trigger is the identifier) and for the
-class prompt "a photo of a <class>" (should not: a backdoor there damages every user). Then a gray-box run: protect with `--gray-tokens`
+class prompt "a photo of a <class>" (should not: a backdoor there damages every user), and how often the
+un-attacked model's trigger generations already match the subject (L_BB trains the model on the subject's photos
+under the trigger, so the protection itself may teach it the subject). Then a gray-box run: protect with `--gray-tokens`
 (templates sampled) and attack with `--gray-attack-token`, an identifier outside that set. Every stage is cached
 under --out (protected models, attacks, generations), so a rerun only computes what is missing. Prints a table,
 writes results.json (and --markdown).
@@ -100,6 +102,17 @@ def trigger_generations(model: Path, work: Path, class_noun: str, token: str, n:
 
     folder = work / "trigger" / f"{_model_key(model)}-{class_noun}-{token}-{n}-{seed}"
     return generate_cached(lambda: load_pipeline(model), folder, f"a photo of {token} {class_noun}", n, seed)
+
+
+def match_before_attack(model: Path, work: Path, class_noun: str, identity: int, token: str, n: int, seed: int) -> float:
+    """Identity match rate of the un-attacked model's trigger generations against the subject's references."""
+    from noclone.eval.evaluate import sandbox_scores
+    from noclone.sandbox.experiment import REFERENCE_PHOTOS, images_in, subject_photos
+
+    refs = images_in(subject_photos(work / "references" / f"{class_noun}-{identity}", class_noun, identity,
+                                    REFERENCE_PHOTOS))
+    images = trigger_generations(model, work, class_noun, token, n, seed)
+    return sandbox_scores(images, refs, class_noun, ("ism",))["identity_match_rate"]
 
 
 def measure(result: dict, kind: str, class_noun: str, target_class: str | None) -> dict:
@@ -185,6 +198,8 @@ def main() -> None:
         from noclone.defenses.backdoor_checks import backdoor_rate
 
         before_attack = {"trigger": None, "class": None}
+        released = protected or model
+        match_before = match_before_attack(released, work, class_noun, protected_id, token, args.n, args.seed)
         if protected is None:
             own, other, fid_value = base_attack, base_other, None
         else:
@@ -202,7 +217,7 @@ def main() -> None:
                 "ism": mine["ism"], "detector_rate": mine["detector_rate"],
                 "other_match_rate": theirs["identity_match_rate"], "other_backdoor_rate": theirs["backdoor_rate"],
                 "fid_vs_base": fid_value, "n": mine["n"], "backdoor_before_attack_trigger": before_attack["trigger"],
-                "backdoor_before_attack_class": before_attack["class"]}
+                "backdoor_before_attack_class": before_attack["class"], "identity_match_before_attack": match_before}
 
     for kind in kinds:
         results["rows"].append(row("base model (unprotected)", kind, None, 0.0, "sks"))
@@ -229,12 +244,14 @@ def markdown(results: dict, args) -> str:
              f"{args.n} generations of 'a photo of <token> {args.class_noun}'. Sandbox-FID floor (base vs base, "
              f"other seeds): {results['fid_floor']:.2f}.", "",
              "| run | target | attack token | backdoor rate | identity match | ISM | detector rate | other-subject match "
-             "| other-subject backdoor | FID vs base | backdoor before attack: trigger / class prompt | protect s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| other-subject backdoor | FID vs base | backdoor before attack: trigger / class prompt "
+             "| identity match before attack | protect s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['target']} | {r['attack_token']} | {r['backdoor_rate']:.2f} | "
               f"{r['identity_match_rate']:.2f} | {r['ism']:.3f} | {r['detector_rate']:.2f} | {r['other_match_rate']:.2f} | "
               f"{r['other_backdoor_rate']:.2f} | {_num(r['fid_vs_base'])} | {_num(r['backdoor_before_attack_trigger'])} / "
-              f"{_num(r['backdoor_before_attack_class'])} | {r['protect_seconds']:.0f} |"
+              f"{_num(r['backdoor_before_attack_class'])} | {_num(r.get('identity_match_before_attack'))} | "
+              f"{r['protect_seconds']:.0f} |"
               for r in results["rows"]]
     return "\n".join(lines) + "\n"
 
