@@ -15,6 +15,8 @@ photos with the protector's identifier, generate `--n` images of "a photo of sks
     other-subject match   DreamBooth on another held-out identity of the same class, on the protected model:
                           its match rate (should stay at the base model's) and backdoor rate (should stay ~0)
     detector rate         generations where the sandbox detector finds a <class>
+    generic detector rate the same on the released (un-attacked) model's "a photo of a <class>" generations:
+                          generic quality, which sandbox-FID alone misses here
     sandbox-FID           "a photo of a <class>" generations of the protected vs the base model (same seeds);
                           the floor is base vs base with other seeds
 
@@ -115,6 +117,13 @@ def match_before_attack(model: Path, work: Path, class_noun: str, identity: int,
     return sandbox_scores(images, refs, class_noun, ("ism",))["identity_match_rate"]
 
 
+def detector_rate(images: list, class_noun: str) -> float:
+    """The fraction of `images` in which the sandbox detector finds a well-formed `class_noun`."""
+    from noclone.sandbox.evaluator import load_default_evaluator
+
+    return float(load_default_evaluator().detect(list(images), class_noun).mean())
+
+
 def measure(result: dict, kind: str, class_noun: str, target_class: str | None) -> dict:
     """Backdoor rate and detector rate of an attack's generations, plus its identity metrics."""
     from noclone.defenses.backdoor_checks import backdoor_rate
@@ -200,6 +209,7 @@ def main() -> None:
         before_attack = {"trigger": None, "class": None}
         released = protected or model
         match_before = match_before_attack(released, work, class_noun, protected_id, token, args.n, args.seed)
+        generic_detector = detector_rate(generic_generations(released, work, class_noun, args.n, args.seed), class_noun)
         if protected is None:
             own, other, fid_value = base_attack, base_other, None
         else:
@@ -217,7 +227,8 @@ def main() -> None:
                 "ism": mine["ism"], "detector_rate": mine["detector_rate"],
                 "other_match_rate": theirs["identity_match_rate"], "other_backdoor_rate": theirs["backdoor_rate"],
                 "fid_vs_base": fid_value, "n": mine["n"], "backdoor_before_attack_trigger": before_attack["trigger"],
-                "backdoor_before_attack_class": before_attack["class"], "identity_match_before_attack": match_before}
+                "backdoor_before_attack_class": before_attack["class"], "identity_match_before_attack": match_before,
+                "generic_detector_rate": generic_detector}
 
     for kind in kinds:
         results["rows"].append(row("base model (unprotected)", kind, None, 0.0, "sks"))
@@ -245,12 +256,13 @@ def markdown(results: dict, args) -> str:
              f"other seeds): {results['fid_floor']:.2f}.", "",
              "| run | target | attack token | backdoor rate | identity match | ISM | detector rate | other-subject match "
              "| other-subject backdoor | FID vs base | backdoor before attack: trigger / class prompt "
-             "| identity match before attack | protect s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| identity match before attack | generic detector rate | protect s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['target']} | {r['attack_token']} | {r['backdoor_rate']:.2f} | "
               f"{r['identity_match_rate']:.2f} | {r['ism']:.3f} | {r['detector_rate']:.2f} | {r['other_match_rate']:.2f} | "
               f"{r['other_backdoor_rate']:.2f} | {_num(r['fid_vs_base'])} | {_num(r['backdoor_before_attack_trigger'])} / "
               f"{_num(r['backdoor_before_attack_class'])} | {_num(r.get('identity_match_before_attack'))} | "
+              f"{_num(r.get('generic_detector_rate'))} | "
               f"{r['protect_seconds']:.0f} |"
               for r in results["rows"]]
     return "\n".join(lines) + "\n"
