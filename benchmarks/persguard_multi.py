@@ -9,7 +9,8 @@ each with its own identifier from `--tokens` and the `--target` backdoor (white 
 outer step, so `--steps` 360 gives each of three subjects the single-subject quick preset's 120). Then, for each
 subject and for the unprotected `--other-identity`, runs the attacker's DreamBooth (sandbox preset, the subject's
 own identifier) on the base and on the protected model and reports backdoor rate, identity match and detector rate,
-plus the released model's backdoor rate on the class prompt and its sandbox-FID against the base model. Every stage
+plus the released model's backdoor rate on the class prompt, its sandbox-FID against the base model and its
+detector rate on generic generations. Every stage
 is cached under --out; the functions are benchmarks/persguard_acceptance.py's.
 """
 
@@ -96,7 +97,9 @@ def main() -> None:
     released = {"seconds": seconds, "fid_vs_base": single.fid(generic, base_generic),
                 "fid_floor": single.fid(base_generic, single.generic_generations(model, work, class_noun, args.n,
                                                                                 args.seed + 10_000)),
-                "backdoor_class_prompt": backdoor_rate(args.target, generic, class_noun=class_noun)}
+                "backdoor_class_prompt": backdoor_rate(args.target, generic, class_noun=class_noun),
+                "generic_detector_base": single.detector_rate(base_generic, class_noun),
+                "generic_detector": single.detector_rate(generic, class_noun)}
     rows = []
     subjects = list(zip(identities, tokens)) + [(args.other_identity, tokens[0])]
     for identity, token in subjects:
@@ -118,7 +121,9 @@ def markdown(released: dict, rows: list[dict], args) -> str:
     lines = [f"PersGuard ({args.target}) protecting {args.class_noun}s {args.identities} in one model "
              f"(tokens {args.tokens}, {args.steps} steps, {released['seconds']:.0f} s); released model: backdoor on "
              f"'a photo of a {args.class_noun}' {released['backdoor_class_prompt']:.2f}, sandbox-FID vs base "
-             f"{released['fid_vs_base']:.2f} (floor {released['fid_floor']:.2f}). Attacker: DreamBooth, sandbox preset.",
+             f"{released['fid_vs_base']:.2f} (floor {released['fid_floor']:.2f}), generic detector rate "
+             f"{released['generic_detector_base']:.2f} -> {released['generic_detector']:.2f}. Attacker: DreamBooth, "
+             "sandbox preset.",
              "", "| subject | token | protected | match base -> protected | backdoor after attack (base / protected) "
              "| detector base -> protected |", "|---|---|---|---|---|---|"]
     for r in rows:
