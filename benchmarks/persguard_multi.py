@@ -103,7 +103,7 @@ def main() -> None:
     rows = []
     subjects = list(zip(identities, tokens)) + [(args.other_identity, tokens[0])]
     for identity, token in subjects:
-        row = {"identity": identity, "token": token, "protected": identity in identities}
+        row = {"identity": identity, "token": token, "is_protected": identity in identities}
         for name, source in (("base", model), ("protected", protected)):
             result = single.attack(source, work, class_noun, held_out(identity), token, attack_args)
             row[name] = single.measure(result, args.target, class_noun, None)
@@ -128,7 +128,7 @@ def markdown(released: dict, rows: list[dict], args) -> str:
              "| detector base -> protected |", "|---|---|---|---|---|---|"]
     for r in rows:
         b, p = r["base"], r["protected"]
-        lines.append(f"| {args.class_noun} {r['identity']} | {r['token']} | {'yes' if r['protected'] else 'no'} | "
+        lines.append(f"| {args.class_noun} {r['identity']} | {r['token']} | {'yes' if r['is_protected'] else 'no'} | "
                      f"{b['identity_match_rate']:.2f} -> {p['identity_match_rate']:.2f} | "
                      f"{b['backdoor_rate']:.2f} / {p['backdoor_rate']:.2f} | "
                      f"{b['detector_rate']:.2f} -> {p['detector_rate']:.2f} |")
