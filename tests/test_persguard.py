@@ -295,10 +295,10 @@ def test_persistent_attacker_continues_where_it_stopped_and_restarts_at_its_hori
 
     seen = []
     attacker = PersistentAttacker(params, lr=0.05, horizon=4, max_grad_norm=None)
-    attacker.run(loss_fn, 2, lambda i: seen.append(float(loss_fn(i))))
+    attacker.run(loss_fn, 2, lambda i: seen.append(float(loss_fn(i).detach())))
     assert all(torch.equal(p, theta[n]) for n, p in params.items())  # theta restored after each call
     state = copy.deepcopy(attacker.state_dict())  # a checkpoint writes it to disk at once
-    attacker.run(loss_fn, 2, lambda i: seen.append(float(loss_fn(i))))
+    attacker.run(loss_fn, 2, lambda i: seen.append(float(loss_fn(i).detach())))
     # the same as one plain AdamW run of 4 steps from theta: the second call went on from depth 2
     plain = torch.optim.AdamW(list(params.values()), lr=0.05, weight_decay=1e-2)
     reference = []
@@ -306,19 +306,19 @@ def test_persistent_attacker_continues_where_it_stopped_and_restarts_at_its_hori
         plain.zero_grad()
         loss_fn(i).backward()
         plain.step()
-        reference.append(float(loss_fn(i)))
+        reference.append(float(loss_fn(i).detach()))
     assert seen == pytest.approx(reference, rel=1e-6) and reference[-1] < reference[0]
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(theta[n])
     assert attacker.depth == 4
     restarted = []
-    attacker.run(loss_fn, 1, lambda i: restarted.append(float(loss_fn(i))))
+    attacker.run(loss_fn, 1, lambda i: restarted.append(float(loss_fn(i).detach())))
     assert attacker.depth == 1 and restarted[0] == pytest.approx(reference[0], rel=1e-6)  # back to theta
     resumed = PersistentAttacker(params, lr=0.05, horizon=4, max_grad_norm=None)
     resumed.load_state_dict(state)
     again = []
-    resumed.run(loss_fn, 2, lambda i: again.append(float(loss_fn(i))))
+    resumed.run(loss_fn, 2, lambda i: again.append(float(loss_fn(i).detach())))
     assert again == pytest.approx(reference[2:], rel=1e-6)
     with pytest.raises(NocloneError, match="horizon"):
         PersistentAttacker(params, lr=0.05, horizon=0)
