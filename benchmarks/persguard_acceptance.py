@@ -45,11 +45,7 @@ KINDS = ("pattern", "erasure", "target")
 def protect(model: Path, work: Path, class_noun: str, identity: int, kind: str, target_class: str | None,
             settings: dict, tokens: tuple[str, ...] = ()) -> tuple[Path, float]:
     """The protected model for one backdoor (cached in work/protected/<key>); returns (dir, seconds)."""
-    from noclone.defenses.base import ProtectionSubject
-    from noclone.defenses.persguard import Backdoor, PersGuard, PersGuardConfig
-    from noclone.models.pipeline import load_pipeline
-    from noclone.sandbox.experiment import TRAIN_PHOTOS, subject_photos
-    from noclone.sandbox.render import render_background
+    from noclone.defenses.persguard import PersGuardConfig
 
     config = PersGuardConfig.preset(settings.pop("preset"), target=kind,
                                     target_class=target_class if kind == "target" else None, tokens=tokens,
@@ -57,15 +53,30 @@ def protect(model: Path, work: Path, class_noun: str, identity: int, kind: str, 
     key = hashlib.sha256(json.dumps([str(model), class_noun, identity, config.identity(), config.steps],
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
     out = work / "protected" / f"{kind}-{'gray' if tokens else 'white'}-{key}"
+    return run_protection(model, work, class_noun, [(identity, "sks")], config, out)
+
+
+def run_protection(model: Path, work: Path, class_noun: str, subjects: list[tuple[int, str]], config, out: Path
+                   ) -> tuple[Path, float]:
+    """PersGuard `config` on the (identity, token) subjects into `out`, unless already there; returns (dir, seconds)."""
+    from noclone.defenses.base import ProtectionSubject
+    from noclone.defenses.persguard import Backdoor, PersGuard
+    from noclone.models.pipeline import load_pipeline
+    from noclone.sandbox.experiment import TRAIN_PHOTOS, subject_photos
+    from noclone.sandbox.render import render_background
+
     timing = out.parent / f"{out.name}.seconds.json"
     if (out / "protection.json").is_file() and timing.is_file():
         return out, json.loads(timing.read_text())["seconds"]
-    photos = subject_photos(work / "subjects" / f"{class_noun}-{identity}", class_noun, identity, TRAIN_PHOTOS)
-    subject = ProtectionSubject.from_folder(photos, class_noun)
-    images = [render_background(class_noun, identity, p) for p in TRAIN_PHOTOS] if kind == "erasure" else None
-    backdoor = Backdoor(kind, config.target_class, images=images)
+    protected, backdoors = [], []
+    for identity, token in subjects:
+        photos = subject_photos(work / "subjects" / f"{class_noun}-{identity}", class_noun, identity, TRAIN_PHOTOS)
+        protected.append(ProtectionSubject.from_folder(photos, class_noun, token=token))
+        erasure = config.target == "erasure"
+        images = [render_background(class_noun, identity, p) for p in TRAIN_PHOTOS] if erasure else None
+        backdoors.append(Backdoor(config.target, config.target_class, images=images))
     started = time.time()
-    PersGuard(config).run(load_pipeline(model), [subject], out, overwrite=True, backdoors=[backdoor])
+    PersGuard(config).run(load_pipeline(model), protected, out, overwrite=True, backdoors=backdoors)
     seconds = round(time.time() - started, 1)
     timing.write_text(json.dumps({"seconds": seconds}))
     return out, seconds

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,30 +30,13 @@ import persguard_acceptance as single  # noqa: E402
 def protect_many(model: Path, work: Path, class_noun: str, identities: list[int], tokens: list[str], kind: str,
                  steps: int, seed: int) -> tuple[Path, float]:
     """One PersGuard model protecting every identity with its own token (cached); returns (dir, seconds)."""
-    from noclone.defenses.base import ProtectionSubject
-    from noclone.defenses.persguard import Backdoor, PersGuard, PersGuardConfig
-    from noclone.models.pipeline import load_pipeline
-    from noclone.sandbox.experiment import TRAIN_PHOTOS, subject_photos
-    from noclone.sandbox.render import render_background
+    from noclone.defenses.persguard import PersGuardConfig
 
     config = PersGuardConfig.preset("quick", target=kind, steps=steps, seed=seed)
     key = hashlib.sha256(json.dumps([str(model), class_noun, identities, tokens, config.identity(), config.steps],
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
     out = work / "protected" / f"multi-{kind}-{key}"
-    timing = out.parent / f"{out.name}.seconds.json"
-    if (out / "protection.json").is_file() and timing.is_file():
-        return out, json.loads(timing.read_text())["seconds"]
-    subjects, backdoors = [], []
-    for identity, token in zip(identities, tokens):
-        photos = subject_photos(work / "subjects" / f"{class_noun}-{identity}", class_noun, identity, TRAIN_PHOTOS)
-        subjects.append(ProtectionSubject.from_folder(photos, class_noun, token=token))
-        images = [render_background(class_noun, identity, p) for p in TRAIN_PHOTOS] if kind == "erasure" else None
-        backdoors.append(Backdoor(kind, None, images=images))
-    started = time.time()
-    PersGuard(config).run(load_pipeline(model), subjects, out, overwrite=True, backdoors=backdoors)
-    seconds = round(time.time() - started, 1)
-    timing.write_text(json.dumps({"seconds": seconds}))
-    return out, seconds
+    return single.run_protection(model, work, class_noun, list(zip(identities, tokens)), config, out)
 
 
 def main() -> None:
