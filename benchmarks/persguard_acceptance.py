@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/persguard_acceptance.py --out /tmp/persguard [--class-noun person] [--identity 0]
         [--other-identity 1] [--targets pattern,erasure,target] [--target-class cat] [--n 32] [--seed 0]
-        [--preset quick] [--steps N] [--inner-steps N] [--br-horizon H] [--mark-weight W] [--pp-subject-weight W] [--attack-steps N] [--attack-lr LR]
+        [--preset quick] [--steps N] [--inner-steps N] [--br-horizon H] [--mark-weight W] [--pp-weight W] [--pp-subject-weight W] [--attack-steps N] [--attack-lr LR]
         [--attack-text-lr LR] [--gray-tokens sks,xyz,zwx]
         [--gray-attack-token qlx] [--model sandbox] [--markdown FILE]
 
@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--attack-steps", type=int, help="the attacker's DreamBooth steps (default: the preset's 300)")
     parser.add_argument("--attack-lr", type=float, help="the attacker's UNet lr (default: the preset's 3e-4)")
     parser.add_argument("--attack-text-lr", type=float, help="the attacker's text-encoder lr (default: the preset's 1e-3)")
+    parser.add_argument("--pp-weight", type=float, help="weight of L_PP, the distillation from the original (default 1)")
     parser.add_argument("--pp-subject-weight", type=float,
                         help="weight of L_PP on the subject's own photos under the class prompt (default 0)")
     parser.add_argument("--num-class-images", type=int, help="class images of both protection and attack")
@@ -203,7 +204,8 @@ def main() -> None:
         parser.error("--gray-attack-token must be outside --gray-tokens (that is the point of the run)")
     protected_id, other_id = held_out(args.identity), held_out(args.other_identity)
     settings = dict(preset=args.preset, steps=args.steps, inner_steps=args.inner_steps,
-                    br_horizon=args.br_horizon, mark_weight=args.mark_weight, pp_subject_weight=args.pp_subject_weight,
+                    br_horizon=args.br_horizon, mark_weight=args.mark_weight, pp_weight=args.pp_weight,
+                    pp_subject_weight=args.pp_subject_weight,
                     num_class_images=args.num_class_images, num_target_images=args.num_class_images,
                     class_image_steps=args.class_image_steps, seed=args.seed)
 
