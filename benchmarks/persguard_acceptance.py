@@ -69,10 +69,10 @@ def run_protection(model: Path, work: Path, class_noun: str, subjects: list[tupl
     if (out / "protection.json").is_file() and timing.is_file():
         return out, json.loads(timing.read_text())["seconds"]
     protected, backdoors = [], []
+    erasure = config.target == "erasure"
     for identity, token in subjects:
         photos = subject_photos(work / "subjects" / f"{class_noun}-{identity}", class_noun, identity, TRAIN_PHOTOS)
         protected.append(ProtectionSubject.from_folder(photos, class_noun, token=token))
-        erasure = config.target == "erasure"
         images = [render_background(class_noun, identity, p) for p in TRAIN_PHOTOS] if erasure else None
         backdoors.append(Backdoor(config.target, config.target_class, images=images))
     started = time.time()
@@ -120,19 +120,17 @@ def trigger_generations(model: Path, work: Path, class_noun: str, token: str, n:
 def match_before_attack(model: Path, work: Path, class_noun: str, identity: int, token: str, n: int, seed: int) -> float:
     """Identity match rate of the un-attacked model's trigger generations against the subject's references."""
     from noclone.eval.evaluate import sandbox_scores
-    from noclone.sandbox.experiment import REFERENCE_PHOTOS, images_in, subject_photos
+    from noclone.sandbox.experiment import reference_photos
 
-    refs = images_in(subject_photos(work / "references" / f"{class_noun}-{identity}", class_noun, identity,
-                                    REFERENCE_PHOTOS))
     images = trigger_generations(model, work, class_noun, token, n, seed)
-    return sandbox_scores(images, refs, class_noun, ("ism",))["identity_match_rate"]
+    return sandbox_scores(images, reference_photos(work, class_noun, identity), class_noun, ("ism",))["identity_match_rate"]
 
 
 def detector_rate(images: list, class_noun: str) -> float:
-    """The fraction of `images` in which the sandbox detector finds a well-formed `class_noun`."""
-    from noclone.sandbox.evaluator import load_default_evaluator
+    """The fraction of `images` in which the sandbox detector finds a well-formed `class_noun` (1 - FDFR)."""
+    from noclone.eval.evaluate import sandbox_scores
 
-    return float(load_default_evaluator().detect(list(images), class_noun).mean())
+    return 1 - sandbox_scores(images, [], class_noun, ("fdfr",))["fdfr"]
 
 
 def measure(result: dict, kind: str, class_noun: str, target_class: str | None) -> dict:

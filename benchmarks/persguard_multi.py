@@ -10,8 +10,8 @@ outer step, so `--steps` 360 gives each of three subjects the single-subject qui
 subject and for the unprotected `--other-identity`, runs the attacker's DreamBooth (sandbox preset, the subject's
 own identifier) on the base and on the protected model and reports backdoor rate, identity match and detector rate,
 plus the released model's backdoor rate on the class prompt, its sandbox-FID against the base model and its
-detector rate on generic generations. Every stage
-is cached under --out; the functions are benchmarks/persguard_acceptance.py's.
+detector rate on generic generations. Every stage is cached under --out; the functions are
+benchmarks/persguard_acceptance.py's.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
+    from noclone.defenses.backdoor_checks import backdoor_rate
     from noclone.sandbox.assets import model_dir
     from noclone.sandbox.splits import held_out
 
@@ -74,8 +75,6 @@ def main() -> None:
                                       args.target, args.steps, args.seed)
     base_generic = single.generic_generations(model, work, class_noun, args.n, args.seed)
     generic = single.generic_generations(protected, work, class_noun, args.n, args.seed)
-    from noclone.defenses.backdoor_checks import backdoor_rate
-
     released = {"seconds": seconds, "fid_vs_base": single.fid(generic, base_generic),
                 "fid_floor": single.fid(base_generic, single.generic_generations(model, work, class_noun, args.n,
                                                                                 args.seed + 10_000)),

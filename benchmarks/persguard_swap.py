@@ -19,8 +19,6 @@ import argparse
 
 def unet_displacement(before, after) -> tuple[float, float]:
     """Relative L2 norm of the UNet weight change (over all parameters) and its largest absolute entry."""
-    import torch
-
     after_params = dict(after.named_parameters())
     diff_sq = norm_sq = 0.0
     largest = 0.0

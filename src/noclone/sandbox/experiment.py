@@ -51,6 +51,12 @@ def images_in(folder: Path) -> list:
     return [im for _, im in load_image_folder(folder)]
 
 
+def reference_photos(work: Path, class_noun: str, identity: int) -> list:
+    """The identity's held-back reference photos (rendered once into work/references), as images."""
+    return images_in(subject_photos(work / "references" / f"{class_noun}-{identity}", class_noun, identity,
+                                    REFERENCE_PHOTOS))
+
+
 def generate_cached(load_pipe, folder: Path, prompt: str, n: int, seed: int, lora: Path | None = None,
                     progress: bool = True, guidance: float = 7.5) -> list:
     """Generate `n` images of `prompt` into `folder` unless already there; returns the images."""
@@ -91,7 +97,7 @@ def attack_experiment(model: Path, work: Path, class_noun: str, identity: int, m
     config = config or preset_config(method, "sandbox", class_noun=class_noun, seed=seed, progress=progress)
     key = f"{model_tag(model)}-{class_noun}-{identity}-{method}-{config.fingerprint()}-{config.steps}"
     photos = subject_photos(work / "subjects" / f"{class_noun}-{identity}", class_noun, identity, TRAIN_PHOTOS)
-    refs = images_in(subject_photos(work / "references" / f"{class_noun}-{identity}", class_noun, identity, REFERENCE_PHOTOS))
+    refs = reference_photos(work, class_noun, identity)
     started = time.time()
     attacked, train_seconds = personalize_cached(model, photos, work / "attacks" / key, method, config)
     folder = work / "generated" / (key + _guidance_tag(guidance))
@@ -115,7 +121,7 @@ def base_experiment(model: Path, work: Path, class_noun: str, identity: int, pro
     from noclone.eval.evaluate import sandbox_scores
     from noclone.models.pipeline import load_pipeline
 
-    refs = images_in(subject_photos(work / "references" / f"{class_noun}-{identity}", class_noun, identity, REFERENCE_PHOTOS))
+    refs = reference_photos(work, class_noun, identity)
     folder = work / "generated" / f"base-{model_tag(model)}-{prompt.replace(' ', '_')}-{n}-{seed}{_guidance_tag(guidance)}"
     generated = generate_cached(lambda: load_pipeline(model), folder, prompt, n, seed + 1000, progress=progress,
                                 guidance=guidance)
