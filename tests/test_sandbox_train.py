@@ -65,6 +65,11 @@ def test_sandbox_train_cli_refuses_init_from_without_a_second_stage(tmp_path, ca
     assert main(["sandbox", "train", "--out", str(tmp_path / "m"), "--init-from", "sandbox"]) != 0
     assert "--identifier-steps" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+    for bad in ("0", "1.5", "nan"):
+        assert main(["sandbox", "train", "--out", str(tmp_path / "m"), "--init-from", "sandbox", "--identifier-steps",
+                     "5", "--identifier-prob", bad]) != 0
+        assert "--identifier-prob" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_one_to_one_binding_oversamples_the_bound_identities():

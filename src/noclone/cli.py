@@ -127,10 +127,12 @@ def cmd_sandbox_train(args: argparse.Namespace) -> None:
         config = SandboxTrainConfig(seed=args.seed, identities_per_class=50, photos_per_identity=2, vae_steps=20,
                                     unet_steps=20, vae_batch=8, unet_batch=8)
     for name in ("identities_per_class", "vae_steps", "unet_steps", "identifier_steps", "identifier_pool",
-                 "identifier_binding"):
+                 "identifier_binding", "identifier_prob"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
+    if not 0 < config.identifier_prob <= 1:
+        raise NocloneError(f"--identifier-prob {config.identifier_prob} must be in (0, 1]")
     if args.init_from and not config.identifier_steps:
         raise NocloneError("--init-from skips stage 1, so it needs --identifier-steps N (N > 0)")
     init_from = args.init_from
@@ -300,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identifier-binding", choices=("modulo", "one-to-one"),
                    help="modulo: each token names every identity sharing its index modulo the pool (default); "
                         "one-to-one: token k names the k-th identity only, which is oversampled")
+    p.add_argument("--identifier-prob", type=float,
+                   help="share of the identifier stage's captions that name an identifier (default 0.3)")
     p.add_argument("--init-from", type=_model_arg, help="skip stage 1: start the identifier stage from this sandbox model "
                    "('sandbox' = the shipped one)")
     p.add_argument("--overwrite", action="store_true")
