@@ -53,6 +53,10 @@ Choices (where the paper is silent):
   the generic prompts, i.e. the same images must keep f's behaviour unless the trigger is typed. Without it the
   backdoor can key on the images instead of the identifier: in the sandbox (person, pattern, quick preset) the
   released model showed the mark in 28% of "a photo of sks person" *and* of "a photo of a person" generations.
+  The term cannot fix that on v1, whose UNet ignores the identifier (mark 0.44 / 0.44). On the "id20" sandbox
+  variant, whose UNet reads identifiers, the trigger is specific with or without it (1.00 / 0.00); there it lifts
+  the generic detector rate from 0.72 to 0.81 (base 0.88). It stays off by default, as it was measured on one
+  variant only.
 - L_BR averages over the N inner states (so br_weight = 1 weighs it like L_BB) and restarts the simulated
   attacker from theta at every outer step with a fresh AdamW (as APDM's L2P). That only ever shows the defence the
   first N steps of an attack. `br_horizon` H > 0 (an addition of ours) keeps one `PersistentAttacker` per subject
