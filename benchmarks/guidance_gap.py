@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/guidance_gap.py [--model sandbox|DIR] [--attacked DIR] [--images DIR | --identity K]
         [--class-noun person] [--token sks] [--timesteps 100,300,500,700,900] [--seed 0]
 
-On the subject's photos (a folder, or the sandbox's held-out identity K, training photos 0-4), noised at each
+On the subject's photos (a folder, or the sandbox's held-out identity K, the attacker's training photos), noised at each
 timestep with fixed noise, prints for the model:
   - err: the noise-prediction error ||eps(z_t, c) - eps|| relative to ||eps||, for c = "" (the unconditional branch);
   - gap: ||eps(z_t, c) - eps(z_t, "")|| / ||eps||, how far the prompt moves the prediction from the unconditional one,
@@ -47,21 +47,20 @@ def main() -> None:
         raise SystemExit(f"error: --timesteps {args.timesteps!r}: give integers separated by commas") from None
     torch.set_grad_enabled(False)
     try:
-        if args.model == "sandbox":
-            from noclone.sandbox.assets import model_dir
+        from noclone.sandbox.assets import model_dir
 
-            args.model = str(model_dir())
-        model = load_pipeline(args.model)
+        model = load_pipeline(model_dir() if args.model == "sandbox" else args.model)
         attacked = load_pipeline(args.attacked) if args.attacked else None
         if args.images:
             from noclone.attacks.base import load_subject_images
 
             _, photos = load_subject_images(args.images, min_count=1)
         else:
+            from noclone.sandbox.experiment import TRAIN_PHOTOS
             from noclone.sandbox.render import render
             from noclone.sandbox.splits import held_out
 
-            photos = [render(args.class_noun, held_out(args.identity), p) for p in range(5)]
+            photos = [render(args.class_noun, held_out(args.identity), p) for p in TRAIN_PHOTOS]
     except NocloneError as e:
         raise SystemExit(f"error: {e}") from None
     latents = LatentSet.from_images(model.vae, photos, "", pipeline_resolution(model)).mean
