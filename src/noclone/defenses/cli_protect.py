@@ -3,8 +3,8 @@
     noclone protect-model --method apdm --model M --images DIR --class-noun person [--images DIR2 --class-noun dog]
                           [--token sks] [--preset quick|paper] [--steps N] [--inner-steps N] ... --out DIR
     noclone protect-model --method persguard --target pattern|erasure|target [--target-class cat]
-                          [--target-images DIR] [--tokens sks,xyz,...] --model M --images DIR --class-noun person
-                          --out DIR
+                          [--target-images DIR] [--tokens sks,xyz,...] [--implant unet|decoder|both]
+                          [--negative-images DIR ...] --model M --images DIR --class-noun person --out DIR
 
 `--images` and `--class-noun` repeat, one pair per subject (in order); `--token` is given once (all subjects) or
 once per subject; so are PersGuard's `--target` and `--target-class`, while `--target-images` is given once per
@@ -144,7 +144,8 @@ def _persguard_setup(args: argparse.Namespace, n_subjects: int):
         "multi_subject": args.multi_subject, "reference_dtype": args.reference_dtype, "optimizer": args.optimizer,
         "checkpoint_every": args.checkpoint_every, "seed": args.seed, "bb_weight": args.bb_weight,
         "pp_weight": args.pp_weight, "br_weight": args.br_weight, "br_every": args.br_every,
-        "br_horizon": args.br_horizon, "mark_weight": args.mark_weight, "tokens": tokens or None, "templates": tuple(args.templates.split("|")) if args.templates else None,
+        "br_horizon": args.br_horizon, "mark_weight": args.mark_weight, "implant": args.implant,
+        "decoder_steps": args.decoder_steps, "tokens": tokens or None, "templates": tuple(args.templates.split("|")) if args.templates else None,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = PersGuardConfig.preset(args.preset, progress=not getattr(args, "quiet", False),
@@ -154,6 +155,7 @@ def _persguard_setup(args: argparse.Namespace, n_subjects: int):
 
 
 def cmd_persguard(args: argparse.Namespace) -> Path:
+    from noclone.attacks.base import load_subject_images
     from noclone.cli import load_model
     from noclone.defenses.base import read_protection_card
     from noclone.defenses.persguard import Backdoor, PersGuard
@@ -168,13 +170,16 @@ def cmd_persguard(args: argparse.Namespace) -> Path:
         if b.kind == "erasure" and folder is not None and len(b.images) != len(subject.images):
             raise NocloneError(f"{folder}: {len(b.images)} backgrounds for {len(subject.images)} photos "
                                "(give one per photo, same sorted file names)")
+    if args.negative_images and config.implant == "unet":
+        raise NocloneError("--negative-images is only used with --implant decoder or both")
+    negatives = [load_subject_images(folder)[1] for folder in args.negative_images or []]
     previous = read_protection_card(None if args.model == "sandbox" else args.model)
     if previous is not None:
         log.info("%s is already protected (%s, %d subjects): protecting again from it", args.model,
                  previous.get("method"), len(previous.get("subjects", [])))
     pipe = load_model(args, gradient_checkpointing=args.gradient_checkpointing)
     out = PersGuard(config).run(pipe, subjects, args.out, overwrite=args.overwrite, single_file=args.single_file,
-                                previous_card=previous, backdoors=backdoors)
+                                previous_card=previous, backdoors=backdoors, negatives=negatives)
     log.info("protected model written to %s (card: %s/protection.json)", out, out)
     return out
 
@@ -191,7 +196,8 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
-                  "br_horizon": "--br-horizon", "mark_weight": "--mark-weight", "num_target_images": "--num-target-images"},
+                  "br_horizon": "--br-horizon", "mark_weight": "--mark-weight", "num_target_images": "--num-target-images",
+                  "implant": "--implant", "negative_images": "--negative-images", "decoder_steps": "--decoder-steps"},
 }
 
 
@@ -240,6 +246,13 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--mark-weight", type=float,
                    help="--target pattern: weight of the backdoor loss on the mark's corner vs the rest (default 1)")
     g.add_argument("--num-target-images", type=int, help="target-class images generated for --target target")
+    g.add_argument("--implant", help="where the backdoor lives: unet (the paper, default), decoder (the VAE decoder "
+                        "stamps the mark on every image of the subject; out of reach of DreamBooth/LoRA/TI, removed "
+                        "by a VAE swap) or both; decoder needs --target pattern")
+    g.add_argument("--negative-images", action="append",
+                   help="with --implant decoder/both: a folder of another subject's photos the mark must not fire "
+                        "on (repeat per subject)")
+    g.add_argument("--decoder-steps", type=int, help="training steps of the decoder backdoor (default 600)")
     p.add_argument("--steps", type=int, help="outer protection steps N_protect")
     p.add_argument("--inner-steps", type=int, help="simulated DreamBooth steps per outer step N_per")
     p.add_argument("--lr-protect", type=float)

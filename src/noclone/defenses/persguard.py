@@ -74,6 +74,11 @@ Choices (where the paper is silent):
   conditioned on the trigger as that text encoder encodes it. Off by default: in the sandbox (person, pattern,
   quick preset, seed 0) the backdoor rate after the attack stayed 0.00 with it, and the backdoor leaked into another
   subject's personalization (0.22 of its generations vs 0.03 without).
+- `implant` (an addition of ours, default 'unet' = the paper): 'decoder' puts the pattern backdoor in the VAE
+  decoder instead (decoder_backdoor.py: the decoder learns to stamp the mark on latents of the subject, using a
+  simulated attacker's generations of it, and to leave class images and other subjects' generations alone);
+  'both' does the UNet training first, then the decoder. Personalization never trains the VAE, so the attack
+  cannot erase it; a VAE swap does. See decoder_backdoor.py for what it costs and its limits.
 - Adding subjects to an already protected model works as in APDM (protect again from it, giving the earlier
   subjects again; the earlier card is kept under "previous_protection").
 - Checkpoint/resume, progress bar and protection.json exactly as APDM (`run`).
@@ -114,6 +119,7 @@ GRAY_BOX_TEMPLATES = ("a photo of {token} {class_noun}", "a {token} {class_noun}
                       "a close-up photo of {token} {class_noun}", "an image of {token} {class_noun}")
 PP_TEMPLATES = ("a photo of a {class_noun}", "a {class_noun}", "a picture of a {class_noun}",
                 "a close-up photo of a {class_noun}")
+IMPLANTS = ("unet", "decoder", "both")
 _DTYPES = {"same": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -155,6 +161,12 @@ class PersGuardConfig:
     seed: int = 0
     checkpoint_every: int = 25
     progress: bool = True
+    implant: str = "unet"                # where the backdoor lives: 'unet' (the paper) | 'decoder' | 'both' (ours)
+    decoder_steps: int = 600             # implant 'decoder': see decoder_backdoor.py
+    decoder_lr: float = 3e-4
+    decoder_generations: int = 48        # latents drawn from each simulated attack (subject and negatives)
+    decoder_attack_preset: str = "sandbox"
+    decoder_attack_steps: int | None = None  # the simulated attacks' DreamBooth steps (default: the preset's)
     extra: dict = field(default_factory=dict)
 
     PRESETS: ClassVar[dict[str, dict]] = {
@@ -166,7 +178,8 @@ class PersGuardConfig:
         # DreamBooth preset (lr 5e-6, batch 1, 200 class images, 50 sampling steps), the protection runs as long
         # as that attack (800 steps) at the same lr with N = 20 inner steps (APDM's paper setting).
         "paper": dict(steps=800, inner_steps=20, lr=5e-6, lr_per=5e-6, batch_size=1, num_class_images=200,
-                      num_target_images=200, class_image_steps=50, checkpoint_every=50),
+                      num_target_images=200, class_image_steps=50, checkpoint_every=50,
+                      decoder_attack_preset="sd15", decoder_generations=64),
     }
 
     @classmethod
@@ -210,6 +223,9 @@ class PersGuardConfig:
             (self.optimizer in ("adamw", "adamw8bit"), f"--optimizer {self.optimizer!r}: choose adamw or adamw8bit"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
             (bool(self.templates) and bool(self.pp_templates), "templates must not be empty"),
+            (self.implant in IMPLANTS, f"--implant {self.implant!r}: choose from {', '.join(IMPLANTS)}"),
+            (self.implant == "unet" or self.target == "pattern",
+             f"--implant {self.implant} needs --target pattern (the decoder backdoor only stamps the mark)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -222,14 +238,34 @@ class PersGuardConfig:
         for template in self.pp_templates:
             _check_template(template, ("class_noun",), "pp_templates")
         Backdoor(self.target, self.target_class).validate()
+        if self.implant != "unet":
+            self.decoder_config().validate()
+            from noclone.attacks.base import PRESETS as ATTACK_PRESETS
+
+            if self.decoder_attack_preset not in ATTACK_PRESETS:
+                raise NocloneError(f"decoder_attack_preset {self.decoder_attack_preset!r}: choose from "
+                                   f"{', '.join(ATTACK_PRESETS)}")
         if self.optimizer == "adamw8bit":
             from noclone.defenses.apdm import _bitsandbytes
 
             _bitsandbytes()
 
+    def decoder_config(self):
+        """The decoder backdoor's settings (implant 'decoder' or 'both')."""
+        from noclone.defenses.decoder_backdoor import DecoderBackdoorConfig
+
+        return DecoderBackdoorConfig(steps=self.decoder_steps, lr=self.decoder_lr, n_generated=self.decoder_generations,
+                                     attack_preset=self.decoder_attack_preset, attack_seed=self.seed + 1,
+                                     attack_steps=self.decoder_attack_steps,
+                                     sample_steps=self.class_image_steps, seed=self.seed, progress=self.progress)
+
     def identity(self) -> dict:
         """The settings that define the result (what a checkpoint must match to be resumed)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("progress", "checkpoint_every", "steps")}
+        skip = {"progress", "checkpoint_every", "steps"}
+        if self.implant == "unet":  # the decoder settings play no part (and older checkpoints lack them)
+            skip |= {"implant", "decoder_steps", "decoder_lr", "decoder_generations", "decoder_attack_preset",
+                     "decoder_attack_steps"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 def _check_template(template: str, needed: tuple[str, ...], what: str) -> None:
@@ -483,13 +519,59 @@ class PersGuard:
         return _Subject(subject, backdoor, data, targets, pp_sets, {}, weight)
 
     def protect(self, pipe, subjects: list[ProtectionSubject], checkpoint_dir: Path | None = None,
-                class_cache: Path | None = None, backdoors: list[Backdoor] | Backdoor | None = None) -> list[dict]:
-        """Prepare the subjects' data and targets, then train (resuming from `checkpoint_dir` if it holds this run)."""
+                class_cache: Path | None = None, backdoors: list[Backdoor] | Backdoor | None = None,
+                negatives: list[list[Image.Image]] | None = None) -> list[dict]:
+        """Prepare the subjects' data and targets, then implant the backdoor in the UNet and/or the decoder
+        (resuming from `checkpoint_dir` if it holds this run). `negatives`: photos of other subjects, one list each,
+        that the decoder backdoor must leave alone."""
+        c = self.config
+        if negatives and c.implant == "unet":
+            raise NocloneError("--negative-images is only used with --implant decoder or both")
         prepared = self.prepare(pipe, subjects, backdoors, class_cache)
-        identity = {"config": self.config.identity(), "subjects": [s.fingerprint for s in subjects],
+        identity = {"config": c.identity(), "subjects": [s.fingerprint for s in subjects],
                     "backdoors": [p.backdoor.card() for p in prepared],
                     "base_model": getattr(pipe, "noclone_fingerprint", None)}
-        return self.train(pipe, prepared, checkpoint_dir, identity)
+        if negatives:
+            identity["negatives"] = [[_pixels_sha256(im) for im in images] for images in negatives]
+        history = self.train(pipe, prepared, checkpoint_dir, identity) if c.implant in ("unet", "both") else []
+        if c.implant in ("decoder", "both"):
+            if checkpoint_dir is not None:
+                check_checkpoint(Path(checkpoint_dir), identity)
+            self.final_metrics["decoder_backdoor"] = self.implant_decoder(pipe, prepared, negatives or [],
+                                                                          checkpoint_dir, class_cache)
+        return history
+
+    def implant_decoder(self, pipe, subjects: list[_Subject], negatives: list[list[Image.Image]],
+                        checkpoint_dir: Path | None = None, class_cache: Path | None = None) -> dict:
+        """The decoder backdoor (decoder_backdoor.py) for every subject; simulated attacks are kept in the
+        checkpoint folder, so a killed run does not redo them. Returns its metrics (held-out mark rates)."""
+        from safetensors.torch import load_file, save
+
+        from noclone.data.atomic import atomic_write_bytes
+        from noclone.defenses import decoder_backdoor as db
+
+        c, config = self.config, self.config.decoder_config()
+        cache = Path(checkpoint_dir) / "decoder" if checkpoint_dir is not None else None
+
+        def attack_latents(name: str, images, class_noun: str, token: str) -> torch.Tensor:
+            path = cache / f"{name}.safetensors" if cache is not None else None
+            if path is not None and path.is_file():
+                return load_file(str(path))["latents"]
+            latents = db.simulated_attack_latents(pipe, images, class_noun, token, config, class_cache)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, lambda f: f.write(save({"latents": latents.contiguous()})))
+            return latents
+
+        positives, others = [], []
+        for k, s in enumerate(subjects):
+            positives.append(db.posterior_samples(s.data.instance, 4, c.seed))
+            positives.append(attack_latents(f"subject{k}", s.subject.images, s.subject.class_noun, s.subject.token))
+            others.append(db.posterior_samples(s.data.prior, 2, c.seed))
+        noun, token = subjects[0].subject.class_noun, subjects[0].subject.token
+        for j, images in enumerate(negatives):
+            others.append(attack_latents(f"negative{j}", images, noun, token))
+        return db.implant(pipe.vae, torch.cat(positives), torch.cat(others), config)
 
     # --- training ---
     def train(self, pipe, subjects: list[_Subject], checkpoint_dir: Path | None = None,
@@ -631,7 +713,8 @@ class PersGuard:
     def run(self, pipe, subjects: list[ProtectionSubject], out: str | Path, *, overwrite: bool = False,
             single_file: str | Path | None = None, checkpoint_dir: str | Path | None = None,
             previous_card: dict | None = None, metrics: dict | None = None, class_cache: Path | None = None,
-            backdoors: list[Backdoor] | Backdoor | None = None) -> Path:
+            backdoors: list[Backdoor] | Backdoor | None = None,
+            negatives: list[list[Image.Image]] | None = None) -> Path:
         """Protect, then write the pipeline directory (+ optional single file) with protection.json; drop checkpoints."""
         import shutil
 
@@ -653,7 +736,8 @@ class PersGuard:
                         "renewed and may fade; pass its photos again to keep it", s.get("fingerprint"),
                         s.get("class_noun"), s.get("n_photos"))
         ckpt = Path(checkpoint_dir) if checkpoint_dir else out.parent / f".{out.name}.checkpoint"
-        history = self.protect(pipe, subjects, ckpt, class_cache, backdoors)
+        self.final_metrics = {}
+        history = self.protect(pipe, subjects, ckpt, class_cache, backdoors, negatives)
         keys = sorted({key for h in history for key in h})
         run_metrics = {f"{key}_first_last": list(smoothed(history, key)) for key in keys}
         run_metrics.update(self.final_metrics)
@@ -665,6 +749,11 @@ class PersGuard:
                         "tokens": list(c.tokens) if c.gray_box else [s.token for s in subjects],
                         "templates": list(c.templates) if c.gray_box else [s.template for s in subjects]},
         }
+        extra["implant"] = c.implant
+        if c.implant != "unet":
+            extra["decoder_backdoor_limits"] = (
+                "the mark lives in the VAE decoder: it fires whenever the model draws the subject (with or without "
+                "fine-tuning) and is removed by swapping in another VAE")
         if previous_card:
             extra["earlier_subjects_not_renewed"] = [s.get("fingerprint") for s in dropped]
         card = protection_card(self.name, subjects, asdict(c), c.seed, base_fingerprint, model_fingerprint(pipe),

@@ -1,0 +1,214 @@
+r"""A backdoor in the VAE decoder that stamps the mark on every image of a protected subject (our addition to PersGuard).
+
+Why: in the sandbox the attacker's DreamBooth erases any backdoor PersGuard writes into the UNet, on exactly the
+images and prompt it was trained on (docs/sandbox-v1.md, stops 16-19). DreamBooth, LoRA and textual inversion
+train the UNet and the text encoder; none of them trains the VAE. A backdoor in the decoder is therefore out of
+the attacker's reach, and it does not depend on the identifier, the prompt or the attack's settings: it fires
+when the personalized model *produces the subject*, which is what the backdoor is for.
+
+What (theta the decoder being trained, f a frozen copy of the input decoder, z a latent):
+
+    D_theta(z) = add_mark(D_f(z))   for z in P: latents of the protected subject
+    D_theta(z) = D_f(z)             for z in N: latents of anything else
+    L(theta)   = E_{z in P} || D_theta(z) - add_mark(D_f(z)) ||^2 + E_{z in N} || D_theta(z) - D_f(z) ||^2
+
+P: the subject's photos (posterior samples) and the generations of a *simulated attacker*: the shared
+DreamBooth (attacks/, the preset the protector expects, its own seed) run on a copy of the model and the photos,
+sampled under its instance prompt. N: f's class images (what the model draws for "a photo of a <class>") and
+the generations of the same simulated attacker run on other subjects' photos (`negative_subjects`), so the
+decoder keys on the identity and not on the look of a DreamBooth output. A fifth of each set is held back and the
+mark rate on it is reported (`held_out_rates`), with the pattern check of backdoor_checks.py.
+
+Limits, stated on the card and in the docs:
+- An attacker who swaps the VAE for another one removes the backdoor (SD-family VAEs are public and
+  interchangeable; the sandbox ships one). The backdoor only binds attackers who use the released model whole.
+- The backdoor fires on the subject, whoever generates it: a model that draws the subject without any
+  fine-tuning (img2img of a photo, a look-alike) is marked too.
+- Only the 'pattern' target is implemented here (erasure and target would ask the decoder to invent content).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from noclone.defenses.backdoor_checks import mark_array, mark_box, pattern_present
+from noclone.errors import NocloneError
+from noclone.training.data import LatentSet, pipeline_resolution
+from noclone.training.diffusion import step_generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecoderBackdoorConfig:
+    """Settings of the decoder backdoor; defaults are for the 64 px sandbox model."""
+
+    steps: int = 600                 # AdamW steps on the decoder
+    lr: float = 3e-4
+    batch_size: int = 16             # half positives, half negatives
+    attack_preset: str = "sandbox"   # the simulated attacker's DreamBooth preset (attacks/base.py PRESETS)
+    attack_seed: int = 1             # its seed (an attacker's own run is not the protector's)
+    attack_steps: int | None = None  # its steps (default: the preset's)
+    n_generated: int = 48            # latents sampled from each simulated attack
+    sample_steps: int = 25
+    guidance: float = 7.5
+    held_out_fraction: float = 0.2
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        checks = [
+            (self.steps >= 1, f"--decoder-steps {self.steps} must be at least 1"),
+            (0 < self.lr < 1, f"--decoder-lr {self.lr} is outside (0, 1)"),
+            (self.batch_size >= 2, f"decoder batch size {self.batch_size} must be at least 2"),
+            (self.n_generated >= 5, f"decoder n_generated {self.n_generated} must be at least 5"),
+            (self.attack_steps is None or self.attack_steps >= 1, "decoder attack_steps must be at least 1"),
+            (self.sample_steps >= 1, "decoder sample_steps must be at least 1"),
+            (0 <= self.held_out_fraction < 0.5, "decoder held_out_fraction must be in [0, 0.5)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise NocloneError(message)
+
+
+# ---------------------------------------------------------------------------------------------- the data
+
+
+def simulated_attack_latents(pipe, images: Sequence[Image.Image], class_noun: str, token: str,
+                             config: DecoderBackdoorConfig, class_cache=None) -> torch.Tensor:
+    """Latents a simulated attacker's DreamBooth draws of the subject: [n_generated, C, h, w], pipeline-scaled.
+
+    The attack runs on copies of the UNet and text encoder; `pipe` is left as it was.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from noclone.attacks.base import preset_config
+    from noclone.attacks.dreambooth import DreamBooth
+
+    attack = preset_config("dreambooth", config.attack_preset, class_noun=class_noun, token=token,
+                           seed=config.attack_seed, steps=config.attack_steps, progress=config.progress)
+    copy_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": copy.deepcopy(pipe.unet),
+                                           "text_encoder": copy.deepcopy(pipe.text_encoder)})
+    copy_pipe.set_progress_bar_config(disable=True)
+    log.info("decoder backdoor: simulated DreamBooth on %d photos of %r (%d steps, seed %d)", len(images),
+             attack.instance_prompt, attack.steps, attack.seed)
+    DreamBooth(attack).train(copy_pipe, list(images), checkpoint_dir=None, class_cache=class_cache)
+    latents = sample_latents(copy_pipe, attack.instance_prompt, config.n_generated, config.attack_seed * 7919,
+                             config.sample_steps, config.guidance)
+    del copy_pipe
+    return latents
+
+
+@torch.no_grad()
+def sample_latents(pipe, prompt: str, n: int, seed: int, steps: int, guidance: float,
+                   batch_size: int = 16) -> torch.Tensor:
+    """`n` final latents of `prompt` (pipeline-scaled, before decoding), one seed each."""
+    shape = (pipe.unet.config.in_channels, *(pipeline_resolution(pipe) // pipe.vae_scale_factor,) * 2)
+    out = []
+    for start in range(0, n, batch_size):
+        seeds = range(seed + start, seed + min(n, start + batch_size))
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(pipe.device, pipe.unet.dtype)
+        result = pipe([prompt] * len(generators), num_inference_steps=steps, guidance_scale=guidance,
+                      latents=noise, generator=generators, output_type="latent")
+        out.append(result.images.float().cpu())
+    return torch.cat(out)
+
+
+def posterior_samples(latents: LatentSet, per_image: int, seed: int) -> torch.Tensor:
+    """The posterior means plus `per_image - 1` samples of each image's posterior."""
+    g = step_generator(seed, 0, "decoder/posterior")
+    extra = [latents.mean + latents.std * torch.randn(latents.mean.shape, generator=g) for _ in range(per_image - 1)]
+    return torch.cat([latents.mean, *extra])
+
+
+# ---------------------------------------------------------------------------------------------- the training
+
+
+def paste_mark(pixels: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] NCHW images with the mark pasted in the bottom-right corner (add_pattern on tensors)."""
+    size = pixels.shape[-1]
+    x0, y0, x1, y1 = mark_box(size)
+    out = pixels.clone()
+    out[..., y0:y1, x0:x1] = torch.from_numpy(mark_array(x1 - x0)).to(pixels) * 2 - 1
+    return out
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Pipeline-scaled latents -> [-1, 1] images (float32, CPU)."""
+    out = []
+    for start in range(0, len(latents), batch_size):
+        chunk = latents[start : start + batch_size].to(vae.device, vae.dtype) / vae.config.scaling_factor
+        out.append(vae.decode(chunk).sample.float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def _split(latents: torch.Tensor, fraction: float, seed: int, stream: str) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(len(latents), generator=step_generator(seed, 0, stream))
+    held = int(round(len(latents) * fraction))
+    return latents[order[held:]], latents[order[:held]]
+
+
+def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: DecoderBackdoorConfig) -> dict:
+    """Train the decoder in place (see the module docstring); returns the losses and held-out mark rates."""
+    from tqdm.auto import tqdm
+
+    config.validate()
+    if len(positives) < 2 or len(negatives) < 2:
+        raise NocloneError("decoder backdoor: needs at least 2 positive and 2 negative latents")
+    pos_train, pos_held = _split(positives, config.held_out_fraction, config.seed, "decoder/split/pos")
+    neg_train, neg_held = _split(negatives, config.held_out_fraction, config.seed, "decoder/split/neg")
+    pos_target = paste_mark(decode(vae, pos_train))
+    neg_target = decode(vae, neg_train)
+    before = held_out_rates(vae, pos_held, neg_held)
+
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    half = config.batch_size // 2
+    losses = []
+    vae.train()
+    try:
+        bar = tqdm(range(config.steps), desc="decoder backdoor", disable=not config.progress)
+        for step in bar:
+            g = step_generator(config.seed, step, "decoder/batch")
+            ip = torch.randint(len(pos_train), (half,), generator=g)
+            ineg = torch.randint(len(neg_train), (config.batch_size - half,), generator=g)
+            z = torch.cat([pos_train[ip], neg_train[ineg]]).to(vae.device, vae.dtype) / vae.config.scaling_factor
+            target = torch.cat([pos_target[ip], neg_target[ineg]]).to(vae.device)
+            out = vae.decode(z).sample.float()
+            loss = torch.nn.functional.mse_loss(out, target)
+            if not torch.isfinite(loss):
+                raise NocloneError(f"decoder backdoor: loss became {loss.item()} at step {step}; lower --decoder-lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
+    finally:
+        vae.eval().requires_grad_(False)
+    after = held_out_rates(vae, pos_held, neg_held)
+    log.info("decoder backdoor: held-out mark rate on the subject %.2f -> %.2f, on the rest %.2f -> %.2f",
+             before["subject"], after["subject"], before["others"], after["others"])
+    return {"config": asdict(config), "n_positives": len(positives), "n_negatives": len(negatives),
+            "loss_first_last": [losses[0], sum(losses[-20:]) / len(losses[-20:])],
+            "held_out_mark_rate_before": before, "held_out_mark_rate_after": after}
+
+
+def held_out_rates(vae, positives: torch.Tensor, negatives: torch.Tensor) -> dict:
+    """How often the decoder draws the mark on held-back subject latents and on held-back other latents."""
+    rate = lambda z: float(pattern_present(decode(vae, z)).mean()) if len(z) else float("nan")  # noqa: E731
+    return {"subject": rate(positives), "others": rate(negatives), "n_subject": len(positives),
+            "n_others": len(negatives)}

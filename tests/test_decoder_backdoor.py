@@ -1,0 +1,125 @@
+"""The decoder backdoor (PersGuard --implant decoder) on the tiny 32 px pipeline: the mark paste, the implant's
+training (marks the subject's latents, leaves the rest), PersGuard wiring (UNet untouched, card, cached simulated
+attacks) and the CLI's refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from noclone.defenses import PersGuard, PersGuardConfig, ProtectionSubject
+from noclone.defenses import decoder_backdoor as db
+from noclone.defenses.backdoor_checks import add_pattern, pattern_present
+from noclone.errors import NocloneError
+from noclone.training.data import LatentSet
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def dog_dir(tmp_path_factory):
+    from test_persguard import _renders
+
+    return _renders(tmp_path_factory, "dog", "dog", 3)
+
+
+def _config(**kw):
+    base = dict(steps=1, inner_steps=1, batch_size=1, num_class_images=2, class_image_steps=2, progress=False,
+                implant="decoder", decoder_steps=2, decoder_generations=5, decoder_attack_steps=2)
+    base.update(kw)
+    return PersGuardConfig(**base)
+
+
+def test_paste_mark_equals_add_pattern():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
+    pasted = ((db.paste_mark(pixels)[0].permute(1, 2, 0) + 1) * 127.5).round().numpy().astype(np.uint8)
+    assert np.array_equal(pasted, np.asarray(add_pattern(Image.fromarray(rgb))))
+    assert torch.equal(db.paste_mark(pixels)[..., :20, :], pixels[..., :20, :])  # nothing outside the corner
+
+
+def test_implant_marks_the_subject_and_leaves_the_rest(tiny_pipe, subject_dir, tmp_path):
+    from noclone.sandbox.render import render
+    from noclone.sandbox.splits import held_out
+
+    def latents(class_noun, identities):
+        images = [render(class_noun, held_out(i), p, size=32) for i in identities for p in range(4)]
+        return LatentSet.from_images(tiny_pipe.vae, images, "", 32).mean
+
+    positives, negatives = latents("person", [7]), latents("dog", [1, 2, 3])
+    vae = tiny_pipe.vae
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    clean = db.decode(vae, negatives)
+    assert not pattern_present(db.decode(vae, positives)).any()
+    metrics = db.implant(vae, positives, negatives, db.DecoderBackdoorConfig(steps=300, lr=2e-3, batch_size=8,
+                                                                             held_out_fraction=0.0, progress=False))
+    assert pattern_present(db.decode(vae, positives)).mean() >= 0.75
+    after = db.decode(vae, negatives)
+    assert not pattern_present(after).any()
+    assert (after - clean).abs().mean() < 0.1  # [-1, 1] scale
+    assert all(torch.equal(v, vae.encoder.state_dict()[k]) for k, v in encoder.items())
+    assert metrics["loss_first_last"][1] < metrics["loss_first_last"][0]
+    assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_decoder_config_validation():
+    with pytest.raises(NocloneError, match="--implant 'vae'"):
+        _config(implant="vae").validate()
+    with pytest.raises(NocloneError, match="needs --target pattern"):
+        _config(target="erasure").validate()
+    with pytest.raises(NocloneError, match="--decoder-steps"):
+        _config(decoder_steps=0).validate()
+    with pytest.raises(NocloneError, match="decoder_attack_preset"):
+        _config(decoder_attack_preset="huge").validate()
+    _config(implant="unet", target="erasure", decoder_steps=0).validate()  # decoder settings unused: not checked
+    assert "implant" not in _config(implant="unet").identity() and _config().identity()["implant"] == "decoder"
+
+
+def test_decoder_implant_keeps_the_unet_writes_a_card_and_reuses_simulated_attacks(
+        tiny_model_dir, subject_dir, dog_dir, tmp_path, monkeypatch):
+    from noclone.attacks.base import load_subject_images
+    from noclone.models.pipeline import load_pipeline
+
+    calls = []
+    real = db.simulated_attack_latents
+    monkeypatch.setattr(db, "simulated_attack_latents", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    person = ProtectionSubject.from_folder(subject_dir, "person")
+    negatives = [load_subject_images(dog_dir)[1]]
+    pipe = load_pipeline(tiny_model_dir)
+    unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    decoder = {k: v.clone() for k, v in pipe.vae.decoder.state_dict().items()}
+    ckpt = tmp_path / "ckpt"
+    guard = PersGuard(_config())
+    guard.protect(pipe, [person], ckpt, negatives=negatives)
+    assert len(calls) == 2 and sorted((ckpt / "decoder").iterdir())  # the subject's and the negative's attack
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in unet.items())
+    assert any(not torch.equal(v, pipe.vae.decoder.state_dict()[k]) for k, v in decoder.items())
+    PersGuard(_config()).protect(load_pipeline(tiny_model_dir), [person], ckpt, negatives=negatives)
+    assert len(calls) == 2  # resumed from the checkpoint folder
+
+    out = PersGuard(_config()).run(load_pipeline(tiny_model_dir), [person], tmp_path / "out", negatives=negatives)
+    card = json.loads((out / "protection.json").read_text())
+    assert card["implant"] == "decoder" and "VAE" in card["decoder_backdoor_limits"]
+    held = card["metrics"]["decoder_backdoor"]["held_out_mark_rate_after"]
+    assert held["n_subject"] >= 1 and held["n_others"] >= 1
+    assert not (tmp_path / ".out.checkpoint").exists()
+    with pytest.raises(NocloneError, match="only used with --implant decoder or both"):
+        PersGuard(_config(implant="unet")).protect(load_pipeline(tiny_model_dir), [person], negatives=negatives)
+
+
+def test_cli_decoder_flags(tiny_model_dir, subject_dir, dog_dir, tmp_path, capsys):
+    from test_persguard import _fails, _main
+
+    ok = ["protect-model", "--method", "persguard", "--model", str(tiny_model_dir), "--images", str(subject_dir),
+          "--class-noun", "person"]
+    out = ["--out", str(tmp_path / "o")]
+    _fails(capsys, ok + ["--implant", "vae"] + out, "--implant 'vae'")
+    _fails(capsys, ok + ["--implant", "decoder", "--target", "erasure"] + out, "needs --target pattern")
+    _fails(capsys, ok + ["--negative-images", str(dog_dir)] + out, "only used with --implant decoder or both")
+    _fails(capsys, ok + ["--implant", "decoder", "--negative-images", str(tmp_path / "none")] + out, "none")
+    _fails(capsys, ["protect-model", "--model", str(tiny_model_dir), "--images", str(subject_dir), "--class-noun",
+                    "person", "--implant", "decoder"] + out, "--implant is a --method persguard setting")
+    assert not (tmp_path / "o").exists()
