@@ -342,3 +342,36 @@ def test_cache_keys_are_stable_and_change_with_settings():
     assert _keys(db, {"outer_steps": 1}, seed=1)["transformed_photos"] != base["transformed_photos"]
     photos = _keys(db, {"outer_steps": 1}, photos_key="q" * 64)
     assert all(photos[s] != base[s] for s in base)
+
+
+# --------------------------------------------------------------------------- PersGuard's decoder negatives
+
+
+@pytest.mark.parametrize("defence, expected", [
+    ({"persguard": {"implant": "decoder", "negatives": "held_out:3"}}, "negatives must be a non-empty list"),
+    ({"persguard": {"implant": "decoder", "negatives": ["someone"]}}, "expected an identity id or 'held_out:N'"),
+    ({"apdm": {"negatives": ["held_out:3"]}}, "'negatives' is a persguard setting"),
+])
+def test_negatives_setting_is_checked(tmp_path, capsys, tiny_model_dir, subject_dir, defence, expected):
+    raw = tiny_raw(tiny_model_dir, subject_dir)
+    raw["defences"] = [defence]
+    assert main(["-q", "bench", str(_write(tmp_path, raw)), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_decoder_backdoor_gets_the_rendered_negatives(tmp_path, tiny_model_dir, subject_dir):
+    raw = tiny_raw(tiny_model_dir, subject_dir)
+    raw["defences"] = [{"persguard": {"implant": "decoder", "negatives": ["held_out:3", 5], "decoder_steps": 2,
+                                      "decoder_generations": 5, "decoder_attack_steps": 1, "batch_size": 1,
+                                      "num_class_images": 2, "class_image_steps": 2}}]
+    raw["metrics"] = ["backdoor_rate"]
+    out = tmp_path / "run"
+    run_bench(validate(raw), out, progress=False)
+    cards = list(out.rglob("protection.json"))
+    assert len(cards) == 1
+    card = json.loads(cards[0].read_text())
+    decoder = card["metrics"]["decoder_backdoor"]
+    # negatives: 2 class images x 2 posterior samples + 5 generations for each of the two rendered identities
+    assert card["implant"] == "decoder" and decoder["n_negatives"] == 2 * 2 + 2 * 5
+    assert decoder["n_positives"] == 4 * 4 + 5  # the subject's 4 photos x 4 samples + 5 generations

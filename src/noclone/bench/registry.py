@@ -20,7 +20,9 @@ from pathlib import Path
 
 from noclone.errors import NocloneError
 
-BENCH_ONLY_DEFENCE_KEYS = ("token", "preset")  # read by the bench, not passed to the defence's config
+# read by the bench, not passed to the defence's config; "negatives": sandbox identities (ids or 'held_out:N', the
+# protected subject's class) whose photos a PersGuard decoder backdoor must leave unmarked
+BENCH_ONLY_DEFENCE_KEYS = ("token", "preset", "negatives")
 
 
 @dataclass
@@ -71,12 +73,24 @@ def _model_defence(module: str, cls: str, config_cls: str, label: str) -> Defenc
             cfg.validate()
         return getattr(mod, cls), cfg
 
-    def run(pipe, subjects, out: Path, settings: dict, class_cache: Path, checkpoint_dir: Path, progress: bool) -> None:
+    def run(pipe, subjects, out: Path, settings: dict, class_cache: Path, checkpoint_dir: Path, progress: bool,
+            negatives: list | None = None) -> None:
         method, cfg = config(settings, progress)
-        method(cfg).run(pipe, subjects, out, overwrite=True, checkpoint_dir=checkpoint_dir, class_cache=class_cache)
+        extra = {"negatives": negatives} if negatives else {}
+        method(cfg).run(pipe, subjects, out, overwrite=True, checkpoint_dir=checkpoint_dir, class_cache=class_cache,
+                        **extra)
 
     def check(settings: dict) -> None:
         config(settings)
+        if settings.get("negatives") is not None:
+            if label != "persguard":
+                raise NocloneError(f"defence {label!r}: 'negatives' is a persguard setting (implant decoder/both)")
+            if not isinstance(settings["negatives"], list) or not settings["negatives"]:
+                raise NocloneError(f"defence {label!r}: negatives must be a non-empty list of sandbox identities")
+            from noclone.bench.config import _identity
+
+            for value in settings["negatives"]:
+                _identity(value, f"defence {label!r} negatives")
 
     return Defence("model", check=check, run=run)
 

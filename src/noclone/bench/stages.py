@@ -274,18 +274,31 @@ def protected_model(cache: Cache, model: Ref, photos: Ref, subject: SubjectSpec,
     inputs = {"model": model.key, "subject": {"photos": photos.key, "class": subject.class_noun, "token": token},
               "method": defence.method, "settings": defence.settings, "runtime": runtime.key()}
 
+    negatives = [subject_photos(cache, negative_subject(subject, value), "train")
+                 for value in defence.settings.get("negatives") or []]
+
     def build(tmp: Path) -> dict:
         from noclone.defenses.base import ProtectionSubject
+        from noclone.sandbox.experiment import images_in
 
         entry = get_defence(defence.method)
         key = stage_key("protected_model", inputs)
+        extra = {"negatives": [images_in(ref.path) for ref in negatives]} if negatives else {}
         with _class_image_cache(cache) as class_cache:
             entry.run(runtime.load(model.path), [ProtectionSubject.from_folder(photos.path, subject.class_noun, token)],
                       tmp / "model", defence.settings, class_cache, cache.checkpoint_dir("protected_model", key),
-                      runtime.progress)
+                      runtime.progress, **extra)
         return {"method": defence.method}
 
     return cache.run("protected_model", inputs, build, "model")
+
+
+def negative_subject(subject: SubjectSpec, value) -> SubjectSpec:
+    """A sandbox identity of the subject's class, as a subject whose train photos a defence keeps apart."""
+    from noclone.bench.config import _identity
+
+    identity, short = _identity(value, "negatives")
+    return SubjectSpec(f"{subject.class_noun}-{short}", subject.class_noun, identity, size=subject.size)
 
 
 def cloaked_photos(cache: Cache, model: Ref, photos: Ref, defence: DefenceSpec, class_noun: str,
