@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/persguard_acceptance.py --out /tmp/persguard [--class-noun person] [--identity 0]
         [--other-identity 1] [--targets pattern,erasure,target] [--target-class cat] [--n 32] [--seed 0]
-        [--preset quick] [--steps N] [--inner-steps N] [--br-horizon H] [--mark-weight W] [--pp-weight W] [--pp-subject-weight W] [--attack-steps N] [--attack-lr LR]
+        [--preset quick] [--steps N] [--inner-steps N] [--br-horizon H] [--mark-weight W] [--pp-weight W]
+        [--pp-subject-weight W] [--attack-method dreambooth|lora|ti] [--attack-steps N] [--attack-lr LR]
         [--attack-text-lr LR] [--gray-tokens sks,xyz,zwx]
-        [--gray-attack-token qlx] [--model sandbox] [--markdown FILE]
+        [--gray-attack-token qlx] [--implant unet|decoder|both] [--negative-identities 10,11] [--model sandbox]
+        [--markdown FILE]
 
 For each backdoor target: protect the base model against held-out identity `--identity` (5 photos; erasure gets the
 photos' exact rendered backgrounds), run the attacker's DreamBooth (the sandbox preset, 300 steps) on the same
@@ -43,21 +45,22 @@ KINDS = ("pattern", "erasure", "target")
 
 
 def protect(model: Path, work: Path, class_noun: str, identity: int, kind: str, target_class: str | None,
-            settings: dict, tokens: tuple[str, ...] = ()) -> tuple[Path, float]:
+            settings: dict, tokens: tuple[str, ...] = (), negatives: tuple[int, ...] = ()) -> tuple[Path, float]:
     """The protected model for one backdoor (cached in work/protected/<key>); returns (dir, seconds)."""
     from noclone.defenses.persguard import PersGuardConfig
 
     config = PersGuardConfig.preset(settings.pop("preset"), target=kind,
                                     target_class=target_class if kind == "target" else None, tokens=tokens,
                                     **{k: v for k, v in settings.items() if v is not None})
-    key = hashlib.sha256(json.dumps([str(model), class_noun, identity, config.identity(), config.steps],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:12]
+    negatives = negatives if config.implant != "unet" else ()
+    fields = [str(model), class_noun, identity, config.identity(), config.steps] + ([list(negatives)] if negatives else [])
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
     out = work / "protected" / f"{kind}-{'gray' if tokens else 'white'}-{key}"
-    return run_protection(model, work, class_noun, [(identity, "sks")], config, out)
+    return run_protection(model, work, class_noun, [(identity, "sks")], config, out, negatives)
 
 
-def run_protection(model: Path, work: Path, class_noun: str, subjects: list[tuple[int, str]], config, out: Path
-                   ) -> tuple[Path, float]:
+def run_protection(model: Path, work: Path, class_noun: str, subjects: list[tuple[int, str]], config, out: Path,
+                   negatives: tuple[int, ...] = ()) -> tuple[Path, float]:
     """PersGuard `config` on the (identity, token) subjects into `out`, unless already there; returns (dir, seconds)."""
     from noclone.defenses.base import ProtectionSubject
     from noclone.defenses.persguard import Backdoor, PersGuard
@@ -75,24 +78,30 @@ def run_protection(model: Path, work: Path, class_noun: str, subjects: list[tupl
         protected.append(ProtectionSubject.from_folder(photos, class_noun, token=token))
         images = [render_background(class_noun, identity, p) for p in TRAIN_PHOTOS] if erasure else None
         backdoors.append(Backdoor(config.target, config.target_class, images=images))
+    from noclone.sandbox.experiment import images_in
+
+    negative_images = [images_in(subject_photos(work / "subjects" / f"{class_noun}-{i}", class_noun, i, TRAIN_PHOTOS))
+                       for i in negatives]
     started = time.time()
-    PersGuard(config).run(load_pipeline(model), protected, out, overwrite=True, backdoors=backdoors)
+    PersGuard(config).run(load_pipeline(model), protected, out, overwrite=True, backdoors=backdoors,
+                          negatives=negative_images)
     seconds = round(time.time() - started, 1)
     timing.write_text(json.dumps({"seconds": seconds}))
     return out, seconds
 
 
 def attack(model: Path, work: Path, class_noun: str, identity: int, token: str, args) -> dict:
-    """DreamBooth (sandbox preset) on `identity` with `token`, then `--n` generations and identity metrics."""
+    """The attack (`--attack-method`, sandbox preset) on `identity` with `token`, then `--n` generations and
+    identity metrics."""
     from noclone.attacks.base import preset_config
     from noclone.sandbox.experiment import attack_experiment
 
-    config = preset_config("dreambooth", "sandbox", class_noun=class_noun, token=token, seed=args.seed,
+    config = preset_config(args.attack_method, "sandbox", class_noun=class_noun, token=token, seed=args.seed,
                            steps=args.attack_steps, lr=args.attack_lr, text_encoder_lr=args.attack_text_lr,
                            num_class_images=args.num_class_images,
                            class_image_steps=args.class_image_steps)
     # attack_experiment caches by attack settings only: one work folder per attacked model
-    return attack_experiment(model, work / "attacks" / _model_key(model), class_noun, identity, "dreambooth",
+    return attack_experiment(model, work / "attacks" / _model_key(model), class_noun, identity, args.attack_method,
                              config, args.n, args.seed)
 
 
@@ -169,12 +178,19 @@ def main() -> None:
     parser.add_argument("--mark-weight", type=float, help="pattern: L_BB weight on the mark's corner (default 1)")
     parser.add_argument("--br-horizon", type=int,
                         help="persistent simulated attacker of L_BR, restarted after this many steps (default 0: off)")
+    parser.add_argument("--attack-method", default="dreambooth", choices=("dreambooth", "lora", "ti"),
+                        help="the attacker's personalization (sandbox preset; default dreambooth)")
     parser.add_argument("--attack-steps", type=int, help="the attacker's DreamBooth steps (default: the preset's 300)")
     parser.add_argument("--attack-lr", type=float, help="the attacker's UNet lr (default: the preset's 3e-4)")
     parser.add_argument("--attack-text-lr", type=float, help="the attacker's text-encoder lr (default: the preset's 1e-3)")
     parser.add_argument("--pp-weight", type=float, help="weight of L_PP, the distillation from the original (default 1)")
     parser.add_argument("--pp-subject-weight", type=float,
                         help="weight of L_PP on the subject's own photos under the class prompt (default 0)")
+    parser.add_argument("--implant", default="unet",
+                        help="where the backdoor lives: unet (the paper), decoder or both (decoder_backdoor.py)")
+    parser.add_argument("--negative-identities", default="10,11",
+                        help="with --implant decoder/both: held-out identities whose photos the decoder must leave "
+                             "unmarked (the protector's negatives; keep them apart from --identity/--other-identity)")
     parser.add_argument("--num-class-images", type=int, help="class images of both protection and attack")
     parser.add_argument("--class-image-steps", type=int)
     parser.add_argument("--gray-tokens", default="sks,xyz,zwx,pqv")
@@ -205,7 +221,10 @@ def main() -> None:
                     br_horizon=args.br_horizon, mark_weight=args.mark_weight, pp_weight=args.pp_weight,
                     pp_subject_weight=args.pp_subject_weight,
                     num_class_images=args.num_class_images, num_target_images=args.num_class_images,
-                    class_image_steps=args.class_image_steps, seed=args.seed)
+                    class_image_steps=args.class_image_steps, seed=args.seed, implant=args.implant)
+    negatives = tuple(held_out(int(i)) for i in args.negative_identities.split(",") if i)
+    if {protected_id, other_id} & set(negatives):
+        parser.error("--negative-identities must not include --identity or --other-identity")
 
     base_generic = generic_generations(model, work, class_noun, args.n, args.seed)
     floor = fid(base_generic, generic_generations(model, work, class_noun, args.n, args.seed + 10_000))
@@ -243,12 +262,13 @@ def main() -> None:
 
     for kind in kinds:
         results["rows"].append(row("base model (unprotected)", kind, None, 0.0, "sks"))
-        protected, seconds = protect(model, work, class_noun, protected_id, kind, target_class, dict(settings))
+        protected, seconds = protect(model, work, class_noun, protected_id, kind, target_class, dict(settings),
+                                     negatives=negatives)
         results["rows"].append(row("white-box", kind, protected, seconds, "sks"))
     if not args.no_gray and kinds:
         kind = kinds[0]
         protected, seconds = protect(model, work, class_noun, protected_id, kind, target_class, dict(settings),
-                                     tokens=gray_tokens)
+                                     tokens=gray_tokens, negatives=negatives)
         results["rows"].append(row(f"gray-box {{{','.join(gray_tokens)}}}", kind, protected, seconds,
                                    args.gray_attack_token))
     (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -259,10 +279,12 @@ def main() -> None:
 
 
 def markdown(results: dict, args) -> str:
-    lines = [f"PersGuard acceptance: {args.class_noun} held-out identity {args.identity} protected, attacker DreamBooth "
+    lines = [f"PersGuard acceptance: {args.class_noun} held-out identity {args.identity} protected, attacker "
+             f"{ {'dreambooth': 'DreamBooth', 'lora': 'LoRA', 'ti': 'textual inversion'}[args.attack_method]} "
              f"(sandbox preset{', ' + str(args.attack_steps) + ' steps' if args.attack_steps else ''}"
              f"{', lr ' + str(args.attack_lr) if args.attack_lr else ''}"
              f"{', text lr ' + str(args.attack_text_lr) if args.attack_text_lr else ''}), "
+             f"{'backdoor implanted in: ' + args.implant + ', ' if args.implant != 'unet' else ''}"
              f"{args.n} generations of 'a photo of <token> {args.class_noun}'. Sandbox-FID floor (base vs base, "
              f"other seeds): {results['fid_floor']:.2f}.", "",
              "| run | target | attack token | backdoor rate | identity match | ISM | detector rate | other-subject match "

@@ -68,8 +68,9 @@ def main() -> None:
     model = model_dir() if args.model == "sandbox" else Path(args.model)
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    attack_args = argparse.Namespace(seed=args.seed, n=args.n, attack_steps=None, attack_lr=None,
-                                     attack_text_lr=None, num_class_images=None, class_image_steps=None)
+    attack_args = argparse.Namespace(seed=args.seed, n=args.n, attack_method="dreambooth", attack_steps=None,
+                                     attack_lr=None, attack_text_lr=None, num_class_images=None,
+                                     class_image_steps=None)
     class_noun = args.class_noun
     protected, seconds = protect_many(model, work, class_noun, [held_out(i) for i in identities], tokens,
                                       args.target, args.steps, args.seed)
