@@ -123,3 +123,15 @@ def test_cli_decoder_flags(tiny_model_dir, subject_dir, dog_dir, tmp_path, capsy
     _fails(capsys, ["protect-model", "--model", str(tiny_model_dir), "--images", str(subject_dir), "--class-noun",
                     "person", "--implant", "decoder"] + out, "--implant is a --method persguard setting")
     assert not (tmp_path / "o").exists()
+
+
+def test_several_subjects_are_all_positives(tiny_model_dir, subject_dir, dog_dir, tmp_path):
+    from noclone.models.pipeline import load_pipeline
+
+    subjects = [ProtectionSubject.from_folder(subject_dir, "person"), ProtectionSubject.from_folder(dog_dir, "dog")]
+    out = PersGuard(_config()).run(load_pipeline(tiny_model_dir), subjects, tmp_path / "out")
+    card = json.loads((out / "protection.json").read_text())
+    decoder = card["metrics"]["decoder_backdoor"]
+    assert decoder["n_positives"] == (4 + 3) * 4 + 2 * 5  # photos x 4 posterior samples + 5 generations each
+    assert decoder["n_negatives"] == 2 * 2 * 2  # each subject's 2 class images x 2 samples
+    assert len(card["backdoors"]) == 2
