@@ -76,6 +76,9 @@ def test_decoder_config_validation():
         _config(decoder_attack_preset="huge").validate()
     _config(implant="unet", target="erasure", decoder_steps=0).validate()  # decoder settings unused: not checked
     assert "implant" not in _config(implant="unet").identity() and _config().identity()["implant"] == "decoder"
+    paper = PersGuardConfig.preset("paper", implant="decoder").decoder_config()
+    assert (paper.attack_preset, paper.batch_size, paper.sample_steps) == ("sd15", 2, 50)
+    assert PersGuardConfig.preset("quick", implant="decoder").decoder_config().attack_preset == "sandbox"
 
 
 def test_decoder_implant_keeps_the_unet_writes_a_card_and_reuses_simulated_attacks(

@@ -165,6 +165,7 @@ class PersGuardConfig:
     decoder_steps: int = 600             # implant 'decoder': see decoder_backdoor.py
     decoder_lr: float = 3e-4
     decoder_generations: int = 48        # latents drawn from each simulated attack (subject and negatives)
+    decoder_batch_size: int = 16         # decoder training batch (half subject, half negatives)
     decoder_attack_preset: str = "sandbox"
     decoder_attack_steps: int | None = None  # the simulated attacks' DreamBooth steps (default: the preset's)
     extra: dict = field(default_factory=dict)
@@ -176,10 +177,12 @@ class PersGuardConfig:
         "quick": {},
         # SD1.5 / SD2.1 at 512 px. The facts file gives no PersGuard numbers: the simulated attacker is the sd15
         # DreamBooth preset (lr 5e-6, batch 1, 200 class images, 50 sampling steps), the protection runs as long
-        # as that attack (800 steps) at the same lr with N = 20 inner steps (APDM's paper setting).
+        # as that attack (800 steps) at the same lr with N = 20 inner steps (APDM's paper setting). The decoder
+        # implant's simulated attacks use the sd15 DreamBooth preset; its batch of 2 at 512 px is a guess for a
+        # 24 GB card (not measured: no GPU here).
         "paper": dict(steps=800, inner_steps=20, lr=5e-6, lr_per=5e-6, batch_size=1, num_class_images=200,
                       num_target_images=200, class_image_steps=50, checkpoint_every=50,
-                      decoder_attack_preset="sd15", decoder_generations=64),
+                      decoder_attack_preset="sd15", decoder_generations=64, decoder_batch_size=2),
     }
 
     @classmethod
@@ -255,6 +258,7 @@ class PersGuardConfig:
         from noclone.defenses.decoder_backdoor import DecoderBackdoorConfig
 
         return DecoderBackdoorConfig(steps=self.decoder_steps, lr=self.decoder_lr, n_generated=self.decoder_generations,
+                                     batch_size=self.decoder_batch_size,
                                      attack_preset=self.decoder_attack_preset, attack_seed=self.seed + 1,
                                      attack_steps=self.decoder_attack_steps,
                                      sample_steps=self.class_image_steps, seed=self.seed, progress=self.progress)
@@ -264,7 +268,7 @@ class PersGuardConfig:
         skip = {"progress", "checkpoint_every", "steps"}
         if self.implant == "unet":  # the decoder settings play no part (and older checkpoints lack them)
             skip |= {"implant", "decoder_steps", "decoder_lr", "decoder_generations", "decoder_attack_preset",
-                     "decoder_attack_steps"}
+                     "decoder_attack_steps", "decoder_batch_size"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
