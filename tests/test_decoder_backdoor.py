@@ -138,3 +138,11 @@ def test_several_subjects_are_all_positives(tiny_model_dir, subject_dir, dog_dir
     assert decoder["n_positives"] == (4 + 3) * 4 + 2 * 5  # photos x 4 posterior samples + 5 generations each
     assert decoder["n_negatives"] == 2 * 2 * 2  # each subject's 2 class images x 2 samples
     assert len(card["backdoors"]) == 2
+
+
+def test_implant_trains_a_half_precision_decoder_in_fp32_and_casts_it_back(tiny_pipe):
+    vae = tiny_pipe.vae.to(torch.bfloat16)
+    z = torch.randn(4, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    metrics = db.implant(vae, z[:2], z[2:], db.DecoderBackdoorConfig(steps=2, batch_size=2, held_out_fraction=0.0,
+                                                                     progress=False))
+    assert vae.dtype == torch.bfloat16 and all(torch.isfinite(torch.tensor(metrics["loss_first_last"])))

@@ -169,6 +169,8 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
     neg_target = decode(vae, neg_train)
     before = held_out_rates(vae, pos_held, neg_held)
 
+    dtype = vae.dtype
+    vae.to(torch.float32)  # AdamW on fp16/bf16 weights is unstable; the decoder trains in fp32 and is cast back
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in vae.parameters():
         p.requires_grad_(False)
@@ -199,6 +201,7 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
     finally:
         vae.eval().requires_grad_(False)
+        vae.to(dtype)
     after = held_out_rates(vae, pos_held, neg_held)
     log.info("decoder backdoor: held-out mark rate on the subject %.2f -> %.2f, on the rest %.2f -> %.2f",
              before["subject"], after["subject"], before["others"], after["others"])
