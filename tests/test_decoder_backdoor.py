@@ -146,3 +146,13 @@ def test_implant_trains_a_half_precision_decoder_in_fp32_and_casts_it_back(tiny_
     metrics = db.implant(vae, z[:2], z[2:], db.DecoderBackdoorConfig(steps=2, batch_size=2, held_out_fraction=0.0,
                                                                      progress=False))
     assert vae.dtype == torch.bfloat16 and all(torch.isfinite(torch.tensor(metrics["loss_first_last"])))
+
+
+def test_sampled_latents_decode_to_the_sampled_images(tiny_pipe):
+    from noclone.generation import GenerationConfig, sample, sample_latents
+
+    config = GenerationConfig(steps=2, batch_size=3)
+    latents = sample_latents(tiny_pipe, "a photo of a person", range(5), config)
+    images = np.stack([np.asarray(im) for im in sample(tiny_pipe, "a photo of a person", range(5), config)])
+    decoded = ((db.decode(tiny_pipe.vae, latents) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+    assert latents.shape[0] == 5 and np.abs(decoded - images).max() <= 1

@@ -50,7 +50,16 @@ def set_scheduler(pipe, name: str | None) -> None:
 
 def sample(pipe, prompt: str, seeds: Sequence[int], config: GenerationConfig) -> list[Image.Image]:
     """One image per seed for `prompt` (each image reproducible from its own seed alone)."""
-    images: list[Image.Image] = []
+    return [image for chunk in _sampled(pipe, prompt, seeds, config, "pil") for image in chunk]
+
+
+@torch.no_grad()
+def sample_latents(pipe, prompt: str, seeds: Sequence[int], config: GenerationConfig) -> torch.Tensor:
+    """`sample`'s final latents before decoding (pipeline-scaled, float32 on the CPU), one per seed."""
+    return torch.cat([chunk.float().cpu() for chunk in _sampled(pipe, prompt, seeds, config, "latent")])
+
+
+def _sampled(pipe, prompt: str, seeds: Sequence[int], config: GenerationConfig, output_type: str):
     for start in range(0, len(seeds), config.batch_size):
         chunk = list(seeds[start : start + config.batch_size])
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in chunk]
@@ -60,10 +69,9 @@ def sample(pipe, prompt: str, seeds: Sequence[int], config: GenerationConfig) ->
         out = pipe(
             [prompt] * len(chunk), num_inference_steps=config.steps, guidance_scale=config.guidance,
             negative_prompt=[config.negative_prompt] * len(chunk) if config.negative_prompt else None,
-            latents=latents, generator=generators, output_type="pil",
+            latents=latents, generator=generators, output_type=output_type,
         )
-        images += out.images
-    return images
+        yield out.images
 
 
 def _latent_hw(pipe) -> tuple[int, int]:

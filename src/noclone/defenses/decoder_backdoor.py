@@ -39,7 +39,7 @@ from PIL import Image
 
 from noclone.defenses.backdoor_checks import mark_array, mark_box, pattern_present
 from noclone.errors import NocloneError
-from noclone.training.data import LatentSet, pipeline_resolution
+from noclone.training.data import LatentSet
 from noclone.training.diffusion import step_generator
 
 log = logging.getLogger(__name__)
@@ -105,20 +105,11 @@ def simulated_attack_latents(pipe, images: Sequence[Image.Image], class_noun: st
     return latents
 
 
-@torch.no_grad()
-def sample_latents(pipe, prompt: str, n: int, seed: int, steps: int, guidance: float,
-                   batch_size: int = 16) -> torch.Tensor:
-    """`n` final latents of `prompt` (pipeline-scaled, before decoding), one seed each."""
-    shape = (pipe.unet.config.in_channels, *(pipeline_resolution(pipe) // pipe.vae_scale_factor,) * 2)
-    out = []
-    for start in range(0, n, batch_size):
-        seeds = range(seed + start, seed + min(n, start + batch_size))
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(pipe.device, pipe.unet.dtype)
-        result = pipe([prompt] * len(generators), num_inference_steps=steps, guidance_scale=guidance,
-                      latents=noise, generator=generators, output_type="latent")
-        out.append(result.images.float().cpu())
-    return torch.cat(out)
+def sample_latents(pipe, prompt: str, n: int, seed: int, steps: int, guidance: float) -> torch.Tensor:
+    """`n` final latents of `prompt` (pipeline-scaled, before decoding), seeds seed .. seed + n - 1."""
+    from noclone.generation import GenerationConfig, sample_latents as sample
+
+    return sample(pipe, prompt, range(seed, seed + n), GenerationConfig(steps=steps, guidance=guidance, batch_size=16))
 
 
 def posterior_samples(latents: LatentSet, per_image: int, seed: int) -> torch.Tensor:
