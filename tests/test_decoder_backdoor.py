@@ -120,6 +120,7 @@ def test_cli_decoder_flags(tiny_model_dir, subject_dir, dog_dir, tmp_path, capsy
           "--class-noun", "person"]
     out = ["--out", str(tmp_path / "o")]
     _fails(capsys, ok + ["--implant", "vae"] + out, "--implant 'vae'")
+    _fails(capsys, ok + ["--implant", "decoder", "--decoder-attack-steps", "0"] + out, "--decoder-attack-steps")
     _fails(capsys, ok + ["--implant", "decoder", "--target", "erasure"] + out, "needs --target pattern")
     _fails(capsys, ok + ["--negative-images", str(dog_dir)] + out, "only used with --implant decoder or both")
     _fails(capsys, ok + ["--implant", "decoder", "--negative-images", str(tmp_path / "none")] + out, "none")
@@ -156,3 +157,17 @@ def test_sampled_latents_decode_to_the_sampled_images(tiny_pipe):
     images = np.stack([np.asarray(im) for im in sample(tiny_pipe, "a photo of a person", range(5), config)])
     decoded = ((db.decode(tiny_pipe.vae, latents) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
     assert latents.shape[0] == 5 and np.abs(decoded - images).max() <= 1
+
+
+def test_cli_protects_with_a_decoder_backdoor(tiny_model_dir, subject_dir, dog_dir, tmp_path):
+    from test_persguard import _main
+
+    out = tmp_path / "guarded"
+    assert _main(["-q", "protect-model", "--method", "persguard", "--implant", "decoder", "--negative-images",
+                  str(dog_dir), "--decoder-steps", "2", "--decoder-attack-steps", "1", "--model", str(tiny_model_dir),
+                  "--images", str(subject_dir), "--class-noun", "person", "--num-class-images", "2",
+                  "--out", str(out)]) == 0
+    card = json.loads((out / "protection.json").read_text())
+    assert card["implant"] == "decoder" and card["hyperparameters"]["decoder_steps"] == 2
+    assert card["hyperparameters"]["decoder_attack_steps"] == 1
+    assert card["metrics"]["decoder_backdoor"]["n_negatives"] == 2 * 2 + 48  # class images x 2 + one attack's 48

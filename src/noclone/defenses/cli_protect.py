@@ -145,7 +145,7 @@ def _persguard_setup(args: argparse.Namespace, n_subjects: int):
         "checkpoint_every": args.checkpoint_every, "seed": args.seed, "bb_weight": args.bb_weight,
         "pp_weight": args.pp_weight, "br_weight": args.br_weight, "br_every": args.br_every,
         "br_horizon": args.br_horizon, "mark_weight": args.mark_weight, "implant": args.implant,
-        "decoder_steps": args.decoder_steps, "tokens": tokens or None, "templates": tuple(args.templates.split("|")) if args.templates else None,
+        "decoder_steps": args.decoder_steps, "decoder_attack_steps": args.decoder_attack_steps, "tokens": tokens or None, "templates": tuple(args.templates.split("|")) if args.templates else None,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = PersGuardConfig.preset(args.preset, progress=not getattr(args, "quiet", False),
@@ -197,7 +197,8 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
                   "br_horizon": "--br-horizon", "mark_weight": "--mark-weight", "num_target_images": "--num-target-images",
-                  "implant": "--implant", "negative_images": "--negative-images", "decoder_steps": "--decoder-steps"},
+                  "implant": "--implant", "negative_images": "--negative-images", "decoder_steps": "--decoder-steps",
+                  "decoder_attack_steps": "--decoder-attack-steps"},
 }
 
 
@@ -253,6 +254,8 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --implant decoder/both: a folder of another subject's photos the mark must not fire "
                         "on (repeat per subject)")
     g.add_argument("--decoder-steps", type=int, help="training steps of the decoder backdoor (default 600)")
+    g.add_argument("--decoder-attack-steps", type=int,
+                   help="steps of the decoder backdoor's simulated DreamBooths (default: the attack preset's)")
     p.add_argument("--steps", type=int, help="outer protection steps N_protect")
     p.add_argument("--inner-steps", type=int, help="simulated DreamBooth steps per outer step N_per")
     p.add_argument("--lr-protect", type=float)

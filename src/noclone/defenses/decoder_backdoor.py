@@ -68,7 +68,7 @@ class DecoderBackdoorConfig:
             (0 < self.lr < 1, f"--decoder-lr {self.lr} is outside (0, 1)"),
             (self.batch_size >= 2, f"decoder batch size {self.batch_size} must be at least 2"),
             (self.n_generated >= 5, f"decoder n_generated {self.n_generated} must be at least 5"),
-            (self.attack_steps is None or self.attack_steps >= 1, "decoder attack_steps must be at least 1"),
+            (self.attack_steps is None or self.attack_steps >= 1, "--decoder-attack-steps must be at least 1"),
             (self.sample_steps >= 1, "decoder sample_steps must be at least 1"),
             (0 <= self.held_out_fraction < 0.5, "decoder held_out_fraction must be in [0, 0.5)"),
         ]
