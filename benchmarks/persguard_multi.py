@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/persguard_multi.py --out /tmp/persguard-multi [--identities 0,3,5]
         [--tokens sks,xyz,zwx] [--other-identity 4] [--target pattern] [--steps 360] [--n 32] [--seed 0]
-        [--markdown FILE]
+        [--implant unet|decoder|both] [--negative-identities 10,11] [--markdown FILE]
 
 Protects the base sandbox model once against every held-out identity of `--identities` (class `--class-noun`),
 each with its own identifier from `--tokens` and the `--target` backdoor (white box, subjects cycled one per
@@ -28,15 +28,17 @@ import persguard_acceptance as single  # noqa: E402
 
 
 def protect_many(model: Path, work: Path, class_noun: str, identities: list[int], tokens: list[str], kind: str,
-                 steps: int, seed: int) -> tuple[Path, float]:
+                 steps: int, seed: int, implant: str = "unet", negatives: tuple[int, ...] = ()) -> tuple[Path, float]:
     """One PersGuard model protecting every identity with its own token (cached); returns (dir, seconds)."""
     from noclone.defenses.persguard import PersGuardConfig
 
-    config = PersGuardConfig.preset("quick", target=kind, steps=steps, seed=seed)
-    key = hashlib.sha256(json.dumps([str(model), class_noun, identities, tokens, config.identity(), config.steps],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:12]
+    config = PersGuardConfig.preset("quick", target=kind, steps=steps, seed=seed, implant=implant)
+    negatives = negatives if implant != "unet" else ()
+    fields = [str(model), class_noun, identities, tokens, config.identity(), config.steps]
+    key = hashlib.sha256(json.dumps(fields + ([list(negatives)] if negatives else []), sort_keys=True,
+                                    default=str).encode()).hexdigest()[:12]
     out = work / "protected" / f"multi-{kind}-{key}"
-    return single.run_protection(model, work, class_noun, list(zip(identities, tokens)), config, out)
+    return single.run_protection(model, work, class_noun, list(zip(identities, tokens)), config, out, negatives)
 
 
 def main() -> None:
@@ -51,6 +53,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=360, help="PersGuard outer steps (subjects cycled)")
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--implant", default="unet", help="unet (the paper), decoder or both (decoder_backdoor.py)")
+    parser.add_argument("--negative-identities", default="10,11",
+                        help="with --implant decoder/both: held-out identities the decoder must leave unmarked")
     parser.add_argument("--markdown", help="also write the table as markdown to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -73,7 +78,8 @@ def main() -> None:
                                      class_image_steps=None)
     class_noun = args.class_noun
     protected, seconds = protect_many(model, work, class_noun, [held_out(i) for i in identities], tokens,
-                                      args.target, args.steps, args.seed)
+                                      args.target, args.steps, args.seed, args.implant,
+                                      tuple(held_out(int(i)) for i in args.negative_identities.split(",") if i))
     base_generic = single.generic_generations(model, work, class_noun, args.n, args.seed)
     generic = single.generic_generations(protected, work, class_noun, args.n, args.seed)
     released = {"seconds": seconds, "fid_vs_base": single.fid(generic, base_generic),
