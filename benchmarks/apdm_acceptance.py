@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/apdm_acceptance.py --out /tmp/apdm-acc [--classes person,dog,cat] [--identity 0]
         [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N]
         [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--token T]
-        [--loss naive] [--beta B] [--markdown F]
+        [--loss naive] [--beta B] [--keep-weight W] [--markdown F]
     .venv/bin/python benchmarks/apdm_acceptance.py --out DIR --subjects person:0,dog:4,cat:2 [--multi-subject sum]
         [--other-identity K]     # criterion 6: several subjects protected in ONE model
 
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--anchors", type=int, default=0,
                         help="L_anchor (beyond the paper): keep phi's denoising of renders of N generator-training identities")
     parser.add_argument("--anchor-weight", type=float, help="weight of L_anchor (default 1)")
+    parser.add_argument("--keep-weight", type=float,
+                        help="L_keep at the released weights: distil the original on class images/anchors (default 0)")
     parser.add_argument("--dpo-max-timestep", type=int, help="DPO on timesteps below this only (default: all)")
     parser.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
     parser.add_argument("--simulate-text-encoder", action="store_true",
@@ -139,6 +141,7 @@ def main() -> None:
                                    "params": args.params, "lr_protect": args.lr_protect,
                                    "prior_weight": args.prior_weight, "prior_loss": args.prior_loss,
                                    "loss": args.loss, "beta": args.beta, "anchor_weight": args.anchor_weight,
+                                   "keep_weight": args.keep_weight,
                                    "dpo_max_timestep": args.dpo_max_timestep,
                                    "multi_subject": args.multi_subject}.items() if v is not None}
     if args.simulate_text_encoder:

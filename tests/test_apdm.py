@@ -244,6 +244,21 @@ def test_anchor_term_is_zero_at_the_original_and_holds_the_anchors(tiny_model_di
         _config(anchor_weight=-1.0).validate()
 
 
+def test_keep_term_is_taken_at_the_released_weights(tiny_model_dir, person, subject_dir, dog_dir):
+    from noclone.models.pipeline import load_pipeline
+
+    # L2P on: the anchor term is taken after the inner step (theta'_2 != phi, so > 0 at once) while L_keep is taken
+    # at theta_1 = phi itself, where it is exactly zero
+    anchored = ProtectionSubject.from_folder(subject_dir, "person", anchors=dog_dir)
+    history = APDM(_config(outer_steps=2, keep_weight=1.0)).protect(load_pipeline(tiny_model_dir), [anchored])
+    assert history[0]["keep"] == pytest.approx(0.0, abs=1e-9) and history[0]["anchor"] > 1e-9
+    assert history[1]["keep"] > 1e-9
+    plain = APDM(_config(outer_steps=1)).protect(load_pipeline(tiny_model_dir), [person])
+    assert "keep" not in plain[0]
+    with pytest.raises(NocloneError, match="--keep-weight"):
+        _config(keep_weight=-1.0).validate()
+
+
 def test_dpo_max_timestep_draws_low_noise_timesteps_only(tiny_pipe, person, monkeypatch):
     import noclone.defenses.apdm as apdm
 

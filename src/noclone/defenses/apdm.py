@@ -33,6 +33,11 @@ anchor_weight * L_anchor to L_protect, the distillation of phi on photos of othe
 the instance and the class prompt: the subject's photos may be denoised badly, other people's must not change. On
 the sandbox model L_DPO alone raises the error on every render of the class, not only on the subject's.
 
+L_keep (beyond the paper; `keep_weight` > 0, CLI `--keep-weight`): every term above is taken at the simulated
+attacker's states theta'_{i+1}, so nothing in L2P looks at the released weights theta themselves. L_keep is the
+distillation of phi on the class images (and the anchors, if any) under the class prompt and the empty prompt
+(the unconditional branch of guidance), taken once per outer step at theta, before the inner path.
+
 Minimising L_DPO lowers the error on generic class images relative to phi (r+ < 0) and raises it on the subject
 (r- > 0) -- the model learns to denoise "sks person" into a generic person. `reduction='elementwise'` (default, the
 official code) takes r+/r- and the log-sigmoid per latent element and averages; 'per-sample' (Diffusion-DPO)
@@ -144,6 +149,7 @@ class APDMConfig:
     prior_weight: float = 1.0          # weight of L_ppl in L_per and in L_protect
     prior_loss: str = "ground_truth"   # L_ppl in L_protect: 'ground_truth' noise (paper) | 'distill' phi's prediction
     anchor_weight: float = 1.0         # L_anchor weight (beyond the paper; only with anchor photos, see the docstring)
+    keep_weight: float = 0.0           # L_keep at theta itself, the released weights (beyond the paper, see the docstring)
     l2p: bool = True                   # False: protection gradient at the current weights only
     accumulate: str = "sum"            # 'sum' (Algorithm 1) | 'mean' over the inner states
     official_grad_quirk: bool = False  # True: g = sum_i [grad L_per(theta'_i) + grad L_protect(theta'_{i+1})]
@@ -196,6 +202,7 @@ class APDMConfig:
             (math.isfinite(self.prior_weight) and self.prior_weight >= 0, "prior_weight must be >= 0"),
             (self.dpo_max_timestep is None or self.dpo_max_timestep >= 1, "--dpo-max-timestep must be at least 1"),
             (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0, "--anchor-weight must be >= 0"),
+            (math.isfinite(self.keep_weight) and self.keep_weight >= 0, "--keep-weight must be >= 0"),
             (self.prior_loss in PRIOR_LOSSES, f"--prior-loss {self.prior_loss!r}: choose from {', '.join(PRIOR_LOSSES)}"),
             (self.accumulate in ("sum", "mean"), f"accumulate {self.accumulate!r}: choose sum or mean"),
             (self.params in PARAM_SETS, f"--params {self.params!r}: choose from {', '.join(PARAM_SETS)}"),
@@ -362,6 +369,14 @@ def _prior_loss(unet, reference, scheduler, subject: _Subject, generator: torch.
     return diffusion_loss(unet, scheduler, latents, subject.class_cond.expand(batch, -1, -1), generator)
 
 
+def keep_loss(unet, reference, scheduler, subject: _Subject, generator: torch.Generator, batch: int) -> torch.Tensor:
+    """L_keep: distil phi on the class images (and the anchors, if any) under the class and the empty prompt."""
+    sets = [subject.data.prior] + ([subject.data.anchors] if subject.data.anchors is not None else [])
+    losses = [distillation_loss(unet, reference, scheduler, s.batch(generator, batch), cond, generator)
+              for s in sets for cond in (subject.class_cond, subject.cond(""))]
+    return sum(losses) / len(losses)
+
+
 @torch.no_grad()
 def subject_dpo(unet, reference, scheduler, subject: _Subject, config: APDMConfig, n: int = 16,
                 seed: int = 1234) -> dict[str, float]:
@@ -483,6 +498,14 @@ class APDM:
             for key, value in out.items():
                 stats[key].append(float(value.detach()))
 
+        if c.keep_weight > 0:
+            out = keep_loss(unet, self.reference, scheduler, subject, step_generator(c.seed, step, f"{stream}/keep"),
+                            c.batch_size)
+            (c.keep_weight * out).backward()
+            add_grads_into(grads, params)
+            for p in params.values():
+                p.grad = None
+            stats["keep"].append(float(out.detach()))
         if not c.l2p:
             protect_at_current_weights(0)
             return
