@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/apdm_acceptance.py --out /tmp/apdm-acc [--classes person,dog,cat] [--identity 0]
         [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N]
         [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--token T]
-        [--loss naive] [--beta B] [--keep-weight W] [--markdown F]
+        [--loss naive] [--beta B] [--anchors N] [--repair-steps N] [--markdown F]
     .venv/bin/python benchmarks/apdm_acceptance.py --out DIR --subjects person:0,dog:4,cat:2 [--multi-subject sum]
         [--other-identity K]     # criterion 6: several subjects protected in ONE model
 
@@ -55,6 +55,10 @@ def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
     from noclone.models.pipeline import load_pipeline
     from noclone.sandbox.experiment import TRAIN_PHOTOS, model_tag, subject_photos
 
+    if settings.repair_steps:
+        unrepaired, seconds = protect(model, work, class_noun, identity, replace(settings, repair_steps=0), positives,
+                                      token, anchors, also)
+        return repaired(model, unrepaired, work, settings, [(class_noun, identity), *also], anchors), seconds
     key = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True, default=str).encode()).hexdigest()[:10]
     suffix = ((f"-pos{positives}" if positives else "") + (f"-anchor{anchors}" if anchors else "")
               + (f"-{token}" if token != "sks" else "") + "".join(f"+{c}-{i}" for c, i in also))
@@ -73,6 +77,29 @@ def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
         data.setdefault("metrics", {})["seconds"] = round(time.time() - started, 1)
         card.write_text(json.dumps(data, indent=2))
     return out, json.loads(card.read_text()).get("metrics", {}).get("seconds", 0.0)
+
+
+def repaired(model: Path, unrepaired: Path, work: Path, settings, targets, anchors: int) -> Path:
+    """The release repair (APDM.repair, the code `--repair-steps` runs after L2P) applied to a cached protected model."""
+    from noclone.defenses import APDM, ProtectionSubject
+    from noclone.models.pipeline import load_pipeline, save_pipeline
+    from noclone.sandbox.experiment import TRAIN_PHOTOS, subject_photos
+
+    out = unrepaired.parent / f"{unrepaired.name}-repair{settings.repair_steps}-{settings.repair_lr:g}"
+    if not (out / "protection.json").is_file():
+        original, pipe = load_pipeline(model), load_pipeline(unrepaired)
+        method = APDM(settings)
+        datas = [method.subject_data(original, ProtectionSubject.from_folder(
+                     subject_photos(work / "subjects" / f"{c}-{i}", c, i, TRAIN_PHOTOS), c,
+                     anchors=positive_photos(work, c, anchors) if anchors else None)) for c, i in targets]
+        started = time.time()
+        history = method.repair(pipe, original.unet, datas)
+        card = json.loads((unrepaired / "protection.json").read_text())
+        card["hyperparameters"] = asdict(settings)
+        card.setdefault("metrics", {})["repair_seconds"] = round(time.time() - started, 1)
+        card["metrics"]["repair_first_last"] = [history[0]["repair"], history[-1]["repair"]]
+        save_pipeline(pipe, out, overwrite=True, extra_files={"protection.json": json.dumps(card, indent=2)})
+    return out
 
 
 def quality(model: Path, work: Path, class_noun: str, n: int, seed: int) -> dict:
@@ -119,8 +146,8 @@ def main() -> None:
     parser.add_argument("--anchors", type=int, default=0,
                         help="L_anchor (beyond the paper): keep phi's denoising of renders of N generator-training identities")
     parser.add_argument("--anchor-weight", type=float, help="weight of L_anchor (default 1)")
-    parser.add_argument("--keep-weight", type=float,
-                        help="L_keep at the released weights: distil the original on class images/anchors (default 0)")
+    parser.add_argument("--repair-steps", type=int, help="release repair after L2P (default 0); applied to the "
+                        "cached unrepaired protected model with the same code (APDM.repair)")
     parser.add_argument("--dpo-max-timestep", type=int, help="DPO on timesteps below this only (default: all)")
     parser.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
     parser.add_argument("--simulate-text-encoder", action="store_true",
@@ -141,7 +168,7 @@ def main() -> None:
                                    "params": args.params, "lr_protect": args.lr_protect,
                                    "prior_weight": args.prior_weight, "prior_loss": args.prior_loss,
                                    "loss": args.loss, "beta": args.beta, "anchor_weight": args.anchor_weight,
-                                   "keep_weight": args.keep_weight,
+                                   "repair_steps": args.repair_steps,
                                    "dpo_max_timestep": args.dpo_max_timestep,
                                    "multi_subject": args.multi_subject}.items() if v is not None}
     if args.simulate_text_encoder:

@@ -244,21 +244,6 @@ def test_anchor_term_is_zero_at_the_original_and_holds_the_anchors(tiny_model_di
         _config(anchor_weight=-1.0).validate()
 
 
-def test_keep_term_is_taken_at_the_released_weights(tiny_model_dir, person, subject_dir, dog_dir):
-    from noclone.models.pipeline import load_pipeline
-
-    # L2P on: the anchor term is taken after the inner step (theta'_2 != phi, so > 0 at once) while L_keep is taken
-    # at theta_1 = phi itself, where it is exactly zero
-    anchored = ProtectionSubject.from_folder(subject_dir, "person", anchors=dog_dir)
-    history = APDM(_config(outer_steps=2, keep_weight=1.0)).protect(load_pipeline(tiny_model_dir), [anchored])
-    assert history[0]["keep"] == pytest.approx(0.0, abs=1e-9) and history[0]["anchor"] > 1e-9
-    assert history[1]["keep"] > 1e-9
-    plain = APDM(_config(outer_steps=1)).protect(load_pipeline(tiny_model_dir), [person])
-    assert "keep" not in plain[0]
-    with pytest.raises(NocloneError, match="--keep-weight"):
-        _config(keep_weight=-1.0).validate()
-
-
 def test_dpo_max_timestep_draws_low_noise_timesteps_only(tiny_pipe, person, monkeypatch):
     import noclone.defenses.apdm as apdm
 
@@ -294,6 +279,61 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, pers
     assert not _changed(_unet_state(full), _unet_state(resumed))
     with pytest.raises(NocloneError, match="other settings"):
         APDM(_config(**config, beta=2.0)).protect(load_pipeline(tiny_model_dir), [person], checkpoint_dir=ckpt)
+
+
+def _class_distance(pipe, reference, subject) -> float:
+    """phi's distillation loss on the class images under the class prompt, with fixed noise (how far theta drifted)."""
+    from noclone.training.diffusion import distillation_loss, step_generator, training_scheduler
+
+    with torch.no_grad():
+        latents = subject.data.prior.mean
+        return float(distillation_loss(pipe.unet, reference, training_scheduler(pipe), latents, subject.class_cond,
+                                       step_generator(0, 0, "probe")))
+
+
+def test_release_repair_pulls_generic_denoising_back_and_resumes(tiny_model_dir, subject_dir, dog_dir, tmp_path,
+                                                                  monkeypatch):
+    import noclone.defenses.apdm as apdm_module
+    from noclone.models.pipeline import load_pipeline
+
+    anchored = ProtectionSubject.from_folder(subject_dir, "person", anchors=dog_dir)
+    config = dict(outer_steps=3, lr_protect=3e-3, checkpoint_every=1)
+    plain_pipe, plain = load_pipeline(tiny_model_dir), APDM(_config(**config))
+    plain.protect(plain_pipe, [anchored])
+    repaired_pipe, repaired = load_pipeline(tiny_model_dir), APDM(_config(**config, repair_steps=4, repair_lr=3e-3))
+    repaired.protect(repaired_pipe, [anchored])
+    first, last = repaired.final_metrics["repair_first_last"]
+    assert first > 0 and last < first
+    assert (_class_distance(repaired_pipe, repaired.reference, repaired.subjects[0])
+            < _class_distance(plain_pipe, plain.reference, plain.subjects[0]))
+    # APDM.repair on the saved unrepaired model, phi given, is the same repair
+    later = load_pipeline(tiny_model_dir)
+    later.unet.load_state_dict(plain_pipe.unet.state_dict())
+    APDM(_config(**config, repair_steps=4, repair_lr=3e-3)).repair(
+        later, load_pipeline(tiny_model_dir).unet, [d.data for d in repaired.subjects])
+    assert not _changed(_unet_state(repaired_pipe), _unet_state(later))
+
+    # killed in the middle of the repair, the run resumes there and ends where the uninterrupted run did
+    real, calls = apdm_module.repair_loss, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(apdm_module, "repair_loss", dying)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        APDM(_config(**config, repair_steps=4, repair_lr=3e-3)).protect(load_pipeline(tiny_model_dir), [anchored],
+                                                                        checkpoint_dir=ckpt)
+    assert json.loads((ckpt / "repair" / "state.json").read_text())["step"] == 2
+    monkeypatch.setattr(apdm_module, "repair_loss", real)
+    resumed = load_pipeline(tiny_model_dir)
+    APDM(_config(**config, repair_steps=4, repair_lr=3e-3)).protect(resumed, [anchored], checkpoint_dir=ckpt)
+    assert not _changed(_unet_state(repaired_pipe), _unet_state(resumed))
+    with pytest.raises(NocloneError, match="--repair-steps"):
+        _config(repair_steps=-1).validate()
 
 
 def test_parameter_sets_change_only_their_weights(tiny_model_dir, person):
@@ -382,9 +422,11 @@ def test_cli_protects_then_adds_a_subject(tiny_model_dir, subject_dir, dog_dir, 
     common = ["--steps", "1", "--inner-steps", "1", "--batch-size", "1", "--num-class-images", "2"]
     first = tmp_path / "first"
     assert _main(["-q", "protect-model", "--method", "apdm", "--model", str(tiny_model_dir), "--images", str(subject_dir),
-                  "--class-noun", "person", *common, "--out", str(first)]) == 0
+                  "--class-noun", "person", "--anchor-images", str(dog_dir), "--repair-steps", "2", *common,
+                  "--out", str(first)]) == 0
     card = json.loads((first / "protection.json").read_text())
     assert card["hyperparameters"]["outer_steps"] == 1 and len(card["subjects"]) == 1
+    assert card["hyperparameters"]["repair_steps"] == 2 and len(card["metrics"]["repair_first_last"]) == 2
     second = tmp_path / "second"
     assert _main(["-q", "protect-model", "--model", str(first), "--images", str(dog_dir), "--class-noun", "dog",
                   *common, "--params", "attention", "--out", str(second)]) == 0
@@ -417,6 +459,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_model_dir, subject_dir, dog_di
     _fails(capsys, ok + ["--anchor-images", str(tmp_path / "nope3")] + out, "nope3")
     _fails(capsys, ok + ["--anchor-images", str(dog_dir)] * 2 + out, "one --anchor-images")
     _fails(capsys, ok + ["--params", "vae"] + out, "--params")
+    _fails(capsys, ok + ["--repair-steps", "-1"] + out, "--repair-steps")
+    _fails(capsys, ok + ["--repair-lr", "2"] + out, "--repair-lr")
     _fails(capsys, ok + ["--lr-protect", "3"] + out, "--lr-protect")
     _fails(capsys, ok + ["--single-file", str(tmp_path / "m.ckpt")] + out, ".safetensors")
     _fails(capsys, ["protect-model", "--model", str(tmp_path / "nomodel"), "--images", str(subject_dir),

@@ -33,10 +33,12 @@ anchor_weight * L_anchor to L_protect, the distillation of phi on photos of othe
 the instance and the class prompt: the subject's photos may be denoised badly, other people's must not change. On
 the sandbox model L_DPO alone raises the error on every render of the class, not only on the subject's.
 
-L_keep (beyond the paper; `keep_weight` > 0, CLI `--keep-weight`): every term above is taken at the simulated
-attacker's states theta'_{i+1}, so nothing in L2P looks at the released weights theta themselves. L_keep is the
-distillation of phi on the class images (and the anchors, if any) under the class prompt and the empty prompt
-(the unconditional branch of guidance), taken once per outer step at theta, before the inner path.
+Release repair (beyond the paper; `repair_steps` > 0, CLI `--repair-steps`): after L2P, `repair_steps` AdamW steps
+(lr `repair_lr`, batch 2 x batch_size) of pure distillation of phi on generic data -- the class images and the
+anchors, alternately, under the class prompt and the empty prompt (guidance's unconditional branch); no DPO, no
+inner path. In the sandbox the protection's damage to the class is shallow and the damage to the subject deep: a
+generic repair brings generic generation back and, after a long enough protection, leaves the subject unlearnable
+(docs/sandbox-v1.md, "Stop 20"). `APDM.repair` applies it to a model protected earlier.
 
 Minimising L_DPO lowers the error on generic class images relative to phi (r+ < 0) and raises it on the subject
 (r- > 0) -- the model learns to denoise "sks person" into a generic person. `reduction='elementwise'` (default, the
@@ -149,7 +151,8 @@ class APDMConfig:
     prior_weight: float = 1.0          # weight of L_ppl in L_per and in L_protect
     prior_loss: str = "ground_truth"   # L_ppl in L_protect: 'ground_truth' noise (paper) | 'distill' phi's prediction
     anchor_weight: float = 1.0         # L_anchor weight (beyond the paper; only with anchor photos, see the docstring)
-    keep_weight: float = 0.0           # L_keep at theta itself, the released weights (beyond the paper, see the docstring)
+    repair_steps: int = 0              # release repair after L2P (beyond the paper, see the docstring); 0 = off
+    repair_lr: float = 1e-4
     l2p: bool = True                   # False: protection gradient at the current weights only
     accumulate: str = "sum"            # 'sum' (Algorithm 1) | 'mean' over the inner states
     official_grad_quirk: bool = False  # True: g = sum_i [grad L_per(theta'_i) + grad L_protect(theta'_{i+1})]
@@ -202,7 +205,8 @@ class APDMConfig:
             (math.isfinite(self.prior_weight) and self.prior_weight >= 0, "prior_weight must be >= 0"),
             (self.dpo_max_timestep is None or self.dpo_max_timestep >= 1, "--dpo-max-timestep must be at least 1"),
             (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0, "--anchor-weight must be >= 0"),
-            (math.isfinite(self.keep_weight) and self.keep_weight >= 0, "--keep-weight must be >= 0"),
+            (self.repair_steps >= 0, f"--repair-steps {self.repair_steps} must be >= 0"),
+            (0 < self.repair_lr < 1, f"--repair-lr {self.repair_lr} is outside (0, 1)"),
             (self.prior_loss in PRIOR_LOSSES, f"--prior-loss {self.prior_loss!r}: choose from {', '.join(PRIOR_LOSSES)}"),
             (self.accumulate in ("sum", "mean"), f"accumulate {self.accumulate!r}: choose sum or mean"),
             (self.params in PARAM_SETS, f"--params {self.params!r}: choose from {', '.join(PARAM_SETS)}"),
@@ -369,11 +373,13 @@ def _prior_loss(unet, reference, scheduler, subject: _Subject, generator: torch.
     return diffusion_loss(unet, scheduler, latents, subject.class_cond.expand(batch, -1, -1), generator)
 
 
-def keep_loss(unet, reference, scheduler, subject: _Subject, generator: torch.Generator, batch: int) -> torch.Tensor:
-    """L_keep: distil phi on the class images (and the anchors, if any) under the class and the empty prompt."""
-    sets = [subject.data.prior] + ([subject.data.anchors] if subject.data.anchors is not None else [])
-    losses = [distillation_loss(unet, reference, scheduler, s.batch(generator, batch), cond, generator)
-              for s in sets for cond in (subject.class_cond, subject.cond(""))]
+def repair_loss(unet, reference, scheduler, subject: _Subject, generator: torch.Generator, batch: int,
+                step: int) -> torch.Tensor:
+    """L_repair: distil phi on generic data (anchors and class images, alternately) under the class and empty prompts."""
+    sets = [s for s in (subject.data.anchors, subject.data.prior) if s is not None]
+    latents = sets[step % len(sets)].batch(generator, batch)
+    losses = [distillation_loss(unet, reference, scheduler, latents, cond, generator)
+              for cond in (subject.class_cond, subject.cond(""))]
     return sum(losses) / len(losses)
 
 
@@ -464,9 +470,11 @@ class APDM:
                            self.name, c.progress, c.max_grad_norm, manual_backward=True),
                 after_step=self.after_step,
             )
+            repaired = (self._repair(unet, scheduler, params, Path(checkpoint_dir) / "repair" if checkpoint_dir else None)
+                        if c.repair_steps else None)
         finally:
             unet.eval().requires_grad_(False)
-        self.final_metrics = {}
+        self.final_metrics = {"repair_first_last": list(smoothed(repaired, "repair"))} if repaired else {}
         if c.loss == "dpo":
             self.final_metrics["subject_dpo_after"] = [
                 subject_dpo(unet, reference, scheduler, s, c)["loss"] for s in subjects]
@@ -474,6 +482,38 @@ class APDM:
             merge_lora(unet)
             self.reference = None  # its overrides named the adapter, which is now folded into the weights
         return history
+
+    def _repair(self, unet, scheduler, params: dict[str, torch.nn.Parameter], checkpoint_dir: Path | None) -> list[dict]:
+        """The release repair: `repair_steps` steps of L_repair, the subjects in turn (own checkpoints, resumable)."""
+        c, subjects = self.config, self.subjects
+        optimizer = make_optimizer(list(params.values()), c.repair_lr, c.weight_decay, c.optimizer)
+
+        def step_fn(step: int) -> dict[str, torch.Tensor]:
+            subject = subjects[step % len(subjects)]
+            loss = repair_loss(unet, self.reference, scheduler, subject, step_generator(c.seed, step, "apdm/repair"),
+                               2 * c.batch_size, step // len(subjects))
+            return {"loss": loss, "repair": loss.detach()}
+
+        return run_training(list(params.items()), optimizer, step_fn,
+                            LoopConfig(c.repair_steps, checkpoint_dir, c.checkpoint_every, f"{self.name} repair",
+                                       c.progress, c.max_grad_norm))
+
+    def repair(self, pipe, original_unet, datas: list[SubjectData], checkpoint_dir: Path | None = None) -> list[dict]:
+        """Apply the release repair alone to an already protected pipeline (in place), phi = `original_unet`."""
+        c = self.config
+        if not c.repair_steps:
+            raise NocloneError("repair needs repair_steps >= 1")
+        unet, scheduler = pipe.unet, training_scheduler(pipe)
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False).eval()
+        params = select_parameters(unet, "full" if c.params == "lora" else c.params, c.lora_rank)
+        self.reference = original_unet.eval().requires_grad_(False)
+        self.subjects = [self._prepare_subject(pipe, d) for d in datas]
+        unet.train()
+        try:
+            return self._repair(unet, scheduler, params, checkpoint_dir)
+        finally:
+            unet.eval().requires_grad_(False)
 
     def _prepare_subject(self, pipe, data: SubjectData) -> _Subject:
         if data.prior is None:
@@ -498,14 +538,6 @@ class APDM:
             for key, value in out.items():
                 stats[key].append(float(value.detach()))
 
-        if c.keep_weight > 0:
-            out = keep_loss(unet, self.reference, scheduler, subject, step_generator(c.seed, step, f"{stream}/keep"),
-                            c.batch_size)
-            (c.keep_weight * out).backward()
-            add_grads_into(grads, params)
-            for p in params.values():
-                p.grad = None
-            stats["keep"].append(float(out.detach()))
         if not c.l2p:
             protect_at_current_weights(0)
             return

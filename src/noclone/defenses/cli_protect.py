@@ -61,7 +61,7 @@ def _apdm_config(args: argparse.Namespace):
         "reference_dtype": args.reference_dtype, "optimizer": args.optimizer, "checkpoint_every": args.checkpoint_every,
         "accumulate": args.accumulate, "prior_loss": args.prior_loss, "seed": args.seed,
         "anchor_weight": args.anchor_weight, "dpo_max_timestep": args.dpo_max_timestep,
-        "keep_weight": args.keep_weight,
+        "repair_steps": args.repair_steps, "repair_lr": args.repair_lr,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_l2p:
@@ -193,7 +193,7 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
              "no_l2p": "--no-l2p", "unpaired": "--unpaired", "official_grad_quirk": "--official-grad-quirk",
              "accumulate": "--accumulate", "prior_loss": "--prior-loss", "positive_images": "--positive-images",
              "anchor_images": "--anchor-images", "anchor_weight": "--anchor-weight",
-             "dpo_max_timestep": "--dpo-max-timestep", "keep_weight": "--keep-weight"},
+             "dpo_max_timestep": "--dpo-max-timestep", "repair_steps": "--repair-steps", "repair_lr": "--repair-lr"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -277,9 +277,10 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dpo-max-timestep", type=int,
                    help="beyond the paper: the DPO term sees timesteps below this only (low noise, where identity shows)")
     p.add_argument("--anchor-weight", type=float, help="weight of L_anchor (default 1; only with --anchor-images)")
-    p.add_argument("--keep-weight", type=float,
-                   help="beyond the paper: weight of L_keep, the original model distilled on class images (and "
-                        "anchors) at the released weights themselves (default 0: off)")
+    p.add_argument("--repair-steps", type=int,
+                   help="beyond the paper: after protection, distil the original model on generic data (class images "
+                        "and --anchor-images) for N steps to restore generic generation (default 0: off)")
+    p.add_argument("--repair-lr", type=float, help="lr of the repair steps (default 1e-4)")
     p.add_argument("--prior-loss", help="L_ppl of the protection loss: ground_truth (paper, default) or distill "
                                          "(the original model's prediction on class images)")
     p.add_argument("--params", help="weights changed: full (default), attention (cross-attention) or lora")
