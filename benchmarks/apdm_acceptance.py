@@ -59,7 +59,8 @@ def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
         unrepaired, seconds = protect(model, work, class_noun, identity, replace(settings, repair_steps=0), positives,
                                       token, anchors, also)
         return repaired(model, unrepaired, work, settings, [(class_noun, identity), *also], anchors), seconds
-    key = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    key_settings = {k: v for k, v in asdict(settings).items() if k not in ("repair_steps", "repair_lr")}  # repaired below
+    key = hashlib.sha256(json.dumps(key_settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     suffix = ((f"-pos{positives}" if positives else "") + (f"-anchor{anchors}" if anchors else "")
               + (f"-{token}" if token != "sks" else "") + "".join(f"+{c}-{i}" for c, i in also))
     out = work / "protected" / f"{model_tag(model)}-{class_noun}-{identity}-{key}{suffix}"
