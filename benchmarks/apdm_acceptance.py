@@ -85,6 +85,7 @@ def repaired(model: Path, unrepaired: Path, work: Path, settings, targets, ancho
     from noclone.defenses import APDM, ProtectionSubject
     from noclone.models.pipeline import load_pipeline, save_pipeline
     from noclone.sandbox.experiment import TRAIN_PHOTOS, subject_photos
+    from noclone.training.loop import smoothed
 
     out = unrepaired.parent / f"{unrepaired.name}-repair{settings.repair_steps}-{settings.repair_lr:g}"
     if not (out / "protection.json").is_file():
@@ -98,7 +99,7 @@ def repaired(model: Path, unrepaired: Path, work: Path, settings, targets, ancho
         card = json.loads((unrepaired / "protection.json").read_text())
         card["hyperparameters"] = asdict(settings)
         card.setdefault("metrics", {})["repair_seconds"] = round(time.time() - started, 1)
-        card["metrics"]["repair_first_last"] = [history[0]["repair"], history[-1]["repair"]]
+        card["metrics"]["repair_first_last"] = list(smoothed(history))  # as the card of an in-run repair
         save_pipeline(pipe, out, overwrite=True, extra_files={"protection.json": json.dumps(card, indent=2)})
     return out
 

@@ -474,7 +474,7 @@ class APDM:
                         if c.repair_steps else None)
         finally:
             unet.eval().requires_grad_(False)
-        self.final_metrics = {"repair_first_last": list(smoothed(repaired, "repair"))} if repaired else {}
+        self.final_metrics = {"repair_first_last": list(smoothed(repaired))} if repaired else {}
         if c.loss == "dpo":
             self.final_metrics["subject_dpo_after"] = [
                 subject_dpo(unet, reference, scheduler, s, c)["loss"] for s in subjects]
@@ -492,7 +492,7 @@ class APDM:
             subject = subjects[step % len(subjects)]
             loss = repair_loss(unet, self.reference, scheduler, subject, step_generator(c.seed, step, "apdm/repair"),
                                2 * c.batch_size, step // len(subjects))
-            return {"loss": loss, "repair": loss.detach()}
+            return {"loss": loss}
 
         return run_training(list(params.items()), optimizer, step_fn,
                             LoopConfig(c.repair_steps, checkpoint_dir, c.checkpoint_every, f"{self.name} repair",
