@@ -157,8 +157,8 @@ class APDMConfig:
     prior_loss: str = "ground_truth"   # L_ppl in L_protect: 'ground_truth' noise (paper) | 'distill' phi's prediction
     anchor_weight: float = 1.0         # L_anchor weight (beyond the paper; only with anchor photos, see the docstring)
     repair_steps: int = 0              # release repair after L2P (beyond the paper, see the docstring); 0 = off
-    repair_lr: float = 1e-4
     attacker_tokens: tuple[str, ...] = ()  # beyond the paper: other identifiers the simulated attacker also uses
+    repair_lr: float = 1e-4
     l2p: bool = True                   # False: protection gradient at the current weights only
     accumulate: str = "sum"            # 'sum' (Algorithm 1) | 'mean' over the inner states
     official_grad_quirk: bool = False  # True: g = sum_i [grad L_per(theta'_i) + grad L_protect(theta'_{i+1})]
@@ -212,9 +212,9 @@ class APDMConfig:
             (self.dpo_max_timestep is None or self.dpo_max_timestep >= 1, "--dpo-max-timestep must be at least 1"),
             (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0, "--anchor-weight must be >= 0"),
             (self.repair_steps >= 0, f"--repair-steps {self.repair_steps} must be >= 0"),
-            (0 < self.repair_lr < 1, f"--repair-lr {self.repair_lr} is outside (0, 1)"),
             (all(t.strip() and " " not in t for t in self.attacker_tokens),
              f"--attacker-tokens {','.join(self.attacker_tokens)!r}: each token must be one non-empty word"),
+            (0 < self.repair_lr < 1, f"--repair-lr {self.repair_lr} is outside (0, 1)"),
             (self.prior_loss in PRIOR_LOSSES, f"--prior-loss {self.prior_loss!r}: choose from {', '.join(PRIOR_LOSSES)}"),
             (self.accumulate in ("sum", "mean"), f"accumulate {self.accumulate!r}: choose sum or mean"),
             (self.params in PARAM_SETS, f"--params {self.params!r}: choose from {', '.join(PARAM_SETS)}"),
