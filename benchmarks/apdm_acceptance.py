@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/apdm_acceptance.py --out /tmp/apdm-acc [--classes person,dog,cat] [--identity 0]
         [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N]
         [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--token T]
-        [--loss naive] [--beta B] [--anchors N] [--repair-steps N] [--attacker-tokens zwx,qzv] [--markdown F]
+        [--loss naive] [--beta B] [--anchors N] [--repair-steps N] [--markdown F]
     .venv/bin/python benchmarks/apdm_acceptance.py --out DIR --subjects person:0,dog:4,cat:2 [--multi-subject sum]
         [--other-identity K]     # criterion 6: several subjects protected in ONE model
 
@@ -59,9 +59,7 @@ def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
         unrepaired, seconds = protect(model, work, class_noun, identity, replace(settings, repair_steps=0), positives,
                                       token, anchors, also)
         return repaired(model, unrepaired, work, settings, [(class_noun, identity), *also], anchors), seconds
-    key_settings = {k: v for k, v in asdict(settings).items()
-                    if k not in ("repair_steps", "repair_lr")  # repaired below
-                    and not (k == "attacker_tokens" and not v)}  # added later: keeps the earlier cache keys
+    key_settings = {k: v for k, v in asdict(settings).items() if k not in ("repair_steps", "repair_lr")}  # repaired below
     key = hashlib.sha256(json.dumps(key_settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     suffix = ((f"-pos{positives}" if positives else "") + (f"-anchor{anchors}" if anchors else "")
               + (f"-{token}" if token != "sks" else "") + "".join(f"+{c}-{i}" for c, i in also))
@@ -153,7 +151,6 @@ def main() -> None:
     parser.add_argument("--repair-steps", type=int, help="release repair after L2P (default 0); applied to the "
                         "cached unrepaired protected model with the same code (APDM.repair)")
     parser.add_argument("--dpo-max-timestep", type=int, help="DPO on timesteps below this only (default: all)")
-    parser.add_argument("--attacker-tokens", help="other identifiers the simulated attacker also uses, e.g. zwx,qzv")
     parser.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
     parser.add_argument("--simulate-text-encoder", action="store_true",
                         help="the simulated attacker also fine-tunes the text encoder (off by default: measured worse)")
@@ -176,8 +173,6 @@ def main() -> None:
                                    "repair_steps": args.repair_steps,
                                    "dpo_max_timestep": args.dpo_max_timestep,
                                    "multi_subject": args.multi_subject}.items() if v is not None}
-    if args.attacker_tokens:
-        overrides["attacker_tokens"] = tuple(args.attacker_tokens.split(","))
     if args.simulate_text_encoder:
         overrides["train_text_encoder"] = True
     if args.no_l2p:

@@ -244,25 +244,6 @@ def test_anchor_term_is_zero_at_the_original_and_holds_the_anchors(tiny_model_di
         _config(anchor_weight=-1.0).validate()
 
 
-def test_attacker_tokens_caption_every_other_outer_step(tiny_model_dir, person, monkeypatch):
-    import noclone.defenses.apdm as apdm
-    from noclone.models.pipeline import load_pipeline
-
-    per, protect = [], []
-    real_per, real_protect = apdm.dreambooth_loss, apdm.protection_loss
-    monkeypatch.setattr(apdm, "dreambooth_loss", lambda *a, **k: per.append(a[4].instance.prompt) or real_per(*a, **k))
-    monkeypatch.setattr(apdm, "protection_loss",
-                        lambda *a, **k: protect.append(a[3].data.instance.prompt) or real_protect(*a, **k))
-    method = APDM(_config(outer_steps=4, attacker_tokens=("zwx", "sks", "qzv")))
-    method.protect(load_pipeline(tiny_model_dir), [person])
-    expected = ["a photo of sks person", "a photo of zwx person", "a photo of sks person", "a photo of qzv person"]
-    assert per == expected  # the subject's own token is not repeated in the pool
-    assert protect == expected + ["a photo of sks person"]  # + the final probe of L_DPO, under the subject's token
-    assert method.subjects[0].data.instance.prompt == "a photo of sks person"  # the card's subject is unchanged
-    with pytest.raises(NocloneError, match="attacker-tokens"):
-        APDMConfig(attacker_tokens=("zwx", "two words")).validate()
-
-
 def test_dpo_max_timestep_draws_low_noise_timesteps_only(tiny_pipe, person, monkeypatch):
     import noclone.defenses.apdm as apdm
 
@@ -480,7 +461,6 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_model_dir, subject_dir, dog_di
     _fails(capsys, ok + ["--params", "vae"] + out, "--params")
     _fails(capsys, ok + ["--repair-steps", "-1"] + out, "--repair-steps")
     _fails(capsys, ok + ["--repair-lr", "2"] + out, "--repair-lr")
-    _fails(capsys, ok + ["--attacker-tokens", "zwx,,qzv"] + out, "--attacker-tokens")
     _fails(capsys, ok + ["--lr-protect", "3"] + out, "--lr-protect")
     _fails(capsys, ok + ["--single-file", str(tmp_path / "m.ckpt")] + out, ".safetensors")
     _fails(capsys, ["protect-model", "--model", str(tmp_path / "nomodel"), "--images", str(subject_dir),

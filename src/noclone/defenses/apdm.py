@@ -157,7 +157,6 @@ class APDMConfig:
     prior_loss: str = "ground_truth"   # L_ppl in L_protect: 'ground_truth' noise (paper) | 'distill' phi's prediction
     anchor_weight: float = 1.0         # L_anchor weight (beyond the paper; only with anchor photos, see the docstring)
     repair_steps: int = 0              # release repair after L2P (beyond the paper, see the docstring); 0 = off
-    attacker_tokens: tuple[str, ...] = ()  # beyond the paper: other identifiers the simulated attacker also uses
     repair_lr: float = 1e-4
     l2p: bool = True                   # False: protection gradient at the current weights only
     accumulate: str = "sum"            # 'sum' (Algorithm 1) | 'mean' over the inner states
@@ -212,8 +211,6 @@ class APDMConfig:
             (self.dpo_max_timestep is None or self.dpo_max_timestep >= 1, "--dpo-max-timestep must be at least 1"),
             (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0, "--anchor-weight must be >= 0"),
             (self.repair_steps >= 0, f"--repair-steps {self.repair_steps} must be >= 0"),
-            (all(t.strip() and " " not in t for t in self.attacker_tokens),
-             f"--attacker-tokens {','.join(self.attacker_tokens)!r}: each token must be one non-empty word"),
             (0 < self.repair_lr < 1, f"--repair-lr {self.repair_lr} is outside (0, 1)"),
             (self.prior_loss in PRIOR_LOSSES, f"--prior-loss {self.prior_loss!r}: choose from {', '.join(PRIOR_LOSSES)}"),
             (self.accumulate in ("sum", "mean"), f"accumulate {self.accumulate!r}: choose sum or mean"),
@@ -320,11 +317,6 @@ class _Subject:
     def instance_cond(self) -> torch.Tensor:
         return self.cond(self.data.instance.prompt)
 
-    def with_instance_prompt(self, prompt: str) -> "_Subject":
-        """The same subject as an attacker using another identifier would caption it."""
-        data = replace(self.data, instance=self.data.instance.with_prompt(prompt))
-        return _Subject(data, self.text_encoder, self.tokenizer, self.cond_cache)
-
     @property
     def class_cond(self) -> torch.Tensor:
         return self.cond(self.data.prior.prompt)
@@ -396,15 +388,6 @@ def repair_loss(unet, reference, scheduler, subject: _Subject, generator: torch.
     return sum(losses) / len(losses)
 
 
-def as_attacker_captions(subject: _Subject, own_step: int) -> _Subject:
-    """The subject as the simulated attacker captions it at its `own_step`-th outer step: with its own identifier on
-    even steps, with the attacker_tokens in turn on odd ones (the real attacker's identifier is unknown)."""
-    alternatives = subject.data.alternative_prompts
-    if not alternatives or own_step % 2 == 0:
-        return subject
-    return subject.with_instance_prompt(alternatives[(own_step // 2) % len(alternatives)])
-
-
 @torch.no_grad()
 def subject_dpo(unet, reference, scheduler, subject: _Subject, config: APDMConfig, n: int = 16,
                 seed: int = 1234) -> dict[str, float]:
@@ -442,9 +425,6 @@ class APDM:
         if subject.positives:
             data.positives = LatentSet.from_images(pipe.vae, subject.positives, data.instance.prompt,
                                                    pipeline_resolution(pipe))
-        if c.attacker_tokens:
-            data.alternative_prompts = tuple(replace(settings, token=t).instance_prompt for t in c.attacker_tokens
-                                             if t != subject.token)
         if subject.anchors and c.anchor_weight > 0:
             data.anchors = LatentSet.from_images(pipe.vae, subject.anchors, data.instance.prompt,
                                                  pipeline_resolution(pipe))
@@ -479,9 +459,7 @@ class APDM:
             grads: dict[str, torch.Tensor] = {}
             stats: dict[str, list[float]] = defaultdict(list)
             for k in chosen:
-                own_step = step if c.multi_subject == "sum" else step // len(subjects)
-                self._outer_gradient(pipe, params, as_attacker_captions(subjects[k], own_step), step, f"apdm/{k}",
-                                     grads, stats)
+                self._outer_gradient(pipe, params, subjects[k], step, f"apdm/{k}", grads, stats)
             terms = len(stats["loss"])
             for name, p in params.items():
                 g = grads.get(name)

@@ -62,7 +62,6 @@ def _apdm_config(args: argparse.Namespace):
         "accumulate": args.accumulate, "prior_loss": args.prior_loss, "seed": args.seed,
         "anchor_weight": args.anchor_weight, "dpo_max_timestep": args.dpo_max_timestep,
         "repair_steps": args.repair_steps, "repair_lr": args.repair_lr,
-        "attacker_tokens": tuple(t.strip() for t in args.attacker_tokens.split(",")) if args.attacker_tokens else None,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_l2p:
@@ -194,8 +193,7 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
              "no_l2p": "--no-l2p", "unpaired": "--unpaired", "official_grad_quirk": "--official-grad-quirk",
              "accumulate": "--accumulate", "prior_loss": "--prior-loss", "positive_images": "--positive-images",
              "anchor_images": "--anchor-images", "anchor_weight": "--anchor-weight",
-             "dpo_max_timestep": "--dpo-max-timestep", "repair_steps": "--repair-steps", "repair_lr": "--repair-lr",
-             "attacker_tokens": "--attacker-tokens"},
+             "dpo_max_timestep": "--dpo-max-timestep", "repair_steps": "--repair-steps", "repair_lr": "--repair-lr"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -283,9 +281,6 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
                    help="beyond the paper: after protection, distil the original model on generic data (class images "
                         "and --anchor-images) for N steps to restore generic generation (default 0: off)")
     p.add_argument("--repair-lr", type=float, help="lr of the repair steps (default 1e-4)")
-    p.add_argument("--attacker-tokens",
-                   help="beyond the paper: comma-separated identifiers the simulated attacker also uses (every other "
-                        "outer step, in turn), since the real attacker's identifier is unknown")
     p.add_argument("--prior-loss", help="L_ppl of the protection loss: ground_truth (paper, default) or distill "
                                          "(the original model's prediction on class images)")
     p.add_argument("--params", help="weights changed: full (default), attention (cross-attention) or lora")

@@ -49,7 +49,6 @@ class SubjectData:
     prior: LatentSet | None = None
     positives: LatentSet | None = None
     anchors: LatentSet | None = None
-    alternative_prompts: tuple[str, ...] = ()  # the instance prompt with other identifiers (APDM's attacker_tokens)
 
 
 def pipeline_resolution(pipe) -> int:
