@@ -40,11 +40,6 @@ inner path. In the sandbox the protection's damage to the class is shallow and t
 generic repair brings generic generation back and, after a long enough protection, leaves the subject unlearnable
 (docs/sandbox-v1.md, "Stop 20"). `APDM.repair` applies it to a model protected earlier.
 
-Attacker tokens (beyond the paper; `attacker_tokens`, CLI `--attacker-tokens zwx,qzv`): the publisher does not know
-which identifier the attacker will caption the photos with. On every other outer step the simulated attacker (and
-the protection loss at its states) uses the next of these tokens instead of the subject's own, so the protection is
-not tied to one point of the text encoder's output.
-
 Minimising L_DPO lowers the error on generic class images relative to phi (r+ < 0) and raises it on the subject
 (r- > 0) -- the model learns to denoise "sks person" into a generic person. `reduction='elementwise'` (default, the
 official code) takes r+/r- and the log-sigmoid per latent element and averages; 'per-sample' (Diffusion-DPO)
