@@ -24,10 +24,11 @@ import torch
 from PIL import Image
 
 
-def timed(fn) -> float:
+def timed(fn):
+    """(fn's result, seconds it took)."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    result = fn()
+    return result, time.perf_counter() - start
 
 
 def main() -> None:
@@ -61,8 +62,10 @@ def main() -> None:
         attack_config = preset_config("dreambooth", "sandbox", progress=False)
         attack_steps = attack_config.steps
         DreamBooth(replace(attack_config, steps=1)).train(load_pipeline(model), images, class_cache=work / "db")
-        step_s = timed(lambda: DreamBooth(replace(attack_config, steps=args.attack_steps)).train(
-            load_pipeline(model), images, class_cache=work / "db")) / args.attack_steps  # class images cached
+        pipe = load_pipeline(model)
+        _, seconds = timed(lambda: DreamBooth(replace(attack_config, steps=args.attack_steps)).train(
+            pipe, images, class_cache=work / "db"))  # class images cached
+        step_s = seconds / args.attack_steps
         attack_s = step_s * attack_steps
         print(f"attacker: sandbox DreamBooth {step_s:.3f} s/step, {attack_steps} steps = {attack_s:.0f} s")
 
@@ -79,13 +82,13 @@ def main() -> None:
             subject = ProtectionSubject.from_folder(photos, "person", anchors=anchors if with_anchors else None)
             pipe = load_pipeline(model)
             method = APDM(replace(config, outer_steps=args.outer, repair_steps=0))
-            data_s = timed(lambda: setattr(method, "data", method.subject_data(pipe, subject, work / f"classes-{row}")))
-            outer_s = timed(lambda: method.train(pipe, [method.data])) / args.outer
+            data, data_s = timed(lambda: method.subject_data(pipe, subject, work / f"classes-{row}"))
+            outer_s = timed(lambda: method.train(pipe, [data]))[1] / args.outer
             repair_s = 0.0
             if config.repair_steps:
+                original_unet = load_pipeline(model).unet
                 repair = APDM(replace(config, repair_steps=args.outer))
-                repair_s = timed(lambda: repair.repair(pipe, load_pipeline(model).unet, [method.data]))
-                repair_s *= config.repair_steps / args.outer
+                repair_s = timed(lambda: repair.repair(pipe, original_unet, [data]))[1] * config.repair_steps / args.outer
             total = data_s + outer_s * config.outer_steps + repair_s
             print(f"| {name} | {data_s:.0f} | {outer_s:.2f} | {config.outer_steps} | {repair_s:.0f} | {total:.0f} "
                   f"| {total / attack_s:.1f} |")
