@@ -48,7 +48,7 @@ def positive_photos(work: Path, class_noun: str, n: int) -> Path:
 
 def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
             positives: int = 0, token: str = "sks", anchors: int = 0,
-            also: list[tuple[str, int]] = ()) -> tuple[Path, float]:
+            also: list[tuple[str, int]] = (), repair_anchors: int = 0) -> tuple[Path, float]:
     """APDM-protect one held-out identity, plus any `also` (class, identity) in the same model (cached); returns
     (protected model dir, seconds)."""
     from noclone.defenses import APDM, ProtectionSubject
@@ -58,7 +58,8 @@ def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
     if settings.repair_steps:
         unrepaired, seconds = protect(model, work, class_noun, identity, replace(settings, repair_steps=0), positives,
                                       token, anchors, also)
-        return repaired(model, unrepaired, work, settings, [(class_noun, identity), *also], anchors), seconds
+        return repaired(model, unrepaired, work, settings, [(class_noun, identity), *also], anchors,
+                        repair_anchors), seconds
     key_settings = {k: v for k, v in asdict(settings).items()
                     if k not in ("repair_steps", "repair_lr", "repair_hold")}  # repaired below
     key = hashlib.sha256(json.dumps(key_settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -81,14 +82,18 @@ def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
     return out, json.loads(card.read_text()).get("metrics", {}).get("seconds", 0.0)
 
 
-def repaired(model: Path, unrepaired: Path, work: Path, settings, targets, anchors: int) -> Path:
-    """The release repair (APDM.repair, the code `--repair-steps` runs after L2P) applied to a cached protected model."""
+def repaired(model: Path, unrepaired: Path, work: Path, settings, targets, anchors: int,
+             repair_anchors: int = 0) -> Path:
+    """The release repair (APDM.repair, the code `--repair-steps` runs after L2P) applied to a cached protected model;
+    `repair_anchors` renders of other class members join the repair only (as `--anchor-weight 0 --anchor-images`)."""
     from noclone.defenses import APDM, ProtectionSubject
     from noclone.models.pipeline import load_pipeline, save_pipeline
     from noclone.sandbox.experiment import TRAIN_PHOTOS, subject_photos
     from noclone.training.loop import smoothed
 
-    hold = f"-hold{settings.repair_hold:g}" if settings.repair_hold else ""
+    hold = (f"-hold{settings.repair_hold:g}" if settings.repair_hold else "") + (
+        f"-ranchor{repair_anchors}" if repair_anchors else "")
+    anchors = repair_anchors or anchors
     out = unrepaired.parent / f"{unrepaired.name}-repair{settings.repair_steps}-{settings.repair_lr:g}{hold}"
     if not (out / "protection.json").is_file():
         original, pipe = load_pipeline(model), load_pipeline(unrepaired)
@@ -149,6 +154,8 @@ def main() -> None:
                         help="DPO positives: renders of N generator-training identities instead of class images")
     parser.add_argument("--anchors", type=int, default=0,
                         help="L_anchor (beyond the paper): keep phi's denoising of renders of N generator-training identities")
+    parser.add_argument("--repair-anchors", type=int, default=0,
+                        help="renders of N generator-training identities in the repair only (not in L2P)")
     parser.add_argument("--anchor-weight", type=float, help="weight of L_anchor (default 1)")
     parser.add_argument("--repair-steps", type=int, help="release repair after L2P (default 0); applied to the "
                         "cached unrepaired protected model with the same code (APDM.repair)")
@@ -191,12 +198,12 @@ def main() -> None:
             parser.error(f"--subjects {args.subjects!r}: expected CLASS:K[,CLASS:K...], e.g. person:0,dog:4")
         (first_class, first_identity), *rest = targets
         joint = protect(model, work, first_class, first_identity, settings, args.positives, args.token, args.anchors,
-                        also=rest)
+                        also=rest, repair_anchors=args.repair_anchors)
     else:
         targets = [(c, held_out(args.identity)) for c in args.classes.split(",")]
     for n_target, (class_noun, identity) in enumerate(targets):
         protected, protect_seconds = joint or protect(model, work, class_noun, identity, settings, args.positives,
-                                                      args.token, args.anchors)
+                                                      args.token, args.anchors, repair_anchors=args.repair_anchors)
         attack = preset_config("dreambooth", "sandbox", class_noun=class_noun, seed=args.seed, token=args.token)
         base = base_experiment(model, work, class_noun, identity, attack.instance_prompt, args.n, args.seed, False)
         attackers = [("dreambooth", "dreambooth", attack)]

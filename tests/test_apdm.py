@@ -365,6 +365,15 @@ def test_repair_hold_keeps_the_protected_prediction_on_the_subject(tiny_model_di
         _config(repair_hold=-1.0).validate()
 
 
+def test_anchors_with_zero_weight_join_the_repair_only(tiny_model_dir, subject_dir, dog_dir):
+    from noclone.models.pipeline import load_pipeline
+
+    pipe = load_pipeline(tiny_model_dir)
+    anchored = ProtectionSubject.from_folder(subject_dir, "person", anchors=dog_dir)
+    assert APDM(_config(anchor_weight=0.0)).subject_data(pipe, anchored).anchors is None
+    assert len(APDM(_config(anchor_weight=0.0, repair_steps=2)).subject_data(pipe, anchored).anchors) == 3
+
+
 def test_parameter_sets_change_only_their_weights(tiny_model_dir, person):
     from noclone.models.pipeline import load_pipeline
 

@@ -38,7 +38,10 @@ Release repair (beyond the paper; `repair_steps` > 0, CLI `--repair-steps`): aft
 anchors, alternately, under the class prompt and the empty prompt (guidance's unconditional branch); no DPO, no
 inner path. In the sandbox the protection's damage to the class is shallow and the damage to the subject deep: a
 generic repair brings generic generation back and, after a long enough protection, leaves the subject unlearnable
-(docs/sandbox-v1.md, "Stop 20"). `APDM.repair` applies it to a model protected earlier.
+(docs/sandbox-v1.md, "Stop 20"). `APDM.repair` applies it to a model protected earlier. With `anchor_weight=0`
+(CLI `--anchor-weight 0 --anchor-images DIR`) the anchors join the repair only. `repair_hold` > 0 (CLI
+`--repair-hold W`) adds W * L_hold, the distillation of the protected UNet as L2P left it (a frozen copy) on the
+subject's photos under the instance prompt: the repair may restore the class but must not move the subject.
 
 Minimising L_DPO lowers the error on generic class images relative to phi (r+ < 0) and raises it on the subject
 (r- > 0) -- the model learns to denoise "sks person" into a generic person. `reduction='elementwise'` (default, the
@@ -429,7 +432,7 @@ class APDM:
         if subject.positives:
             data.positives = LatentSet.from_images(pipe.vae, subject.positives, data.instance.prompt,
                                                    pipeline_resolution(pipe))
-        if subject.anchors and c.anchor_weight > 0:
+        if subject.anchors and (c.anchor_weight > 0 or c.repair_steps):
             data.anchors = LatentSet.from_images(pipe.vae, subject.anchors, data.instance.prompt,
                                                  pipeline_resolution(pipe))
         return data
