@@ -60,8 +60,7 @@ def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
                                       token, anchors, also)
         return repaired(model, unrepaired, work, settings, [(class_noun, identity), *also], anchors,
                         repair_anchors), seconds
-    key_settings = {k: v for k, v in asdict(settings).items()
-                    if k not in ("repair_steps", "repair_lr", "repair_hold")}  # repaired below
+    key_settings = {k: v for k, v in asdict(settings).items() if k not in ("repair_steps", "repair_lr")}  # repaired below
     key = hashlib.sha256(json.dumps(key_settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     suffix = ((f"-pos{positives}" if positives else "") + (f"-anchor{anchors}" if anchors else "")
               + (f"-{token}" if token != "sks" else "") + "".join(f"+{c}-{i}" for c, i in also))
@@ -91,10 +90,9 @@ def repaired(model: Path, unrepaired: Path, work: Path, settings, targets, ancho
     from noclone.sandbox.experiment import TRAIN_PHOTOS, subject_photos
     from noclone.training.loop import smoothed
 
-    hold = (f"-hold{settings.repair_hold:g}" if settings.repair_hold else "") + (
-        f"-ranchor{repair_anchors}" if repair_anchors else "")
+    suffix = f"-ranchor{repair_anchors}" if repair_anchors else ""
     anchors = repair_anchors or anchors
-    out = unrepaired.parent / f"{unrepaired.name}-repair{settings.repair_steps}-{settings.repair_lr:g}{hold}"
+    out = unrepaired.parent / f"{unrepaired.name}-repair{settings.repair_steps}-{settings.repair_lr:g}{suffix}"
     if not (out / "protection.json").is_file():
         original, pipe = load_pipeline(model), load_pipeline(unrepaired)
         method = APDM(settings)
@@ -159,8 +157,6 @@ def main() -> None:
     parser.add_argument("--anchor-weight", type=float, help="weight of L_anchor (default 1)")
     parser.add_argument("--repair-steps", type=int, help="release repair after L2P (default 0); applied to the "
                         "cached unrepaired protected model with the same code (APDM.repair)")
-    parser.add_argument("--repair-hold", type=float, help="weight of L_hold in the repair: keep the protected "
-                        "model's prediction on the subject's photos (default 0)")
     parser.add_argument("--dpo-max-timestep", type=int, help="DPO on timesteps below this only (default: all)")
     parser.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
     parser.add_argument("--simulate-text-encoder", action="store_true",
@@ -181,7 +177,7 @@ def main() -> None:
                                    "params": args.params, "lr_protect": args.lr_protect,
                                    "prior_weight": args.prior_weight, "prior_loss": args.prior_loss,
                                    "loss": args.loss, "beta": args.beta, "anchor_weight": args.anchor_weight,
-                                   "repair_steps": args.repair_steps, "repair_hold": args.repair_hold,
+                                   "repair_steps": args.repair_steps,
                                    "dpo_max_timestep": args.dpo_max_timestep,
                                    "multi_subject": args.multi_subject}.items() if v is not None}
     if args.simulate_text_encoder:

@@ -39,9 +39,7 @@ anchors, alternately, under the class prompt and the empty prompt (guidance's un
 inner path. In the sandbox the protection's damage to the class is shallow and the damage to the subject deep: a
 generic repair brings generic generation back and, after a long enough protection, leaves the subject unlearnable
 (docs/sandbox-v1.md, "Stop 20"). `APDM.repair` applies it to a model protected earlier. With `anchor_weight=0`
-(CLI `--anchor-weight 0 --anchor-images DIR`) the anchors join the repair only. `repair_hold` > 0 (CLI
-`--repair-hold W`) adds W * L_hold, the distillation of the protected UNet as L2P left it (a frozen copy) on the
-subject's photos under the instance prompt: the repair may restore the class but must not move the subject.
+(CLI `--anchor-weight 0 --anchor-images DIR`) the anchors join the repair only.
 
 Minimising L_DPO lowers the error on generic class images relative to phi (r+ < 0) and raises it on the subject
 (r- > 0) -- the model learns to denoise "sks person" into a generic person. `reduction='elementwise'` (default, the
@@ -156,7 +154,6 @@ class APDMConfig:
     anchor_weight: float = 1.0         # L_anchor weight (beyond the paper; only with anchor photos, see the docstring)
     repair_steps: int = 0              # release repair after L2P (beyond the paper, see the docstring); 0 = off
     repair_lr: float = 1e-4
-    repair_hold: float = 0.0           # weight of L_hold in the repair (see the docstring); 0 = off
     l2p: bool = True                   # False: protection gradient at the current weights only
     accumulate: str = "sum"            # 'sum' (Algorithm 1) | 'mean' over the inner states
     official_grad_quirk: bool = False  # True: g = sum_i [grad L_per(theta'_i) + grad L_protect(theta'_{i+1})]
@@ -211,7 +208,6 @@ class APDMConfig:
             (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0, "--anchor-weight must be >= 0"),
             (self.repair_steps >= 0, f"--repair-steps {self.repair_steps} must be >= 0"),
             (0 < self.repair_lr < 1, f"--repair-lr {self.repair_lr} is outside (0, 1)"),
-            (math.isfinite(self.repair_hold) and self.repair_hold >= 0, "--repair-hold must be >= 0"),
             (self.prior_loss in PRIOR_LOSSES, f"--prior-loss {self.prior_loss!r}: choose from {', '.join(PRIOR_LOSSES)}"),
             (self.accumulate in ("sum", "mean"), f"accumulate {self.accumulate!r}: choose sum or mean"),
             (self.params in PARAM_SETS, f"--params {self.params!r}: choose from {', '.join(PARAM_SETS)}"),
@@ -379,20 +375,13 @@ def _prior_loss(unet, reference, scheduler, subject: _Subject, generator: torch.
 
 
 def repair_loss(unet, reference, scheduler, subject: _Subject, generator: torch.Generator, batch: int,
-                step: int, holder=None, hold_weight: float = 0.0) -> dict[str, torch.Tensor]:
-    """L_repair: distil phi on generic data (anchors and class images, alternately) under the class and empty prompts;
-    plus hold_weight * L_hold, the distillation of `holder` (the protected UNet before the repair) on the subject."""
+                step: int) -> torch.Tensor:
+    """L_repair: distil phi on generic data (anchors and class images, alternately) under the class and empty prompts."""
     sets = [s for s in (subject.data.anchors, subject.data.prior) if s is not None]
     latents = sets[step % len(sets)].batch(generator, batch)
     losses = [distillation_loss(unet, reference, scheduler, latents, cond, generator)
               for cond in (subject.class_cond, subject.cond(""))]
-    out = {"generic": sum(losses) / len(losses)}
-    out["loss"] = out["generic"]
-    if holder is not None and hold_weight > 0:
-        photos = subject.data.instance.batch(generator, batch // 2 or 1)
-        out["hold"] = distillation_loss(unet, holder, scheduler, photos, subject.instance_cond, generator)
-        out["loss"] = out["loss"] + hold_weight * out["hold"]
-    return out
+    return sum(losses) / len(losses)
 
 
 @torch.no_grad()
@@ -499,13 +488,12 @@ class APDM:
         """The release repair: `repair_steps` steps of L_repair, the subjects in turn (own checkpoints, resumable)."""
         c, subjects = self.config, self.subjects
         optimizer = make_optimizer(list(params.values()), c.repair_lr, c.weight_decay, c.optimizer)
-        # the protected UNet as L2P left it (a resumed repair reloads its own checkpoint after this copy is taken)
-        holder = frozen_copy(unet, _DTYPES[c.reference_dtype]) if c.repair_hold > 0 else None
 
         def step_fn(step: int) -> dict[str, torch.Tensor]:
             subject = subjects[step % len(subjects)]
-            return repair_loss(unet, self.reference, scheduler, subject, step_generator(c.seed, step, "apdm/repair"),
-                               2 * c.batch_size, step // len(subjects), holder, c.repair_hold)
+            loss = repair_loss(unet, self.reference, scheduler, subject, step_generator(c.seed, step, "apdm/repair"),
+                               2 * c.batch_size, step // len(subjects))
+            return {"loss": loss}
 
         return run_training(list(params.items()), optimizer, step_fn,
                             LoopConfig(c.repair_steps, checkpoint_dir, c.checkpoint_every, f"{self.name} repair",
