@@ -276,7 +276,8 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
                         "denoising must stay the original model's (L_anchor; once or per subject)")
     p.add_argument("--dpo-max-timestep", type=int,
                    help="beyond the paper: the DPO term sees timesteps below this only (low noise, where identity shows)")
-    p.add_argument("--anchor-weight", type=float, help="weight of L_anchor (default 1; only with --anchor-images)")
+    p.add_argument("--anchor-weight", type=float, help="weight of L_anchor (default 1; only with --anchor-images; "
+                                                         "0 with --repair-steps: the anchors join the repair only)")
     p.add_argument("--repair-steps", type=int,
                    help="beyond the paper: after protection, distil the original model on generic data (class images "
                         "and --anchor-images) for N steps to restore generic generation (default 0: off)")
