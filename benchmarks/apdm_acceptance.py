@@ -91,14 +91,14 @@ def repaired(model: Path, unrepaired: Path, work: Path, settings, targets, ancho
     from noclone.training.loop import smoothed
 
     suffix = f"-ranchor{repair_anchors}" if repair_anchors else ""
-    anchors = repair_anchors or anchors
+    repair_set = repair_anchors or anchors  # the anchors the repair alternates with the class images
     out = unrepaired.parent / f"{unrepaired.name}-repair{settings.repair_steps}-{settings.repair_lr:g}{suffix}"
     if not (out / "protection.json").is_file():
         original, pipe = load_pipeline(model), load_pipeline(unrepaired)
         method = APDM(settings)
         datas = [method.subject_data(original, ProtectionSubject.from_folder(
                      subject_photos(work / "subjects" / f"{c}-{i}", c, i, TRAIN_PHOTOS), c,
-                     anchors=positive_photos(work, c, anchors) if anchors else None)) for c, i in targets]
+                     anchors=positive_photos(work, c, repair_set) if repair_set else None)) for c, i in targets]
         started = time.time()
         history = method.repair(pipe, original.unet, datas)
         card = json.loads((unrepaired / "protection.json").read_text())
