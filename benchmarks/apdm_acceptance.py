@@ -60,7 +60,7 @@ def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
                                       token, anchors, also)
         return repaired(model, unrepaired, work, settings, [(class_noun, identity), *also], anchors,
                         repair_anchors), seconds
-    key_settings = {k: v for k, v in asdict(settings).items() if k not in ("repair_steps", "repair_lr")}  # repaired below
+    key_settings = {k: v for k, v in asdict(settings).items() if not k.startswith("repair_")}  # repaired below
     key = hashlib.sha256(json.dumps(key_settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     suffix = ((f"-pos{positives}" if positives else "") + (f"-anchor{anchors}" if anchors else "")
               + (f"-{token}" if token != "sks" else "") + "".join(f"+{c}-{i}" for c, i in also))
@@ -90,7 +90,8 @@ def repaired(model: Path, unrepaired: Path, work: Path, settings, targets, ancho
     from noclone.sandbox.experiment import TRAIN_PHOTOS, subject_photos
     from noclone.training.loop import smoothed
 
-    suffix = f"-ranchor{repair_anchors}" if repair_anchors else ""
+    suffix = ((f"-ranchor{repair_anchors}" if repair_anchors else "")
+              + (f"-rt{settings.repair_min_timestep}" if settings.repair_min_timestep else ""))
     repair_set = repair_anchors or anchors  # the anchors the repair alternates with the class images
     out = unrepaired.parent / f"{unrepaired.name}-repair{settings.repair_steps}-{settings.repair_lr:g}{suffix}"
     if not (out / "protection.json").is_file():
@@ -158,6 +159,7 @@ def main() -> None:
     parser.add_argument("--repair-steps", type=int, help="release repair after L2P (default 0); applied to the "
                         "cached unrepaired protected model with the same code (APDM.repair)")
     parser.add_argument("--dpo-max-timestep", type=int, help="DPO on timesteps below this only (default: all)")
+    parser.add_argument("--repair-min-timestep", type=int, help="repair on timesteps >= this only (default 0: all)")
     parser.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
     parser.add_argument("--simulate-text-encoder", action="store_true",
                         help="the simulated attacker also fine-tunes the text encoder (off by default: measured worse)")
@@ -178,6 +180,7 @@ def main() -> None:
                                    "prior_weight": args.prior_weight, "prior_loss": args.prior_loss,
                                    "loss": args.loss, "beta": args.beta, "anchor_weight": args.anchor_weight,
                                    "repair_steps": args.repair_steps,
+                                   "repair_min_timestep": args.repair_min_timestep,
                                    "dpo_max_timestep": args.dpo_max_timestep,
                                    "multi_subject": args.multi_subject}.items() if v is not None}
     if args.simulate_text_encoder:

@@ -154,6 +154,7 @@ class APDMConfig:
     anchor_weight: float = 1.0         # L_anchor weight (beyond the paper; only with anchor photos, see the docstring)
     repair_steps: int = 0              # release repair after L2P (beyond the paper, see the docstring); 0 = off
     repair_lr: float = 1e-4
+    repair_min_timestep: int = 0       # beyond the paper: repair timesteps t ~ U{min..T-1} only (0: all)
     l2p: bool = True                   # False: protection gradient at the current weights only
     accumulate: str = "sum"            # 'sum' (Algorithm 1) | 'mean' over the inner states
     official_grad_quirk: bool = False  # True: g = sum_i [grad L_per(theta'_i) + grad L_protect(theta'_{i+1})]
@@ -208,6 +209,7 @@ class APDMConfig:
             (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0, "--anchor-weight must be >= 0"),
             (self.repair_steps >= 0, f"--repair-steps {self.repair_steps} must be >= 0"),
             (0 < self.repair_lr < 1, f"--repair-lr {self.repair_lr} is outside (0, 1)"),
+            (self.repair_min_timestep >= 0, f"--repair-min-timestep {self.repair_min_timestep} must be >= 0"),
             (self.prior_loss in PRIOR_LOSSES, f"--prior-loss {self.prior_loss!r}: choose from {', '.join(PRIOR_LOSSES)}"),
             (self.accumulate in ("sum", "mean"), f"accumulate {self.accumulate!r}: choose sum or mean"),
             (self.params in PARAM_SETS, f"--params {self.params!r}: choose from {', '.join(PARAM_SETS)}"),
@@ -375,11 +377,16 @@ def _prior_loss(unet, reference, scheduler, subject: _Subject, generator: torch.
 
 
 def repair_loss(unet, reference, scheduler, subject: _Subject, generator: torch.Generator, batch: int,
-                step: int) -> torch.Tensor:
+                step: int, min_timestep: int = 0) -> torch.Tensor:
     """L_repair: distil phi on generic data (anchors and class images, alternately) under the class and empty prompts."""
     sets = [s for s in (subject.data.anchors, subject.data.prior) if s is not None]
     latents = sets[step % len(sets)].batch(generator, batch)
-    losses = [distillation_loss(unet, reference, scheduler, latents, cond, generator)
+    total = scheduler.config.num_train_timesteps
+    if not 0 <= min_timestep < total:
+        raise NocloneError(f"--repair-min-timestep {min_timestep} must be below the scheduler's {total} timesteps")
+    losses = [distillation_loss(unet, reference, scheduler, latents, cond, generator,
+                                torch.randint(min_timestep, total, (batch,), generator=generator) if min_timestep
+                                else None)  # None: the draw of every repair measured before this option
               for cond in (subject.class_cond, subject.cond(""))]
     return sum(losses) / len(losses)
 
@@ -492,7 +499,7 @@ class APDM:
         def step_fn(step: int) -> dict[str, torch.Tensor]:
             subject = subjects[step % len(subjects)]
             loss = repair_loss(unet, self.reference, scheduler, subject, step_generator(c.seed, step, "apdm/repair"),
-                               2 * c.batch_size, step // len(subjects))
+                               2 * c.batch_size, step // len(subjects), c.repair_min_timestep)
             return {"loss": loss}
 
         return run_training(list(params.items()), optimizer, step_fn,

@@ -103,9 +103,9 @@ def prediction_error(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: t
 
 
 def distillation_loss(unet, teacher, scheduler, latents: torch.Tensor, cond: torch.Tensor,
-                      generator: torch.Generator) -> torch.Tensor:
+                      generator: torch.Generator, timesteps: torch.Tensor | None = None) -> torch.Tensor:
     """E||eps_theta(z_t(x), t, c) - eps_teacher(z_t(x), t, c)||^2: keep the UNet's prediction the frozen teacher's."""
-    noisy, timesteps, _ = noised(scheduler, latents, generator)
+    noisy, timesteps, _ = noised(scheduler, latents, generator, timesteps)
     cond = cond.expand(len(latents), -1, -1)
     with torch.no_grad():
         target = teacher(noisy.to(teacher.device, teacher.dtype), timesteps.to(teacher.device),
