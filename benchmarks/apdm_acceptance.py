@@ -91,7 +91,8 @@ def repaired(model: Path, unrepaired: Path, work: Path, settings, targets, ancho
     from noclone.training.loop import smoothed
 
     suffix = ((f"-ranchor{repair_anchors}" if repair_anchors else "")
-              + (f"-rt{settings.repair_min_timestep}" if settings.repair_min_timestep else ""))
+              + (f"-rt{settings.repair_min_timestep}" if settings.repair_min_timestep else "")
+              + (f"-rtmax{settings.repair_max_timestep}" if settings.repair_max_timestep else ""))
     repair_set = repair_anchors or anchors  # the anchors the repair alternates with the class images
     out = unrepaired.parent / f"{unrepaired.name}-repair{settings.repair_steps}-{settings.repair_lr:g}{suffix}"
     if not (out / "protection.json").is_file():
@@ -160,6 +161,7 @@ def main() -> None:
                         "cached unrepaired protected model with the same code (APDM.repair)")
     parser.add_argument("--dpo-max-timestep", type=int, help="DPO on timesteps below this only (default: all)")
     parser.add_argument("--repair-min-timestep", type=int, help="repair on timesteps >= this only (default 0: all)")
+    parser.add_argument("--repair-max-timestep", type=int, help="repair on timesteps below this only (default: all)")
     parser.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
     parser.add_argument("--simulate-text-encoder", action="store_true",
                         help="the simulated attacker also fine-tunes the text encoder (off by default: measured worse)")
@@ -181,6 +183,7 @@ def main() -> None:
                                    "loss": args.loss, "beta": args.beta, "anchor_weight": args.anchor_weight,
                                    "repair_steps": args.repair_steps,
                                    "repair_min_timestep": args.repair_min_timestep,
+                                   "repair_max_timestep": args.repair_max_timestep,
                                    "dpo_max_timestep": args.dpo_max_timestep,
                                    "multi_subject": args.multi_subject}.items() if v is not None}
     if args.simulate_text_encoder:

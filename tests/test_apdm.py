@@ -345,7 +345,7 @@ def test_anchors_with_zero_weight_join_the_repair_only(tiny_model_dir, subject_d
     assert len(APDM(_config(anchor_weight=0.0, repair_steps=2)).subject_data(pipe, anchored).anchors) == 3
 
 
-def test_repair_min_timestep_repairs_high_noise_only(tiny_pipe, person, monkeypatch):
+def test_repair_timestep_range_bounds_the_repair_draws(tiny_pipe, person, monkeypatch):
     import noclone.defenses.apdm as apdm
 
     drawn = []
@@ -354,10 +354,14 @@ def test_repair_min_timestep_repairs_high_noise_only(tiny_pipe, person, monkeypa
                         lambda *a, **k: drawn.append(a[6] if len(a) > 6 else None) or real(*a, **k))
     APDM(_config(outer_steps=1, l2p=False, repair_steps=3, repair_min_timestep=900)).protect(tiny_pipe, [person])
     assert len(drawn) == 6 and all(t is not None and int(t.min()) >= 900 for t in drawn)
-    with pytest.raises(NocloneError, match="--repair-min-timestep 5000"):
+    APDM(_config(outer_steps=1, l2p=False, repair_steps=2, repair_max_timestep=10)).protect(tiny_pipe, [person])
+    assert len(drawn) == 10 and all(int(t.max()) < 10 for t in drawn[6:])
+    with pytest.raises(NocloneError, match=r"repair timesteps \[5000, 1000\)"):
         APDM(_config(outer_steps=1, l2p=False, repair_steps=1, repair_min_timestep=5000)).protect(tiny_pipe, [person])
     with pytest.raises(NocloneError, match="--repair-min-timestep"):
         _config(repair_min_timestep=-1).validate()
+    with pytest.raises(NocloneError, match="--repair-max-timestep"):
+        _config(repair_min_timestep=300, repair_max_timestep=300).validate()
 
 
 def test_parameter_sets_change_only_their_weights(tiny_model_dir, person):

@@ -154,7 +154,8 @@ class APDMConfig:
     anchor_weight: float = 1.0         # L_anchor weight (beyond the paper; only with anchor photos, see the docstring)
     repair_steps: int = 0              # release repair after L2P (beyond the paper, see the docstring); 0 = off
     repair_lr: float = 1e-4
-    repair_min_timestep: int = 0       # beyond the paper: repair timesteps t ~ U{min..T-1} only (0: all)
+    repair_min_timestep: int = 0       # beyond the paper: repair timesteps t ~ U{min..max-1} only ...
+    repair_max_timestep: int | None = None  # ... (defaults 0 and T: all)
     l2p: bool = True                   # False: protection gradient at the current weights only
     accumulate: str = "sum"            # 'sum' (Algorithm 1) | 'mean' over the inner states
     official_grad_quirk: bool = False  # True: g = sum_i [grad L_per(theta'_i) + grad L_protect(theta'_{i+1})]
@@ -210,6 +211,8 @@ class APDMConfig:
             (self.repair_steps >= 0, f"--repair-steps {self.repair_steps} must be >= 0"),
             (0 < self.repair_lr < 1, f"--repair-lr {self.repair_lr} is outside (0, 1)"),
             (self.repair_min_timestep >= 0, f"--repair-min-timestep {self.repair_min_timestep} must be >= 0"),
+            (self.repair_max_timestep is None or self.repair_max_timestep > self.repair_min_timestep,
+             f"--repair-max-timestep {self.repair_max_timestep} must be above --repair-min-timestep"),
             (self.prior_loss in PRIOR_LOSSES, f"--prior-loss {self.prior_loss!r}: choose from {', '.join(PRIOR_LOSSES)}"),
             (self.accumulate in ("sum", "mean"), f"accumulate {self.accumulate!r}: choose sum or mean"),
             (self.params in PARAM_SETS, f"--params {self.params!r}: choose from {', '.join(PARAM_SETS)}"),
@@ -377,16 +380,17 @@ def _prior_loss(unet, reference, scheduler, subject: _Subject, generator: torch.
 
 
 def repair_loss(unet, reference, scheduler, subject: _Subject, generator: torch.Generator, batch: int,
-                step: int, min_timestep: int = 0) -> torch.Tensor:
+                step: int, timesteps: tuple[int, int | None] = (0, None)) -> torch.Tensor:
     """L_repair: distil phi on generic data (anchors and class images, alternately) under the class and empty prompts."""
     sets = [s for s in (subject.data.anchors, subject.data.prior) if s is not None]
     latents = sets[step % len(sets)].batch(generator, batch)
     total = scheduler.config.num_train_timesteps
-    if not 0 <= min_timestep < total:
-        raise NocloneError(f"--repair-min-timestep {min_timestep} must be below the scheduler's {total} timesteps")
+    low, high = timesteps[0], timesteps[1] or total
+    if not 0 <= low < high <= total:
+        raise NocloneError(f"repair timesteps [{low}, {high}) are outside the scheduler's {total} timesteps")
     losses = [distillation_loss(unet, reference, scheduler, latents, cond, generator,
-                                torch.randint(min_timestep, total, (batch,), generator=generator) if min_timestep
-                                else None)  # None: the draw of every repair measured before this option
+                                torch.randint(low, high, (batch,), generator=generator) if (low, high) != (0, total)
+                                else None)  # None: the draw of every repair measured before these options
               for cond in (subject.class_cond, subject.cond(""))]
     return sum(losses) / len(losses)
 
@@ -499,7 +503,8 @@ class APDM:
         def step_fn(step: int) -> dict[str, torch.Tensor]:
             subject = subjects[step % len(subjects)]
             loss = repair_loss(unet, self.reference, scheduler, subject, step_generator(c.seed, step, "apdm/repair"),
-                               2 * c.batch_size, step // len(subjects), c.repair_min_timestep)
+                               2 * c.batch_size, step // len(subjects),
+                               (c.repair_min_timestep, c.repair_max_timestep))
             return {"loss": loss}
 
         return run_training(list(params.items()), optimizer, step_fn,

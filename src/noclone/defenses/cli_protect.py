@@ -62,7 +62,7 @@ def _apdm_config(args: argparse.Namespace):
         "accumulate": args.accumulate, "prior_loss": args.prior_loss, "seed": args.seed,
         "anchor_weight": args.anchor_weight, "dpo_max_timestep": args.dpo_max_timestep,
         "repair_steps": args.repair_steps, "repair_lr": args.repair_lr,
-        "repair_min_timestep": args.repair_min_timestep,
+        "repair_min_timestep": args.repair_min_timestep, "repair_max_timestep": args.repair_max_timestep,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_l2p:
@@ -195,7 +195,7 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
              "accumulate": "--accumulate", "prior_loss": "--prior-loss", "positive_images": "--positive-images",
              "anchor_images": "--anchor-images", "anchor_weight": "--anchor-weight",
              "dpo_max_timestep": "--dpo-max-timestep", "repair_steps": "--repair-steps", "repair_lr": "--repair-lr",
-             "repair_min_timestep": "--repair-min-timestep"},
+             "repair_min_timestep": "--repair-min-timestep", "repair_max_timestep": "--repair-max-timestep"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -285,7 +285,8 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
                         "and --anchor-images) for N steps to restore generic generation (default 0: off)")
     p.add_argument("--repair-lr", type=float, help="lr of the repair steps (default 1e-4)")
     p.add_argument("--repair-min-timestep", type=int,
-                   help="repair on timesteps >= this only (default 0: all); the low-noise steps carry identity detail")
+                   help="repair on timesteps >= this only (default 0)")
+    p.add_argument("--repair-max-timestep", type=int, help="repair on timesteps below this only (default: all)")
     p.add_argument("--prior-loss", help="L_ppl of the protection loss: ground_truth (paper, default) or distill "
                                          "(the original model's prediction on class images)")
     p.add_argument("--params", help="weights changed: full (default), attention (cross-attention) or lora")
