@@ -241,12 +241,33 @@ def main() -> None:
                                  "detector_protected": q_prot["detector_rate"], "fid_base": q_base["fid"],
                                  "fid_protected": q_prot["fid"]})
             print(quality_rows[-1], flush=True)
-    (work / "apdm_results.json").write_text(json.dumps({"settings": asdict(settings), "rows": rows, "quality": quality_rows},
-                                                       indent=2))
+    results = json.dumps({"settings": asdict(settings), "rows": rows, "quality": quality_rows,
+                          "criteria": criteria(rows, quality_rows)}, indent=2)
+    (work / "apdm_results.json").write_text(results)
     text = markdown(rows, quality_rows, settings, args)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
+        Path(args.markdown).with_suffix(".json").write_text(results)  # for benchmarks/apdm_seeds.py
+
+
+def criteria(rows: list[dict], quality_rows: list[dict]) -> dict[str, dict[str, bool]]:
+    """The issue's criteria 1-4 per class, judged on this run's rows (a criterion without its rows is left out)."""
+    verdicts: dict[str, dict[str, bool]] = {}
+    for r in rows:
+        v = verdicts.setdefault(r["class"], {})
+        if r["subject"] != "protected":  # 3: another subject within 10 points of the unprotected model
+            v["3_other_subject"] = v.get("3_other_subject", True) and (
+                r["match_protected"] >= r["match_unprotected"] - 0.10)
+        elif r["attack"] == "dreambooth":  # 1: <= 10% match rate (from >= 80%), ISM within 0.1 of the base model's
+            v["1_protected"] = (r["match_unprotected"] >= 0.80 and r["match_protected"] <= 0.10
+                                and abs(r["ism_protected"] - r["base_ism"]) <= 0.10)
+        else:  # 2: every adaptive attacker at <= 20%
+            v["2_adaptive"] = v.get("2_adaptive", True) and r["match_protected"] <= 0.20
+    for q in quality_rows:  # 4: detector rate within 5 points, sandbox-FID within +15% of the base model's
+        verdicts.setdefault(q["class"], {})["4_quality"] = (
+            q["detector_protected"] >= q["detector_base"] - 0.05 and q["fid_protected"] <= 1.15 * q["fid_base"])
+    return verdicts
 
 
 def markdown(rows, quality_rows, settings, args) -> str:
@@ -265,6 +286,9 @@ def markdown(rows, quality_rows, settings, args) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {q['class']} | {q['detector_base']:.2f} | {q['detector_protected']:.2f} | {q['fid_base']:.1f} | "
                   f"{q['fid_protected']:.1f} | {q['fid_protected'] / q['fid_base']:.2f} |" for q in quality_rows]
+    lines += ["", "Criteria (the APDM issue's 1-4, this seed only): " + "; ".join(
+        f"{c}: " + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in sorted(v.items()))
+        for c, v in criteria(rows, quality_rows).items())]
     return "\n".join(lines) + "\n"
 
 
