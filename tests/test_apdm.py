@@ -356,8 +356,10 @@ def test_repair_timestep_range_bounds_the_repair_draws(tiny_pipe, person, monkey
     assert len(drawn) == 6 and all(t is not None and int(t.min()) >= 900 for t in drawn)
     APDM(_config(outer_steps=1, l2p=False, repair_steps=2, repair_max_timestep=10)).protect(tiny_pipe, [person])
     assert len(drawn) == 10 and all(int(t.max()) < 10 for t in drawn[6:])
-    with pytest.raises(NocloneError, match=r"repair timesteps \[5000, 1000\)"):
+    before = _unet_state(tiny_pipe)
+    with pytest.raises(NocloneError, match=r"repair timesteps \[5000, 1000\)"):  # before any L2P step
         APDM(_config(outer_steps=1, l2p=False, repair_steps=1, repair_min_timestep=5000)).protect(tiny_pipe, [person])
+    assert not _changed(before, _unet_state(tiny_pipe))
     with pytest.raises(NocloneError, match="--repair-min-timestep"):
         _config(repair_min_timestep=-1).validate()
     with pytest.raises(NocloneError, match="--repair-max-timestep"):

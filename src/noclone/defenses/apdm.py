@@ -39,7 +39,10 @@ anchors, alternately, under the class prompt and the empty prompt (guidance's un
 inner path. In the sandbox the protection's damage to the class is shallow and the damage to the subject deep: a
 generic repair brings generic generation back and, after a long enough protection, leaves the subject unlearnable
 (docs/sandbox-v1.md, "Stop 20"). `APDM.repair` applies it to a model protected earlier. With `anchor_weight=0`
-(CLI `--anchor-weight 0 --anchor-images DIR`) the anchors join the repair only.
+(CLI `--anchor-weight 0 --anchor-images DIR`) the anchors join the repair only. `repair_min_timestep` /
+`repair_max_timestep` (CLI `--repair-min-timestep` / `--repair-max-timestep`) bound the repair's timesteps to
+[min, max); on the sandbox person, the repair on t < 300 keeps the protection and raises the generic detector rate more than
+the full-range repair, not on the dog or the cat (docs/sandbox-v1.md, "Stop 24").
 
 Minimising L_DPO lowers the error on generic class images relative to phi (r+ < 0) and raises it on the subject
 (r- > 0) -- the model learns to denoise "sks person" into a generic person. `reduction='elementwise'` (default, the
@@ -379,15 +382,22 @@ def _prior_loss(unet, reference, scheduler, subject: _Subject, generator: torch.
     return diffusion_loss(unet, scheduler, latents, subject.class_cond.expand(batch, -1, -1), generator)
 
 
+def repair_timesteps(config: APDMConfig, scheduler) -> tuple[int, int]:
+    """The repair's timestep range [low, high), checked against the scheduler (before any training step)."""
+    total = scheduler.config.num_train_timesteps
+    low, high = config.repair_min_timestep, config.repair_max_timestep or total
+    if not 0 <= low < high <= total:
+        raise NocloneError(f"repair timesteps [{low}, {high}) are outside the scheduler's {total} timesteps")
+    return low, high
+
+
 def repair_loss(unet, reference, scheduler, subject: _Subject, generator: torch.Generator, batch: int,
-                step: int, timesteps: tuple[int, int | None] = (0, None)) -> torch.Tensor:
+                step: int, timesteps: tuple[int, int] | None = None) -> torch.Tensor:
     """L_repair: distil phi on generic data (anchors and class images, alternately) under the class and empty prompts."""
     sets = [s for s in (subject.data.anchors, subject.data.prior) if s is not None]
     latents = sets[step % len(sets)].batch(generator, batch)
     total = scheduler.config.num_train_timesteps
-    low, high = timesteps[0], timesteps[1] or total
-    if not 0 <= low < high <= total:
-        raise NocloneError(f"repair timesteps [{low}, {high}) are outside the scheduler's {total} timesteps")
+    low, high = timesteps or (0, total)
     losses = [distillation_loss(unet, reference, scheduler, latents, cond, generator,
                                 torch.randint(low, high, (batch,), generator=generator) if (low, high) != (0, total)
                                 else None)  # None: the draw of every repair measured before these options
@@ -453,6 +463,8 @@ class APDM:
         c = self.config
         torch.manual_seed(c.seed)
         unet, scheduler = pipe.unet, training_scheduler(pipe)  # DDPM noising, whatever samples
+        if c.repair_steps:
+            repair_timesteps(c, scheduler)  # a bad range fails now, not after L2P
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False).eval()
         params = select_parameters(unet, c.params, c.lora_rank)
@@ -503,8 +515,7 @@ class APDM:
         def step_fn(step: int) -> dict[str, torch.Tensor]:
             subject = subjects[step % len(subjects)]
             loss = repair_loss(unet, self.reference, scheduler, subject, step_generator(c.seed, step, "apdm/repair"),
-                               2 * c.batch_size, step // len(subjects),
-                               (c.repair_min_timestep, c.repair_max_timestep))
+                               2 * c.batch_size, step // len(subjects), repair_timesteps(c, scheduler))
             return {"loss": loss}
 
         return run_training(list(params.items()), optimizer, step_fn,
