@@ -39,6 +39,10 @@ def cells(runs: list[dict], key: str, fields: tuple[str, ...]) -> dict[tuple, li
     return {k: [next((r for r in run[key] if tuple(r[f] for f in fields) == k), None) for run in runs] for k in keys}
 
 
+def column(rows: list[dict | None], field: str) -> list[float | None]:
+    return [None if r is None else r[field] for r in rows]
+
+
 def figures(values: list[float | None], fmt: str = "{:.2f}") -> str:
     values = [None if v is None or v != v else v for v in values]  # NaN: not measured for this row
     known = [v for v in values if v is not None]
@@ -56,21 +60,19 @@ def main() -> None:
     print("| class | subject | attack | match unprotected | match protected | ISM protected | base ISM |")
     print("|---|---|---|---|---|---|---|")
     for (c, subject, attack), rows in cells(runs, "rows", ("class", "subject", "attack")).items():
-        get = lambda f: [None if r is None else r[f] for r in rows]  # noqa: E731
-        print(f"| {c} | {subject} | {attack} | {figures(get('match_unprotected'))} | "
-              f"{figures(get('match_protected'))} | {figures(get('ism_protected'), '{:.3f}')} | "
-              f"{figures(get('base_ism'), '{:.3f}')} |")
+        print(f"| {c} | {subject} | {attack} | {figures(column(rows, 'match_unprotected'))} | "
+              f"{figures(column(rows, 'match_protected'))} | {figures(column(rows, 'ism_protected'), '{:.3f}')} | "
+              f"{figures(column(rows, 'base_ism'), '{:.3f}')} |")
     quality = cells(runs, "quality", ("class",))
     if quality:
         print("\n| class | detector base | detector protected | FID base | FID protected |\n|---|---|---|---|---|")
         for (c,), rows in quality.items():
-            get = lambda f: [None if r is None else r[f] for r in rows]  # noqa: E731
-            print(f"| {c} | {figures(get('detector_base'))} | {figures(get('detector_protected'))} | "
-                  f"{figures(get('fid_base'), '{:.1f}')} | {figures(get('fid_protected'), '{:.1f}')} |")
+            print(f"| {c} | {figures(column(rows, 'detector_base'))} | {figures(column(rows, 'detector_protected'))} | "
+                  f"{figures(column(rows, 'fid_base'), '{:.1f}')} | {figures(column(rows, 'fid_protected'), '{:.1f}')} |")
     print("\nCriteria met, seeds out of those that measured it:")
     verdicts: dict[tuple[str, str], list[bool]] = {}
     for run in runs:
-        for c, v in criteria(run["rows"], run.get("quality", [])).items():
+        for c, v in criteria(run["rows"], run.get("quality", [])).items():  # judged again: older files lack it
             for name, ok in v.items():
                 verdicts.setdefault((c, name), []).append(ok)
     for (c, name), oks in sorted(verdicts.items()):
