@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from statistics import mean
 
-from apdm_acceptance import criteria  # benchmarks/ is on sys.path when this script runs
+from apdm_acceptance import ADAPTIVE_LIMIT, EPS, criteria  # benchmarks/ is on sys.path when this script runs
 
 
 def load(paths: list[str]) -> list[dict]:
@@ -77,6 +77,17 @@ def main() -> None:
                 verdicts.setdefault((c, name), []).append(ok)
     for (c, name), oks in sorted(verdicts.items()):
         print(f"- {c}, criterion {name}: {sum(oks)} of {len(oks)}")
+    for c, attack, oks in adaptive_counts(runs):
+        print(f"  - {c}, {attack} at <= {ADAPTIVE_LIMIT:.0%}: {sum(oks)} of {len(oks)}")
+
+
+def adaptive_counts(runs: list[dict]) -> list[tuple[str, str, list[bool]]]:
+    """Criterion 2 per adaptive attacker: (class, attack, per seed that ran it, whether it was held to the limit)."""
+    out = []
+    for (c, subject, attack), rows in cells(runs, "rows", ("class", "subject", "attack")).items():
+        if subject == "protected" and attack != "dreambooth":
+            out.append((c, attack, [r["match_protected"] <= ADAPTIVE_LIMIT + EPS for r in rows if r is not None]))
+    return out
 
 
 if __name__ == "__main__":
