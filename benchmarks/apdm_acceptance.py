@@ -255,6 +255,11 @@ ADAPTIVE_LIMIT = 0.20  # criterion 2: the goal for every adaptive attacker's mat
 EPS = 1e-9  # a figure exactly on a limit meets it (0.8 - 0.1 is 0.7000000000000001 in floats)
 
 
+def adaptive_held(match_protected: float) -> bool:
+    """Criterion 2 for one adaptive attacker: its match rate on the protected model is at most ADAPTIVE_LIMIT."""
+    return match_protected <= ADAPTIVE_LIMIT + EPS
+
+
 def criteria(rows: list[dict], quality_rows: list[dict]) -> dict[str, dict[str, bool]]:
     """The issue's criteria 1-4 per class, judged on this run's rows (a criterion without its rows is left out)."""
     verdicts: dict[str, dict[str, bool]] = {}
@@ -267,7 +272,7 @@ def criteria(rows: list[dict], quality_rows: list[dict]) -> dict[str, dict[str, 
             v["1_protected"] = (r["match_unprotected"] >= 0.80 - EPS and r["match_protected"] <= 0.10 + EPS
                                 and abs(r["ism_protected"] - r["base_ism"]) <= 0.10 + EPS)
         else:  # 2: every adaptive attacker at <= 20%
-            v["2_adaptive"] = v.get("2_adaptive", True) and r["match_protected"] <= ADAPTIVE_LIMIT + EPS
+            v["2_adaptive"] = v.get("2_adaptive", True) and adaptive_held(r["match_protected"])
     for q in quality_rows:  # 4: detector rate within 5 points, sandbox-FID within +15% of the base model's
         verdicts.setdefault(q["class"], {})["4_quality"] = (q["detector_protected"] >= q["detector_base"] - 0.05 - EPS
                                                             and q["fid_protected"] <= 1.15 * q["fid_base"] + EPS)

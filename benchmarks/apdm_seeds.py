@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from statistics import mean
 
-from apdm_acceptance import ADAPTIVE_LIMIT, EPS, criteria  # benchmarks/ is on sys.path when this script runs
+from apdm_acceptance import ADAPTIVE_LIMIT, adaptive_held, criteria  # benchmarks/ is on sys.path when this script runs
 
 
 def load(paths: list[str]) -> list[dict]:
@@ -86,7 +86,7 @@ def adaptive_counts(runs: list[dict]) -> list[tuple[str, str, list[bool]]]:
     out = []
     for (c, subject, attack), rows in cells(runs, "rows", ("class", "subject", "attack")).items():
         if subject == "protected" and attack != "dreambooth":
-            out.append((c, attack, [r["match_protected"] <= ADAPTIVE_LIMIT + EPS for r in rows if r is not None]))
+            out.append((c, attack, [adaptive_held(r["match_protected"]) for r in rows if r is not None]))
     return out
 
 
