@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/apdm_acceptance.py --out /tmp/apdm-acc [--classes person,dog,cat] [--identity 0]
         [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N]
         [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--token T]
-        [--loss naive] [--beta B] [--anchors N] [--repair-steps N] [--protect-tokens a,b,c] [--markdown F]
+        [--loss naive] [--beta B] [--anchors N] [--repair-steps N] [--markdown F]
     .venv/bin/python benchmarks/apdm_acceptance.py --out DIR --subjects person:0,dog:4,cat:2 [--multi-subject sum]
         [--other-identity K]     # criterion 6: several subjects protected in ONE model
 
@@ -60,8 +60,7 @@ def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
                                       token, anchors, also)
         return repaired(model, unrepaired, work, settings, [(class_noun, identity), *also], anchors,
                         repair_anchors), seconds
-    key_settings = {k: v for k, v in asdict(settings).items()  # the repair is applied below; an empty identifier
-                    if not k.startswith("repair_") and not (k == "tokens" and not v)}  # pool keeps earlier keys
+    key_settings = {k: v for k, v in asdict(settings).items() if not k.startswith("repair_")}  # repaired below
     key = hashlib.sha256(json.dumps(key_settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     suffix = ((f"-pos{positives}" if positives else "") + (f"-anchor{anchors}" if anchors else "")
               + (f"-{token}" if token != "sks" else "") + "".join(f"+{c}-{i}" for c, i in also))
@@ -151,8 +150,6 @@ def main() -> None:
     parser.add_argument("--loss", help="dpo (default) | naive: -L_simple + lambda L_ppl, the baseline the paper rejects")
     parser.add_argument("--beta", type=float, help="DPO beta (default 1)")
     parser.add_argument("--token", default="sks", help="the identifier both the protector and the attacker use")
-    parser.add_argument("--protect-tokens", help="identifier pool of the protection, e.g. sks,ohwx,qzv,zwx,pqv (the "
-                        "adaptive attacker's xyz should stay out of it to be a held-out identifier)")
     parser.add_argument("--positives", type=int, default=0,
                         help="DPO positives: renders of N generator-training identities instead of class images")
     parser.add_argument("--anchors", type=int, default=0,
@@ -188,9 +185,7 @@ def main() -> None:
                                    "repair_min_timestep": args.repair_min_timestep,
                                    "repair_max_timestep": args.repair_max_timestep,
                                    "dpo_max_timestep": args.dpo_max_timestep,
-                                   "multi_subject": args.multi_subject,
-                                   "tokens": tuple(args.protect_tokens.split(",")) if args.protect_tokens else None,
-                                   }.items() if v is not None}
+                                   "multi_subject": args.multi_subject}.items() if v is not None}
     if args.simulate_text_encoder:
         overrides["train_text_encoder"] = True
     if args.no_l2p:
@@ -286,8 +281,7 @@ def criteria(rows: list[dict], quality_rows: list[dict]) -> dict[str, dict[str, 
 
 def markdown(rows, quality_rows, settings, args) -> str:
     lines = [f"APDM {settings.outer_steps} outer x {settings.inner_steps} inner steps, lr {settings.lr_protect:g}, "
-             f"beta {settings.beta:g}, loss {settings.loss}, params {settings.params}, seed {settings.seed}"
-             + (f", identifier pool {','.join(settings.tokens)}" if settings.tokens else "") + "; "
+             f"beta {settings.beta:g}, loss {settings.loss}, params {settings.params}, seed {settings.seed}; "
              f"{args.n} generations per cell.", "",
              "| class | subject | attack | match unprotected | match protected | ISM unprotected | ISM protected | "
              "base ISM | FDFR protected | protect s | attack s |", "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -257,41 +257,6 @@ def test_dpo_max_timestep_draws_low_noise_timesteps_only(tiny_pipe, person, monk
         _config(dpo_max_timestep=0).validate()
 
 
-def test_identifier_pool_replaces_the_token_in_both_paths(tiny_model_dir, person, monkeypatch):
-    import noclone.defenses.apdm as apdm
-    from noclone.models.pipeline import load_pipeline
-
-    inner, outer = [], []
-    real_per, real_cond = apdm.dreambooth_loss, apdm.prompt_condition
-    monkeypatch.setattr(apdm, "dreambooth_loss",
-                        lambda unet, te, tok, sched, data, *a, **k: inner.append(data.instance.prompt) or real_per(unet, te, tok, sched, data, *a, **k))
-    monkeypatch.setattr(apdm, "prompt_condition",
-                        lambda te, tok, prompt, *a, **k: outer.append(prompt) or real_cond(te, tok, prompt, *a, **k))
-    during = []
-
-    class Recording(APDM):
-        def after_step(self, step):
-            during[:] = list(outer)  # the prompts of the outer steps (the final probe uses the subject's own token)
-
-    Recording(_config(outer_steps=6, tokens=("ohwx", "qzv"))).protect(load_pipeline(tiny_model_dir), [person])
-    pool = {"a photo of ohwx person", "a photo of qzv person"}
-    assert len(inner) == 6 and set(inner) == pool  # one inner step per outer step; both drawn over 6 steps
-    assert "a photo of sks person" not in during and pool <= set(during)
-
-
-def test_identifier_pool_of_the_own_token_changes_nothing(tiny_model_dir, person):
-    from noclone.models.pipeline import load_pipeline
-
-    plain, pooled = load_pipeline(tiny_model_dir), load_pipeline(tiny_model_dir)
-    APDM(_config(outer_steps=2)).protect(plain, [person])
-    APDM(_config(outer_steps=2, tokens=("sks",))).protect(pooled, [person])
-    assert not _changed(_unet_state(plain), _unet_state(pooled))  # the token draw uses its own random stream
-    with pytest.raises(NocloneError, match="--tokens"):
-        _config(tokens=("sks", "two words")).validate()
-    with pytest.raises(NocloneError, match="own token"):
-        APDM(_config(tokens=("sks", "ohwx"))).train(load_pipeline(tiny_model_dir), [_separable_subject()])
-
-
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_model_dir, person, tmp_path):
     from noclone.models.pipeline import load_pipeline
 
@@ -488,9 +453,8 @@ def test_cli_protects_then_adds_a_subject(tiny_model_dir, subject_dir, dog_dir, 
     first = tmp_path / "first"
     assert _main(["-q", "protect-model", "--method", "apdm", "--model", str(tiny_model_dir), "--images", str(subject_dir),
                   "--class-noun", "person", "--anchor-images", str(dog_dir), "--repair-steps", "2", *common,
-                  "--tokens", "sks, ohwx", "--out", str(first)]) == 0
+                  "--out", str(first)]) == 0
     card = json.loads((first / "protection.json").read_text())
-    assert card["hyperparameters"]["tokens"] == ["sks", "ohwx"]
     assert card["hyperparameters"]["outer_steps"] == 1 and len(card["subjects"]) == 1
     assert card["hyperparameters"]["repair_steps"] == 2 and len(card["metrics"]["repair_first_last"]) == 2
     second = tmp_path / "second"
@@ -525,7 +489,6 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_model_dir, subject_dir, dog_di
     _fails(capsys, ok + ["--anchor-images", str(tmp_path / "nope3")] + out, "nope3")
     _fails(capsys, ok + ["--anchor-images", str(dog_dir)] * 2 + out, "one --anchor-images")
     _fails(capsys, ok + ["--params", "vae"] + out, "--params")
-    _fails(capsys, ok + ["--tokens", "sks,,ohwx"] + out, "--tokens")
     _fails(capsys, ok + ["--repair-steps", "-1"] + out, "--repair-steps")
     _fails(capsys, ok + ["--repair-lr", "2"] + out, "--repair-lr")
     _fails(capsys, ok + ["--lr-protect", "3"] + out, "--lr-protect")

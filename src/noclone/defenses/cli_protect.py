@@ -1,7 +1,7 @@
 """`noclone protect-model`: change a model's weights so that personalizing it on the given subjects fails.
 
     noclone protect-model --method apdm --model M --images DIR --class-noun person [--images DIR2 --class-noun dog]
-                          [--token sks] [--tokens sks,ohwx,...] [--preset quick|paper] [--steps N] ... --out DIR
+                          [--token sks] [--preset quick|paper] [--steps N] [--inner-steps N] ... --out DIR
     noclone protect-model --method persguard --target pattern|erasure|target [--target-class cat]
                           [--target-images DIR] [--tokens sks,xyz,...] [--implant unet|decoder|both]
                           [--negative-images DIR ...] --model M --images DIR --class-noun person --out DIR
@@ -49,16 +49,6 @@ def _subjects(args: argparse.Namespace):
     return subjects
 
 
-def _token_pool(args: argparse.Namespace) -> tuple[str, ...]:
-    """--tokens a,b,c as a tuple of single words (empty when not given)."""
-    if args.tokens is None:
-        return ()
-    tokens = tuple(t.strip() for t in args.tokens.split(","))
-    if not all(tokens) or any(len(t.split()) != 1 for t in tokens):
-        raise NocloneError(f"--tokens {args.tokens!r}: give comma-separated single words, e.g. sks,xyz,zwx")
-    return tokens
-
-
 def _apdm_config(args: argparse.Namespace):
     from noclone.defenses.apdm import APDMConfig
 
@@ -75,8 +65,6 @@ def _apdm_config(args: argparse.Namespace):
         "repair_min_timestep": args.repair_min_timestep, "repair_max_timestep": args.repair_max_timestep,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if args.tokens is not None:
-        overrides["tokens"] = _token_pool(args)
     if args.no_l2p:
         overrides["l2p"] = False
     if args.unpaired:
@@ -147,7 +135,9 @@ def _persguard_setup(args: argparse.Namespace, n_subjects: int):
         b.validate()
         if folder is not None and b.kind == "pattern":
             raise NocloneError("--target-images is not used with --target pattern (the mark is predefined)")
-    tokens = _token_pool(args)
+    tokens = tuple(t.strip() for t in args.tokens.split(",")) if args.tokens is not None else ()
+    if args.tokens is not None and not all(tokens):
+        raise NocloneError(f"--tokens {args.tokens!r}: give comma-separated single words, e.g. sks,xyz,zwx")
     overrides = {
         "steps": args.steps, "inner_steps": args.inner_steps, "lr": args.lr_protect, "lr_per": args.lr_per,
         "text_lr_per": args.text_lr_per, "train_text_encoder": args.train_text_encoder,
@@ -207,7 +197,7 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
              "dpo_max_timestep": "--dpo-max-timestep", "repair_steps": "--repair-steps", "repair_lr": "--repair-lr",
              "repair_min_timestep": "--repair-min-timestep", "repair_max_timestep": "--repair-max-timestep"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
-                  "templates": "--templates", "bb_weight": "--bb-weight",
+                  "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
                   "br_horizon": "--br-horizon", "mark_weight": "--mark-weight", "num_target_images": "--num-target-images",
                   "implant": "--implant", "negative_images": "--negative-images", "decoder_steps": "--decoder-steps",
@@ -238,10 +228,6 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--images", action="append", required=True, help="folder of one subject's photos (repeat per subject)")
     p.add_argument("--class-noun", action="append", required=True, help="the subject's class, e.g. person (repeat per subject)")
     p.add_argument("--token", action="append", help="identifier the attacker is assumed to use (default sks; once or per subject)")
-    p.add_argument("--tokens",
-                   help="identifier pool: comma-separated identifiers, one drawn per training step, so that an "
-                        "attacker's other identifier is covered (default: each subject's --token only); PersGuard "
-                        "calls this gray-box")
     p.add_argument("--preset", default="quick", help="quick (64 px sandbox, default) or paper (SD1.5 at 512 px)")
     g = p.add_argument_group("persguard (--method persguard)")
     g.add_argument("--target", action="append",
@@ -251,6 +237,8 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--target-images", action="append",
                    help="explicit targets: backgrounds of the photos (erasure, same sorted names) or a fixed "
                         "character (target); once per subject, '-' for none")
+    g.add_argument("--tokens",
+                   help="gray-box: comma-separated identifiers sampled in training (default: white-box, --token)")
     g.add_argument("--templates", help="gray-box prompt templates separated by '|', with {token} and {class_noun}")
     g.add_argument("--bb-weight", type=float, help="weight of the backdoor-behaviour loss (default 1)")
     g.add_argument("--pp-weight", type=float, help="weight of the prior-preservation distillation (default 1)")
