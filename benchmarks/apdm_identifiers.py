@@ -69,7 +69,7 @@ def main() -> None:
 
     from noclone.attacks.base import preset_config
     from noclone.models.pipeline import load_pipeline
-    from noclone.sandbox.experiment import attack_experiment, model_tag
+    from noclone.sandbox.experiment import attack_experiment
     from noclone.sandbox.splits import held_out
     from noclone.training.diffusion import encode_prompts
 
@@ -84,8 +84,7 @@ def main() -> None:
             attack = replace(attack, train_text_encoder=False)
         result = attack_experiment(protected, work, args.class_noun, identity, "dreambooth", attack, args.n, args.seed,
                                    False)
-        key = f"{model_tag(protected)}-{args.class_noun}-{identity}-dreambooth-{attack.fingerprint()}-{attack.steps}"
-        attacked = load_pipeline(work / "attacks" / key)
+        attacked = load_pipeline(result["attacked_dir"])
         prompt = attack.instance_prompt
         with torch.no_grad():
             before = encode_prompts(pipe.text_encoder, pipe.tokenizer, [prompt])

@@ -107,7 +107,7 @@ def attack_experiment(model: Path, work: Path, class_noun: str, identity: int, m
     scores = sandbox_scores(generated, refs, class_noun, ("ism", "fdfr"))
     return {"class_noun": class_noun, "identity": identity, "method": method, "config": asdict(config),
             "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - started, 1), **scores,
-            "guidance": guidance, "generated_dir": str(folder)}
+            "guidance": guidance, "generated_dir": str(folder), "attacked_dir": str(attacked)}
 
 
 def _guidance_tag(guidance: float) -> str:
