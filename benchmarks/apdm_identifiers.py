@@ -31,19 +31,13 @@ def subject_error_probe(pipe, work: Path, class_noun: str, identity: int, draws:
     from noclone.attacks.base import load_subject_images
     from noclone.sandbox.experiment import TRAIN_PHOTOS, subject_photos
     from noclone.training.data import LatentSet, pipeline_resolution
-    from noclone.training.diffusion import (diffusion_target, encode_prompts, prediction_error, sample_latents,
-                                            training_scheduler)
+    from noclone.training.diffusion import encode_prompts, noised, prediction_error, training_scheduler
 
     _, images = load_subject_images(subject_photos(work / "subjects" / f"{class_noun}-{identity}", class_noun, identity,
                                                    TRAIN_PHOTOS))
     photos = LatentSet.from_images(pipe.vae, images, "", pipeline_resolution(pipe))
-    scheduler = training_scheduler(pipe)
     g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, len(photos), (draws,), generator=g)
-    latents = sample_latents(photos.mean[idx], photos.std[idx], g)
-    noise = torch.randn(latents.shape, generator=g)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (draws,), generator=g)
-    noisy, target = scheduler.add_noise(latents, noise, t), diffusion_target(scheduler, latents, noise, t)
+    noisy, t, target = noised(training_scheduler(pipe), photos.batch(g, draws), g)
 
     @torch.no_grad()
     def error(unet, text_encoder, prompt: str) -> float:
