@@ -70,6 +70,12 @@ preset) this is worse, not better: the attacker's match rate on the protected mo
 without (the UNet learns to resist embeddings of "sks person" that the short simulated path wanders to, not the
 original one every real attack starts from), so it is off by default.
 
+`attack_horizon=H` (beyond the paper) makes the simulated attacker persistent (`PersistentAttacker`): its weights
+are theta_j + delta, and delta (with its AdamW state, and the text encoder's displacement when it trains that too)
+carries over from one outer step to the next, restarting from theta after H of its own steps. The protection
+gradient is then taken along a whole attack of H steps, not only its first N_per, while each outer step still
+costs N_per inner steps.
+
 `official_grad_quirk=True` reproduces the public code, which does not zero the inner personalization gradient
 before the protection backward: g = sum_i [grad L_per(theta'_i) + grad L_protect(theta'_{i+1})].
 `l2p=False` takes the protection gradient at theta_j only (the ablation).
