@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/apdm_acceptance.py --out /tmp/apdm-acc [--classes person,dog,cat] [--identity 0]
         [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N]
-        [--simulate-text-encoder] [--attack-horizon H] [--prior-loss distill] [--no-l2p] [--positives N] [--token T]
+        [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--token T]
         [--loss naive] [--beta B] [--anchors N] [--repair-steps N] [--markdown F]
     .venv/bin/python benchmarks/apdm_acceptance.py --out DIR --subjects person:0,dog:4,cat:2 [--multi-subject sum]
         [--other-identity K]     # criterion 6: several subjects protected in ONE model
@@ -165,8 +165,6 @@ def main() -> None:
     parser.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
     parser.add_argument("--simulate-text-encoder", action="store_true",
                         help="the simulated attacker also fine-tunes the text encoder (off by default: measured worse)")
-    parser.add_argument("--attack-horizon", type=int,
-                        help="the simulated attacker persists across outer steps, restarting after H of its steps")
     parser.add_argument("--markdown")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -187,8 +185,7 @@ def main() -> None:
                                    "repair_min_timestep": args.repair_min_timestep,
                                    "repair_max_timestep": args.repair_max_timestep,
                                    "dpo_max_timestep": args.dpo_max_timestep,
-                                   "multi_subject": args.multi_subject,
-                                   "attack_horizon": args.attack_horizon}.items() if v is not None}
+                                   "multi_subject": args.multi_subject}.items() if v is not None}
     if args.simulate_text_encoder:
         overrides["train_text_encoder"] = True
     if args.no_l2p:

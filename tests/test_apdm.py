@@ -168,73 +168,6 @@ def test_simulated_attacker_fine_tunes_the_text_encoder_and_restores_it(tiny_mod
     assert torch.equal(prompt_condition(pipe.text_encoder, pipe.tokenizer, data.instance.prompt, cache), frozen_cond)
 
 
-def test_persistent_attacker_carries_its_text_encoder_across_calls_and_restores_it(tiny_model_dir, person):
-    from noclone.attacks.base import dreambooth_loss
-    from noclone.defenses.base import PersistentAttacker, select_parameters
-    from noclone.models.pipeline import load_pipeline
-    from noclone.training.diffusion import prompt_condition, step_generator, training_scheduler
-
-    pipe = load_pipeline(tiny_model_dir)
-    data = APDM(_config()).subject_data(pipe, person)
-    params = select_parameters(pipe.unet, "attention")
-    unet_before, text_before = _unet_state(pipe), {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
-    cache = {}
-    frozen_cond = prompt_condition(pipe.text_encoder, pipe.tokenizer, data.instance.prompt, cache, grad=False)
-    drift = []
-
-    def loss(i):
-        return dreambooth_loss(pipe.unet, pipe.text_encoder, pipe.tokenizer, training_scheduler(pipe), data,
-                               step_generator(0, len(drift), "t"), 2, 1.0, cache)["loss"]
-
-    def on_step(i):
-        assert all(p.grad is None for p in pipe.text_encoder.parameters())
-        cond = prompt_condition(pipe.text_encoder, pipe.tokenizer, data.instance.prompt, cache, grad=False)
-        drift.append(float((cond - frozen_cond).norm()))
-
-    attacker = PersistentAttacker(params, 1e-3, horizon=4, text_encoder=pipe.text_encoder, text_lr=1e-2,
-                                  max_grad_norm=None)
-    for _ in range(2):
-        attacker.run(loss, 2, on_step)
-        assert not _changed(unet_before, _unet_state(pipe))  # theta and the text encoder are put back after each call
-        assert not _changed(text_before, pipe.text_encoder.state_dict())
-        assert not pipe.text_encoder.training and not any(p.requires_grad for p in pipe.text_encoder.parameters())
-    # the second call went on from the first one's text encoder: its drift keeps growing instead of restarting
-    assert drift[2] > drift[1] > drift[0] > 0 and attacker.depth == 4
-    assert any(name.startswith("text_encoder.") and d.abs().max() > 0 for name, d in attacker.delta.items())
-    attacker.run(loss, 1, on_step)  # horizon reached: back to theta and the original text encoder
-    assert attacker.depth == 1 and drift[-1] < drift[1]
-
-
-def test_apdm_attack_horizon_persists_the_simulated_attacker_and_resumes(tiny_model_dir, person, tmp_path):
-    from noclone.models.pipeline import load_pipeline
-
-    config = dict(outer_steps=4, inner_steps=2, checkpoint_every=1, attack_horizon=6, train_text_encoder=True)
-    full = load_pipeline(tiny_model_dir)
-    history = APDM(_config(**config)).protect(full, [person])
-    assert [h["attack_depth"] for h in history] == [2, 4, 6, 2]  # deeper each step, restarts after 6 of its steps
-    restarting = load_pipeline(tiny_model_dir)
-    APDM(_config(**{**config, "attack_horizon": 0})).protect(restarting, [person])
-    assert _changed(_unet_state(full), _unet_state(restarting))  # the persistence changes the protection
-
-    class Killed(APDM):
-        def after_step(self, step):
-            if step == 2:
-                raise KeyboardInterrupt
-
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(KeyboardInterrupt):
-        Killed(_config(**config)).protect(load_pipeline(tiny_model_dir), [person], checkpoint_dir=ckpt)
-    resumed = load_pipeline(tiny_model_dir)
-    again = APDM(_config(**config)).protect(resumed, [person], checkpoint_dir=ckpt)
-    assert [h["attack_depth"] for h in again] == [2, 4, 6, 2]  # the attacker's depth came back from the checkpoint
-    assert not _changed(_unet_state(full), _unet_state(resumed))
-    for bad, needle in ((dict(attack_horizon=-1), "--attack-horizon"),
-                        (dict(attack_horizon=4, official_grad_quirk=True), "do not combine"),
-                        (dict(attack_horizon=4, l2p=False), "L2P")):
-        with pytest.raises(NocloneError, match=needle):
-            _config(**bad).validate()
-
-
 def test_official_grad_quirk_adds_the_personalization_gradient(tiny_model_dir, person):
     from noclone.attacks.base import dreambooth_loss
     from noclone.models.pipeline import load_pipeline
@@ -557,8 +490,6 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_model_dir, subject_dir, dog_di
     _fails(capsys, ok + ["--anchor-images", str(dog_dir)] * 2 + out, "one --anchor-images")
     _fails(capsys, ok + ["--params", "vae"] + out, "--params")
     _fails(capsys, ok + ["--repair-steps", "-1"] + out, "--repair-steps")
-    _fails(capsys, ok + ["--attack-horizon", "-2"] + out, "--attack-horizon")
-    _fails(capsys, ok + ["--method", "persguard", "--attack-horizon", "5"] + out, "--method apdm setting")
     _fails(capsys, ok + ["--repair-lr", "2"] + out, "--repair-lr")
     _fails(capsys, ok + ["--lr-protect", "3"] + out, "--lr-protect")
     _fails(capsys, ok + ["--single-file", str(tmp_path / "m.ckpt")] + out, ".safetensors")

@@ -70,12 +70,6 @@ preset) this is worse, not better: the attacker's match rate on the protected mo
 without (the UNet learns to resist embeddings of "sks person" that the short simulated path wanders to, not the
 original one every real attack starts from), so it is off by default.
 
-`attack_horizon=H` (beyond the paper) makes the simulated attacker persistent (`PersistentAttacker`): its weights
-are theta_j + delta, and delta (with its AdamW state, and the text encoder's displacement when it trains that too)
-carries over from one outer step to the next, restarting from theta after H of its own steps. The protection
-gradient is then taken along a whole attack of H steps, not only its first N_per, while each outer step still
-costs N_per inner steps.
-
 `official_grad_quirk=True` reproduces the public code, which does not zero the inner personalization gradient
 before the protection backward: g = sum_i [grad L_per(theta'_i) + grad L_protect(theta'_{i+1})].
 `l2p=False` takes the protection gradient at theta_j only (the ablation).
@@ -124,9 +118,8 @@ import torch.nn.functional as F
 
 from noclone.attacks.base import build_subject_data, dreambooth_loss
 from noclone.defenses.base import (
-    CARD_NAME, PARAM_SETS, AttackerStates, PersistentAttacker, ProtectionSubject, add_grads_into, check_checkpoint,
-    config_from_preset, earlier_subjects, frozen_copy, merge_lora, protection_card, select_parameters,
-    simulate_personalization,
+    CARD_NAME, PARAM_SETS, ProtectionSubject, add_grads_into, check_checkpoint, config_from_preset, earlier_subjects, frozen_copy,
+    merge_lora, protection_card, select_parameters, simulate_personalization,
 )
 from noclone.errors import NocloneError
 from noclone.training.data import LatentSet, SubjectData, pipeline_resolution
@@ -153,8 +146,6 @@ class APDMConfig:
     lr_per: float = 3e-4               # ... the simulated attacker's: the sandbox DreamBooth default
     train_text_encoder: bool = False   # the simulated attacker also fine-tunes the text encoder (see the docstring)
     text_lr_per: float = 1e-3          # ... at the sandbox DreamBooth's text-encoder lr
-    attack_horizon: int = 0            # 0: the simulated attacker restarts from theta every outer step (paper);
-                                       # H > 0: it persists across outer steps, restarting after H of its own steps
     beta: float = 1.0
     dpo_max_timestep: int | None = None  # beyond the paper: DPO timesteps t ~ U{0..max-1} only (None: all)
     reduction: str = "elementwise"     # 'elementwise' (official code) | 'per-sample' (Diffusion-DPO)
@@ -233,10 +224,6 @@ class APDMConfig:
             (self.reference_dtype in _DTYPES, f"--reference-dtype {self.reference_dtype!r}: choose from {', '.join(_DTYPES)}"),
             (self.optimizer in ("adamw", "adamw8bit"), f"--optimizer {self.optimizer!r}: choose adamw or adamw8bit"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
-            (self.attack_horizon >= 0, f"--attack-horizon {self.attack_horizon} must be 0 or more"),
-            (not (self.attack_horizon and self.official_grad_quirk),
-             "--attack-horizon and --official-grad-quirk do not combine (the quirk belongs to the restarting path)"),
-            (not (self.attack_horizon and not self.l2p), "--attack-horizon needs the L2P path (not --no-l2p)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -438,7 +425,6 @@ class APDM:
         self.config.validate()
         self.reference: Reference | None = None
         self.subjects: list[_Subject] = []
-        self.attackers: dict[str, PersistentAttacker] = {}
         self.final_metrics: dict = {}
 
     def after_step(self, step: int) -> None:
@@ -499,20 +485,12 @@ class APDM:
 
         if checkpoint_dir is not None:
             check_checkpoint(Path(checkpoint_dir), identity or {"config": c.identity()})
-        self.attackers = {}
-        if c.attack_horizon:
-            self.attackers = {
-                f"apdm/{k}": PersistentAttacker(params, c.lr_per, c.attack_horizon,
-                                                text_encoder=pipe.text_encoder if c.train_text_encoder else None,
-                                                text_lr=c.text_lr_per, weight_decay=c.weight_decay,
-                                                max_grad_norm=c.max_grad_norm)
-                for k in range(len(subjects))}
         try:
             history = run_training(
                 list(params.items()), optimizer, step_fn,
                 LoopConfig(c.outer_steps, Path(checkpoint_dir) if checkpoint_dir else None, c.checkpoint_every,
                            self.name, c.progress, c.max_grad_norm, manual_backward=True),
-                after_step=self.after_step, stateful=AttackerStates(self.attackers) if self.attackers else None,
+                after_step=self.after_step,
             )
             repaired = (self._repair(unet, scheduler, params, Path(checkpoint_dir) / "repair" if checkpoint_dir else None)
                         if c.repair_steps else None)
@@ -592,16 +570,10 @@ class APDM:
                                    step_generator(c.seed, step, f"{stream}/per/{i}"), c.batch_size,
                                    c.prior_weight, subject.cond_cache)["loss"]
 
-        attacker = self.attackers.get(stream)
-        if attacker is not None:
-            per = attacker.run(personalization_loss, c.inner_steps, protect_at_current_weights)
-            stats["attack_depth"].append(float(attacker.depth))
-        else:
-            per = simulate_personalization(
-                params, personalization_loss, c.inner_steps, c.lr_per, protect_at_current_weights,
-                text_encoder=pipe.text_encoder if c.train_text_encoder else None, text_lr=c.text_lr_per,
-                keep_personalization_grads=c.official_grad_quirk, weight_decay=c.weight_decay,
-                max_grad_norm=c.max_grad_norm)
+        per = simulate_personalization(params, personalization_loss, c.inner_steps, c.lr_per, protect_at_current_weights,
+                                       text_encoder=pipe.text_encoder if c.train_text_encoder else None,
+                                       text_lr=c.text_lr_per, keep_personalization_grads=c.official_grad_quirk,
+                                       weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm)
         stats["per"].extend(per)
 
     # --- the whole run ---

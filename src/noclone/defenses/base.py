@@ -243,51 +243,37 @@ def simulate_personalization(
 
 
 class PersistentAttacker:
-    """A simulated attacker that keeps its progress across outer steps (deep retention, long attacks).
+    """A simulated attacker that keeps its progress across outer steps (deep backdoor retention).
 
     `simulate_personalization` restarts from theta at every outer step, so a defence only sees the first N states
     of an attack. This attacker's weights are theta + delta, where delta (its displacement) and its AdamW state
     carry over from one call to the next: each call takes N more steps from theta + delta, so after k calls the
     defence sees depth k*N of an attack that follows the defence's own updates of theta. It restarts (delta = 0,
-    fresh AdamW) once it has taken `horizon` steps. With `text_encoder` it fine-tunes that too (at `text_lr`), and
-    the text encoder's displacement persists the same way; it is in train mode during `run` (prompt caches are
-    bypassed) and restored, frozen and in eval mode, afterwards. `state_dict` / `load_state_dict` let a checkpoint
-    resume it.
+    fresh AdamW) once it has taken `horizon` steps. `state_dict` / `load_state_dict` let a checkpoint resume it.
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], lr: float, horizon: int, *,
-                 text_encoder: torch.nn.Module | None = None, text_lr: float | None = None,
                  weight_decay: float = 1e-2, max_grad_norm: float | None = 1.0):
         if horizon < 1:
             raise NocloneError(f"the persistent attacker's horizon {horizon} must be at least 1")
         self.params, self.lr, self.horizon = params, lr, horizon
-        self.text_encoder, self.text_lr = text_encoder, text_lr or lr
-        self.text_params = dict(text_encoder.named_parameters()) if text_encoder is not None else {}
         self.weight_decay, self.max_grad_norm = weight_decay, max_grad_norm
         self.depth = 0
         self.delta: dict[str, torch.Tensor] = {}
         self.optimizer = self._fresh_optimizer()
 
     def _fresh_optimizer(self) -> torch.optim.Optimizer:
-        groups = [{"params": list(self.params.values()), "lr": self.lr}]
-        if self.text_params:
-            groups.append({"params": list(self.text_params.values()), "lr": self.text_lr})
-        return torch.optim.AdamW(groups, weight_decay=self.weight_decay)
-
-    def _named(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return list(self.params.items()) + [(f"text_encoder.{n}", p) for n, p in self.text_params.items()]
+        return torch.optim.AdamW(list(self.params.values()), lr=self.lr, weight_decay=self.weight_decay)
 
     def run(self, personalization_loss: Callable[[int], torch.Tensor], steps: int,
             on_step: Callable[[int], None] | None = None) -> list[float]:
         """`steps` more attacker steps from theta + delta, `on_step(i)` after each; theta is restored afterwards."""
         if self.depth >= self.horizon:
             self.depth, self.delta, self.optimizer = 0, {}, self._fresh_optimizer()
-        named = self._named()
+        named = list(self.params.items())
         snapshot = {name: p.detach().clone() for name, p in named}
         losses: list[float] = []
         try:
-            if self.text_encoder is not None:
-                self.text_encoder.train().requires_grad_(True)
             with torch.no_grad():
                 for name, p in named:
                     if name in self.delta:
@@ -306,8 +292,6 @@ class PersistentAttacker:
                 losses.append(float(loss.detach()))
                 if on_step is not None:
                     on_step(i)
-                for p in self.text_params.values():  # the defence's gradient is for the protected weights only
-                    p.grad = None
             with torch.no_grad():
                 self.delta = {name: p.detach() - snapshot[name] for name, p in named}
         finally:
@@ -315,8 +299,6 @@ class PersistentAttacker:
                 for name, p in named:
                     p.copy_(snapshot[name])
                     p.grad = None
-            if self.text_encoder is not None:
-                self.text_encoder.eval().requires_grad_(False)
         return losses
 
     def state_dict(self) -> dict:
@@ -326,20 +308,6 @@ class PersistentAttacker:
         self.depth, self.delta = int(state["depth"]), dict(state["delta"])
         self.optimizer = self._fresh_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-class AttackerStates:
-    """The persistent simulated attackers of a run, as one checkpointable object."""
-
-    def __init__(self, attackers: dict[str, PersistentAttacker]):
-        self.attackers = attackers
-
-    def state_dict(self) -> dict:
-        return {name: a.state_dict() for name, a in self.attackers.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, a in self.attackers.items():
-            a.load_state_dict(state[name])
 
 
 def add_grads_into(accumulator: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter],

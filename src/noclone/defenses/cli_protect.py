@@ -63,7 +63,6 @@ def _apdm_config(args: argparse.Namespace):
         "anchor_weight": args.anchor_weight, "dpo_max_timestep": args.dpo_max_timestep,
         "repair_steps": args.repair_steps, "repair_lr": args.repair_lr,
         "repair_min_timestep": args.repair_min_timestep, "repair_max_timestep": args.repair_max_timestep,
-        "attack_horizon": args.attack_horizon,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_l2p:
@@ -196,8 +195,7 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
              "accumulate": "--accumulate", "prior_loss": "--prior-loss", "positive_images": "--positive-images",
              "anchor_images": "--anchor-images", "anchor_weight": "--anchor-weight",
              "dpo_max_timestep": "--dpo-max-timestep", "repair_steps": "--repair-steps", "repair_lr": "--repair-lr",
-             "repair_min_timestep": "--repair-min-timestep", "repair_max_timestep": "--repair-max-timestep",
-             "attack_horizon": "--attack-horizon"},
+             "repair_min_timestep": "--repair-min-timestep", "repair_max_timestep": "--repair-max-timestep"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -278,9 +276,6 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--anchor-images", action="append",
                    help="beyond the paper: a folder of photos of other members of the class (consented) whose "
                         "denoising must stay the original model's (L_anchor; once or per subject)")
-    p.add_argument("--attack-horizon", type=int,
-                   help="beyond the paper: the simulated attacker persists across outer steps and restarts after this "
-                        "many of its own steps, so protection sees a whole attack (default 0: restart every step)")
     p.add_argument("--dpo-max-timestep", type=int,
                    help="beyond the paper: the DPO term sees timesteps below this only (low noise, where identity shows)")
     p.add_argument("--anchor-weight", type=float, help="weight of L_anchor (default 1; only with --anchor-images; "

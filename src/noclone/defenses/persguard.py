@@ -103,8 +103,8 @@ from noclone.attacks.base import build_subject_data, dreambooth_loss
 from noclone.defenses.apdm import Reference, make_optimizer
 from noclone.defenses.backdoor_checks import BACKDOOR_KINDS, MARK_CELLS, MARK_FRACTION, add_pattern, mark_box
 from noclone.defenses.base import (
-    CARD_NAME, PARAM_SETS, AttackerStates, PersistentAttacker, ProtectionSubject, add_grads_into, check_checkpoint,
-    config_from_preset, earlier_subjects, merge_lora, protection_card, select_parameters, simulate_personalization,
+    CARD_NAME, PARAM_SETS, PersistentAttacker, ProtectionSubject, add_grads_into, check_checkpoint, config_from_preset, earlier_subjects, merge_lora,
+    protection_card, select_parameters, simulate_personalization,
 )
 from noclone.errors import NocloneError
 from noclone.training.data import LatentSet, SubjectData, pipeline_resolution
@@ -453,6 +453,20 @@ def mark_weight_map(latent_size: int, mark_weight: float) -> torch.Tensor | None
 # ----------------------------------------------------------------------------------------------- the method
 
 
+class _AttackerStates:
+    """The persistent simulated attackers of a run, as one checkpointable object."""
+
+    def __init__(self, attackers: dict[str, PersistentAttacker]):
+        self.attackers = attackers
+
+    def state_dict(self) -> dict:
+        return {name: a.state_dict() for name, a in self.attackers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, a in self.attackers.items():
+            a.load_state_dict(state[name])
+
+
 class PersGuard:
     """Implant protective backdoors for the given subjects into a pipeline's UNet (in place)."""
 
@@ -596,7 +610,7 @@ class PersGuard:
                 list(params.items()), optimizer, step_fn,
                 LoopConfig(c.steps, Path(checkpoint_dir) if checkpoint_dir else None, c.checkpoint_every,
                            self.name, c.progress, c.max_grad_norm, manual_backward=True),
-                after_step=self.after_step, stateful=AttackerStates(self.attackers) if self.attackers else None,
+                after_step=self.after_step, stateful=_AttackerStates(self.attackers) if self.attackers else None,
             )
         finally:
             unet.eval().requires_grad_(False)
