@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/apdm_acceptance.py --out /tmp/apdm-acc [--classes person,dog,cat] [--identity 0]
         [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N]
-        [--simulate-text-encoder] [--drift-model DIR ...] [--prior-loss distill] [--no-l2p] [--positives N] [--token T]
+        [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--token T]
         [--loss naive] [--beta B] [--anchors N] [--repair-steps N] [--markdown F]
     .venv/bin/python benchmarks/apdm_acceptance.py --out DIR --subjects person:0,dog:4,cat:2 [--multi-subject sum]
         [--other-identity K]     # criterion 6: several subjects protected in ONE model
@@ -165,8 +165,6 @@ def main() -> None:
     parser.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
     parser.add_argument("--simulate-text-encoder", action="store_true",
                         help="the simulated attacker also fine-tunes the text encoder (off by default: measured worse)")
-    parser.add_argument("--drift-model", action="append",
-                        help="APDM trains along this DreamBooth's text-encoder drift (repeatable; see APDMConfig)")
     parser.add_argument("--markdown")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -190,8 +188,6 @@ def main() -> None:
                                    "multi_subject": args.multi_subject}.items() if v is not None}
     if args.simulate_text_encoder:
         overrides["train_text_encoder"] = True
-    if args.drift_model:
-        overrides["drift_models"] = tuple(str(Path(d).resolve()) for d in args.drift_model)
     if args.no_l2p:
         overrides["l2p"] = False
     settings = APDMConfig.preset("quick", seed=args.seed, **overrides)

@@ -168,55 +168,6 @@ def test_simulated_attacker_fine_tunes_the_text_encoder_and_restores_it(tiny_mod
     assert torch.equal(prompt_condition(pipe.text_encoder, pipe.tokenizer, data.instance.prompt, cache), frozen_cond)
 
 
-def _personalized_copy(model_dir, out, prompt, text_shift: float):
-    """A stand-in for `noclone personalize` output: the model with its text encoder moved, and its card."""
-    import json
-
-    from noclone.models.pipeline import load_pipeline, save_pipeline
-
-    pipe = load_pipeline(model_dir)
-    with torch.no_grad():
-        for p in pipe.text_encoder.parameters():
-            p.add_(text_shift * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    return save_pipeline(pipe, out, extra_files={"personalization.json": json.dumps({"instance_prompt": prompt})})
-
-
-def test_drift_models_move_the_instance_conditioning_of_both_paths(tiny_model_dir, person, tmp_path):
-    from noclone.defenses.apdm import drift_bank
-    from noclone.models.pipeline import load_pipeline
-    from noclone.training.diffusion import prompt_condition
-
-    prompt = "a photo of sks person"
-    moved = _personalized_copy(tiny_model_dir, tmp_path / "moved", prompt, 0.02)
-    same = _personalized_copy(tiny_model_dir, tmp_path / "same", prompt, 0.0)
-    pipe = load_pipeline(tiny_model_dir)
-    (before, after), = drift_bank(pipe, (str(moved),))
-    assert torch.equal(before, prompt_condition(pipe.text_encoder, pipe.tokenizer, prompt, grad=False))
-    assert float((after - before).norm()) > 1e-3
-
-    def protected(**kw):
-        out = load_pipeline(tiny_model_dir)
-        method = APDM(_config(outer_steps=2, **kw))
-        history = method.protect(out, [person])
-        return out, method, history
-
-    plain, _, _ = protected()
-    unmoved, _, _ = protected(drift_models=(str(same),))
-    drifted, method, history = protected(drift_models=(str(moved),))
-    # a copy whose text encoder did not move conditions both paths exactly as the protected prompt does ...
-    assert not _changed(_unet_state(plain), _unet_state(unmoved))
-    # ... a moved one changes the protection, and each step drew its own point on the drift
-    assert _changed(_unet_state(plain), _unet_state(drifted))
-    alphas = [h["drift_alpha"] for h in history]
-    assert all(0 <= a <= 1 for a in alphas) and alphas[0] != alphas[1]
-    subject = method.subjects[0]
-    assert torch.equal(subject.instance_cond, before)  # the cache holds the real encoding again afterwards
-    with pytest.raises(NocloneError, match="personalization.json"):
-        drift_bank(pipe, (str(tiny_model_dir),))
-    with pytest.raises(NocloneError, match="do not combine"):
-        _config(drift_models=(str(moved),), train_text_encoder=True).validate()
-
-
 def test_official_grad_quirk_adds_the_personalization_gradient(tiny_model_dir, person):
     from noclone.attacks.base import dreambooth_loss
     from noclone.models.pipeline import load_pipeline
@@ -539,10 +490,6 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_model_dir, subject_dir, dog_di
     _fails(capsys, ok + ["--anchor-images", str(dog_dir)] * 2 + out, "one --anchor-images")
     _fails(capsys, ok + ["--params", "vae"] + out, "--params")
     _fails(capsys, ok + ["--repair-steps", "-1"] + out, "--repair-steps")
-    _fails(capsys, ok + ["--drift-model", str(dog_dir)] + out, "personalization.json")
-    _fails(capsys, ok + ["--images", str(dog_dir), "--class-noun", "dog", "--drift-model", str(dog_dir)] + out,
-           "one subject")
-    _fails(capsys, ok + ["--method", "persguard", "--drift-model", str(dog_dir)] + out, "--method apdm setting")
     _fails(capsys, ok + ["--repair-lr", "2"] + out, "--repair-lr")
     _fails(capsys, ok + ["--lr-protect", "3"] + out, "--lr-protect")
     _fails(capsys, ok + ["--single-file", str(tmp_path / "m.ckpt")] + out, ".safetensors")

@@ -70,14 +70,6 @@ preset) this is worse, not better: the attacker's match rate on the protected mo
 without (the UNet learns to resist embeddings of "sks person" that the short simulated path wanders to, not the
 original one every real attack starts from), so it is off by default.
 
-`drift_models` (beyond the paper; `--drift-model DIR`, repeatable, one subject) covers where a real attacker's text
-encoder takes the conditioning, which the short inner path cannot reach. Each DIR is a personalized copy of the
-input model (the output of `noclone personalize`, e.g. the publisher's own DreamBooth of the subject under an
-identifier). At every outer step one is drawn with alpha ~ U(0, 1), and both paths condition the subject's photos on
-E(p) + alpha (E_k(p) - E(p)) instead of E(instance prompt), where p is that copy's instance prompt, E the input text
-encoder and E_k the copy's: the protection is trained along the attack's drift of the conditioning, for
-identifiers other than the protected one too. The UNet's inner path still restarts from theta every outer step.
-
 `official_grad_quirk=True` reproduces the public code, which does not zero the inner personalization gradient
 before the protection backward: g = sum_i [grad L_per(theta'_i) + grad L_protect(theta'_{i+1})].
 `l2p=False` takes the protection gradient at theta_j only (the ablation).
@@ -154,7 +146,6 @@ class APDMConfig:
     lr_per: float = 3e-4               # ... the simulated attacker's: the sandbox DreamBooth default
     train_text_encoder: bool = False   # the simulated attacker also fine-tunes the text encoder (see the docstring)
     text_lr_per: float = 1e-3          # ... at the sandbox DreamBooth's text-encoder lr
-    drift_models: tuple[str, ...] = ()  # beyond the paper: personalized copies of the input model (see the docstring)
     beta: float = 1.0
     dpo_max_timestep: int | None = None  # beyond the paper: DPO timesteps t ~ U{0..max-1} only (None: all)
     reduction: str = "elementwise"     # 'elementwise' (official code) | 'per-sample' (Diffusion-DPO)
@@ -233,14 +224,10 @@ class APDMConfig:
             (self.reference_dtype in _DTYPES, f"--reference-dtype {self.reference_dtype!r}: choose from {', '.join(_DTYPES)}"),
             (self.optimizer in ("adamw", "adamw8bit"), f"--optimizer {self.optimizer!r}: choose adamw or adamw8bit"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
-            (not (self.drift_models and self.train_text_encoder),
-             "--drift-model and --simulate-text-encoder do not combine (both set the attacker's conditioning)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise NocloneError(message)
-        for path in self.drift_models:
-            drift_prompt(path)  # a bad copy fails now, not after the class images
         if self.optimizer == "adamw8bit":
             _bitsandbytes()
 
@@ -325,7 +312,6 @@ class _Subject:
     text_encoder: torch.nn.Module
     tokenizer: object
     cond_cache: dict = field(default_factory=dict)
-    drifts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (before, after) attack
 
     def cond(self, prompt: str) -> torch.Tensor:
         """[1, 77, D] from the text encoder as it is now (the simulated attacker may be fine-tuning it)."""
@@ -426,40 +412,6 @@ def subject_dpo(unet, reference, scheduler, subject: _Subject, config: APDMConfi
     return {k: float(v) for k, v in out.items() if k != "dpo"}
 
 
-def drift_prompt(path: str | Path) -> str:
-    """The instance prompt of a personalized copy (its personalization.json), or a one-line error."""
-    card = Path(path) / "personalization.json"
-    if not card.is_file():
-        raise NocloneError(f"{path}: not a personalized model (no personalization.json); --drift-model takes "
-                           "the output of `noclone personalize`")
-    try:
-        prompt = json.loads(card.read_text()).get("instance_prompt")
-    except (ValueError, AttributeError):
-        prompt = None
-    if not isinstance(prompt, str) or not prompt:
-        raise NocloneError(f"{card}: no instance_prompt")
-    return prompt
-
-
-@torch.no_grad()
-def drift_bank(pipe, models: tuple[str, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """For each personalized copy of `pipe`: its instance prompt encoded by `pipe`'s text encoder and by its own."""
-    from noclone.models.pipeline import load_pipeline
-
-    bank = []
-    for path in models:
-        prompt = drift_prompt(path)
-        attacked = load_pipeline(path)
-        before = prompt_condition(pipe.text_encoder, pipe.tokenizer, prompt, grad=False)
-        after = prompt_condition(attacked.text_encoder, attacked.tokenizer, prompt, grad=False)
-        if before.shape != after.shape:
-            raise NocloneError(f"{path}: its text encoder's width {after.shape[-1]} is not the model's {before.shape[-1]}")
-        bank.append((before.detach().clone(), after.detach().clone()))
-        log.info("drift model %s: %r moved %.3f (relative L2)", path, prompt,
-                 float((after - before).norm() / before.norm()))
-    return bank
-
-
 # ----------------------------------------------------------------------------------------------- the method
 
 
@@ -516,10 +468,6 @@ class APDM:
         params = select_parameters(unet, c.params, c.lora_rank)
         self.reference = reference = Reference(unet, params, full=c.params == "full", dtype=_DTYPES[c.reference_dtype])
         self.subjects = subjects = [self._prepare_subject(pipe, d) for d in datas]
-        if c.drift_models:
-            if len(subjects) > 1:
-                raise NocloneError("--drift-model describes one subject's attacks; protect one subject with it")
-            subjects[0].drifts = drift_bank(pipe, c.drift_models)
         optimizer = make_optimizer(list(params.values()), c.lr_protect, c.weight_decay, c.optimizer)
         unet.train()
 
@@ -598,25 +546,6 @@ class APDM:
     def _outer_gradient(self, pipe, params, subject: _Subject, step: int, stream: str,
                         grads: dict[str, torch.Tensor], stats: dict[str, list[float]]) -> None:
         """Add this subject's protection gradient(s) for outer step `step` into `grads`."""
-        if not subject.drifts:
-            return self._outer_gradient_at(pipe, params, subject, step, stream, grads, stats)
-        c, prompt = self.config, subject.data.instance.prompt
-        g = step_generator(c.seed, step, f"{stream}/drift")
-        before, after = subject.drifts[int(torch.randint(len(subject.drifts), (1,), generator=g))]
-        alpha = float(torch.rand(1, generator=g))
-        stats["drift_alpha"].append(alpha)
-        saved = subject.cond_cache.get(prompt)
-        subject.cond_cache[prompt] = before + alpha * (after - before)  # both paths read the instance prompt here
-        try:
-            self._outer_gradient_at(pipe, params, subject, step, stream, grads, stats)
-        finally:
-            if saved is None:
-                subject.cond_cache.pop(prompt, None)
-            else:
-                subject.cond_cache[prompt] = saved
-
-    def _outer_gradient_at(self, pipe, params, subject: _Subject, step: int, stream: str,
-                           grads: dict[str, torch.Tensor], stats: dict[str, list[float]]) -> None:
         c = self.config
         unet, scheduler = pipe.unet, training_scheduler(pipe)  # DDPM noising, whatever samples
 

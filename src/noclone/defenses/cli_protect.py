@@ -65,10 +65,6 @@ def _apdm_config(args: argparse.Namespace):
         "repair_min_timestep": args.repair_min_timestep, "repair_max_timestep": args.repair_max_timestep,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if args.drift_model:
-        if len(args.images or []) > 1:
-            raise NocloneError("--drift-model describes one subject's attacks; protect one subject with it")
-        overrides["drift_models"] = tuple(str(Path(d)) for d in args.drift_model)
     if args.no_l2p:
         overrides["l2p"] = False
     if args.unpaired:
@@ -199,8 +195,7 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
              "accumulate": "--accumulate", "prior_loss": "--prior-loss", "positive_images": "--positive-images",
              "anchor_images": "--anchor-images", "anchor_weight": "--anchor-weight",
              "dpo_max_timestep": "--dpo-max-timestep", "repair_steps": "--repair-steps", "repair_lr": "--repair-lr",
-             "repair_min_timestep": "--repair-min-timestep", "repair_max_timestep": "--repair-max-timestep",
-             "drift_model": "--drift-model"},
+             "repair_min_timestep": "--repair-min-timestep", "repair_max_timestep": "--repair-max-timestep"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -281,10 +276,6 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--anchor-images", action="append",
                    help="beyond the paper: a folder of photos of other members of the class (consented) whose "
                         "denoising must stay the original model's (L_anchor; once or per subject)")
-    p.add_argument("--drift-model", action="append",
-                   help="beyond the paper (APDM, one subject): a DreamBooth of the subject on the input model (the "
-                        "output of `noclone personalize`); protection is trained along its text encoder's drift "
-                        "(repeat for several identifiers)")
     p.add_argument("--dpo-max-timestep", type=int,
                    help="beyond the paper: the DPO term sees timesteps below this only (low noise, where identity shows)")
     p.add_argument("--anchor-weight", type=float, help="weight of L_anchor (default 1; only with --anchor-images; "
