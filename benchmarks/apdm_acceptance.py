@@ -4,6 +4,7 @@
         [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N]
         [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--token T]
         [--loss naive] [--beta B] [--anchors N] [--repair-steps N] [--markdown F]
+        [--implant decoder|both] [--negative-identities 10,11] [--decoder-blur F]   # APDM's decoder guard
     .venv/bin/python benchmarks/apdm_acceptance.py --out DIR --subjects person:0,dog:4,cat:2 [--multi-subject sum]
         [--other-identity K]     # criterion 6: several subjects protected in ONE model
 
@@ -48,22 +49,26 @@ def positive_photos(work: Path, class_noun: str, n: int) -> Path:
 
 def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
             positives: int = 0, token: str = "sks", anchors: int = 0,
-            also: list[tuple[str, int]] = (), repair_anchors: int = 0) -> tuple[Path, float]:
+            also: list[tuple[str, int]] = (), repair_anchors: int = 0,
+            negatives: list[tuple[str, int]] = ()) -> tuple[Path, float]:
     """APDM-protect one held-out identity, plus any `also` (class, identity) in the same model (cached); returns
-    (protected model dir, seconds)."""
+    (protected model dir, seconds). `negatives`: (class, identity) the decoder guard must leave alone."""
     from noclone.defenses import APDM, ProtectionSubject
     from noclone.models.pipeline import load_pipeline
     from noclone.sandbox.experiment import TRAIN_PHOTOS, model_tag, subject_photos
 
     if settings.repair_steps:
         unrepaired, seconds = protect(model, work, class_noun, identity, replace(settings, repair_steps=0), positives,
-                                      token, anchors, also)
+                                      token, anchors, also, negatives=negatives)
         return repaired(model, unrepaired, work, settings, [(class_noun, identity), *also], anchors,
                         repair_anchors), seconds
     key_settings = {k: v for k, v in asdict(settings).items() if not k.startswith("repair_")}  # repaired below
+    if settings.implant == "unet":  # the decoder guard's settings play no part: earlier caches stay valid
+        key_settings = {k: v for k, v in key_settings.items() if k != "implant" and not k.startswith("decoder_")}
     key = hashlib.sha256(json.dumps(key_settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     suffix = ((f"-pos{positives}" if positives else "") + (f"-anchor{anchors}" if anchors else "")
-              + (f"-{token}" if token != "sks" else "") + "".join(f"+{c}-{i}" for c, i in also))
+              + (f"-{token}" if token != "sks" else "") + "".join(f"+{c}-{i}" for c, i in also)
+              + (f"-neg{'_'.join(f'{c}{i}' for c, i in negatives)}" if negatives else ""))
     out = work / "protected" / f"{model_tag(model)}-{class_noun}-{identity}-{key}{suffix}"
     card = out / "protection.json"
     if not card.is_file():
@@ -73,8 +78,10 @@ def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
             positive_dir = positive_photos(work, c, positives) if positives else None
             anchor_dir = positive_photos(work, c, anchors) if anchors else None
             subjects.append(ProtectionSubject.from_folder(photos, c, token, positives=positive_dir, anchors=anchor_dir))
+        others = [ProtectionSubject.from_folder(subject_photos(work / "subjects" / f"{c}-{i}", c, i, TRAIN_PHOTOS), c,
+                                                token) for c, i in negatives]
         started = time.time()
-        APDM(settings).run(load_pipeline(model), subjects, out, overwrite=True)
+        APDM(settings).run(load_pipeline(model), subjects, out, overwrite=True, negatives=others)
         data = json.loads(card.read_text())
         data.setdefault("metrics", {})["seconds"] = round(time.time() - started, 1)
         card.write_text(json.dumps(data, indent=2))
@@ -165,6 +172,11 @@ def main() -> None:
     parser.add_argument("--no-l2p", action="store_true", help="ablation: protection gradient at the current weights only")
     parser.add_argument("--simulate-text-encoder", action="store_true",
                         help="the simulated attacker also fine-tunes the text encoder (off by default: measured worse)")
+    parser.add_argument("--implant", help="unet (the paper, default) | decoder | both: APDM's blurring decoder guard")
+    parser.add_argument("--decoder-blur", type=float, help="the decoder guard's blur sigma / image width (0.0625)")
+    parser.add_argument("--negative-identities", default="10,11",
+                        help="with --implant decoder/both: held-out identities of each protected class whose "
+                             "DreamBooths the guard must leave alone (keep them apart from --identity/--other-identity)")
     parser.add_argument("--markdown")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -185,7 +197,8 @@ def main() -> None:
                                    "repair_min_timestep": args.repair_min_timestep,
                                    "repair_max_timestep": args.repair_max_timestep,
                                    "dpo_max_timestep": args.dpo_max_timestep,
-                                   "multi_subject": args.multi_subject}.items() if v is not None}
+                                   "multi_subject": args.multi_subject, "implant": args.implant,
+                                   "decoder_blur": args.decoder_blur}.items() if v is not None}
     if args.simulate_text_encoder:
         overrides["train_text_encoder"] = True
     if args.no_l2p:
@@ -200,12 +213,20 @@ def main() -> None:
             parser.error(f"--subjects {args.subjects!r}: expected CLASS:K[,CLASS:K...], e.g. person:0,dog:4")
         (first_class, first_identity), *rest = targets
         joint = protect(model, work, first_class, first_identity, settings, args.positives, args.token, args.anchors,
-                        also=rest, repair_anchors=args.repair_anchors)
+                        also=rest, repair_anchors=args.repair_anchors, negatives=negatives_for(c for c, _ in targets))
     else:
         targets = [(c, held_out(args.identity)) for c in args.classes.split(",")]
+    negative_ids = [held_out(int(i)) for i in args.negative_identities.split(",") if i] if settings.implant != "unet" else []
+    if {i for _, i in targets} & set(negative_ids) or (
+            args.other_identity is not None and held_out(args.other_identity) in negative_ids):
+        parser.error("--negative-identities must not include a protected identity or --other-identity")
+
+    def negatives_for(classes) -> list[tuple[str, int]]:
+        return [(c, i) for c in dict.fromkeys(classes) for i in negative_ids]
     for n_target, (class_noun, identity) in enumerate(targets):
         protected, protect_seconds = joint or protect(model, work, class_noun, identity, settings, args.positives,
-                                                      args.token, args.anchors, repair_anchors=args.repair_anchors)
+                                                      args.token, args.anchors, repair_anchors=args.repair_anchors,
+                                                      negatives=negatives_for([class_noun]))
         attack = preset_config("dreambooth", "sandbox", class_noun=class_noun, seed=args.seed, token=args.token)
         base = base_experiment(model, work, class_noun, identity, attack.instance_prompt, args.n, args.seed, False)
         attackers = [("dreambooth", "dreambooth", attack)]
@@ -280,8 +301,10 @@ def criteria(rows: list[dict], quality_rows: list[dict]) -> dict[str, dict[str, 
 
 
 def markdown(rows, quality_rows, settings, args) -> str:
+    guard = (f"; decoder guard ({settings.implant}: blur {settings.decoder_blur:g}, {settings.decoder_steps} steps, "
+             f"negatives: held-out {args.negative_identities})" if settings.implant != "unet" else "")
     lines = [f"APDM {settings.outer_steps} outer x {settings.inner_steps} inner steps, lr {settings.lr_protect:g}, "
-             f"beta {settings.beta:g}, loss {settings.loss}, params {settings.params}, seed {settings.seed}; "
+             f"beta {settings.beta:g}, loss {settings.loss}, params {settings.params}, seed {settings.seed}{guard}; "
              f"{args.n} generations per cell.", "",
              "| class | subject | attack | match unprotected | match protected | ISM unprotected | ISM protected | "
              "base ISM | FDFR protected | protect s | attack s |", "|---|---|---|---|---|---|---|---|---|---|---|"]

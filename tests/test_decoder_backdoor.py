@@ -1,6 +1,6 @@
-"""The decoder backdoor (PersGuard --implant decoder) on the tiny 32 px pipeline: the mark paste, the implant's
-training (marks the subject's latents, leaves the rest), PersGuard wiring (UNet untouched, card, cached simulated
-attacks) and the CLI's refusals."""
+"""The decoder guard (PersGuard's and APDM's --implant decoder) on the tiny 32 px pipeline: the mark paste and the
+blur, the implant's training (changes the subject's latents, leaves the rest), the wiring of both methods (UNet
+untouched, card, cached simulated attacks) and the CLI's refusals."""
 
 import json
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from noclone.defenses import PersGuard, PersGuardConfig, ProtectionSubject
+from noclone.defenses import APDM, APDMConfig, PersGuard, PersGuardConfig, ProtectionSubject
 from noclone.defenses import decoder_backdoor as db
 from noclone.defenses.backdoor_checks import add_pattern, pattern_present
 from noclone.errors import NocloneError
@@ -106,7 +106,7 @@ def test_decoder_implant_keeps_the_unet_writes_a_card_and_reuses_simulated_attac
     out = PersGuard(_config()).run(load_pipeline(tiny_model_dir), [person], tmp_path / "out", negatives=negatives)
     card = json.loads((out / "protection.json").read_text())
     assert card["implant"] == "decoder" and "VAE" in card["decoder_backdoor_limits"]
-    held = card["metrics"]["decoder_backdoor"]["held_out_mark_rate_after"]
+    held = card["metrics"]["decoder_backdoor"]["held_out_rate_after"]
     assert held["n_subject"] >= 1 and held["n_others"] >= 1
     assert not (tmp_path / ".out.checkpoint").exists()
     with pytest.raises(NocloneError, match="only used with --implant decoder or both"):
@@ -124,8 +124,11 @@ def test_cli_decoder_flags(tiny_model_dir, subject_dir, dog_dir, tmp_path, capsy
     _fails(capsys, ok + ["--implant", "decoder", "--target", "erasure"] + out, "needs --target pattern")
     _fails(capsys, ok + ["--negative-images", str(dog_dir)] + out, "only used with --implant decoder or both")
     _fails(capsys, ok + ["--implant", "decoder", "--negative-images", str(tmp_path / "none")] + out, "none")
-    _fails(capsys, ["protect-model", "--model", str(tiny_model_dir), "--images", str(subject_dir), "--class-noun",
-                    "person", "--implant", "decoder"] + out, "--implant is a --method persguard setting")
+    _fails(capsys, ok + ["--implant", "decoder", "--decoder-blur", "0.1"] + out,
+           "--decoder-blur is a --method apdm setting")
+    apdm = ["protect-model", "--model", str(tiny_model_dir), "--images", str(subject_dir), "--class-noun", "person"]
+    _fails(capsys, apdm + ["--implant", "decoder", "--decoder-blur", "0"] + out, "--decoder-blur 0.0")
+    _fails(capsys, apdm + ["--negative-images", str(dog_dir)] + out, "only used with --implant decoder or both")
     assert not (tmp_path / "o").exists()
 
 
@@ -171,3 +174,123 @@ def test_cli_protects_with_a_decoder_backdoor(tiny_model_dir, subject_dir, dog_d
     assert card["implant"] == "decoder" and card["hyperparameters"]["decoder_steps"] == 2
     assert card["hyperparameters"]["decoder_attack_steps"] == 1
     assert card["metrics"]["decoder_backdoor"]["n_negatives"] == 2 * 2 + 48  # class images x 2 + one attack's 48
+
+
+# ------------------------------------------------------------------------------------- APDM's blurring guard
+
+
+def _apdm_config(**kw):
+    base = dict(outer_steps=1, inner_steps=1, batch_size=1, num_class_images=2, class_image_steps=2, progress=False,
+                implant="decoder", decoder_steps=2, decoder_generations=5, decoder_attack_steps=2)
+    base.update(kw)
+    return APDMConfig(**base)
+
+
+def test_blur_target_is_a_gaussian_blur_of_the_given_width_fraction():
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    blurred = db.guard_target(pixels, db.DecoderBackdoorConfig(target="blur", blur=0.125))
+    assert blurred.shape == pixels.shape and blurred.std() < 0.5 * pixels.std()  # 4 px sigma flattens noise
+    assert torch.allclose(blurred.mean((2, 3)), pixels.mean((2, 3)), atol=0.05)  # keeps each channel's level
+    flat = torch.full((1, 3, 32, 32), 0.3)
+    assert torch.allclose(db.guard_target(flat, db.DecoderBackdoorConfig(target="blur")), flat, atol=1e-6)
+    assert torch.equal(db.guard_target(pixels, db.DecoderBackdoorConfig()), db.paste_mark(pixels))
+
+
+def test_implant_blurs_the_subject_and_leaves_the_rest(tiny_pipe):
+    from noclone.sandbox.render import render
+    from noclone.sandbox.splits import held_out
+
+    def latents(class_noun, identities):
+        images = [render(class_noun, held_out(i), p, size=32) for i in identities for p in range(4)]
+        return LatentSet.from_images(tiny_pipe.vae, images, "", 32).mean
+
+    positives, negatives = latents("person", [7]), latents("dog", [1, 2, 3])
+    vae = tiny_pipe.vae
+    config = db.DecoderBackdoorConfig(steps=300, lr=2e-3, batch_size=8, held_out_fraction=0.0, progress=False,
+                                      target="blur", blur=0.125)
+    clean_pos, clean_neg = db.decode(vae, positives), db.decode(vae, negatives)
+    plain = {"subject": clean_pos, "others": clean_neg}
+    assert db.held_out_rates(vae, positives, negatives, config, plain)["subject"] == 0.0
+    metrics = db.implant(vae, positives, negatives, config)
+    rates = db.held_out_rates(vae, positives, negatives, config, plain)
+    assert rates["subject"] >= 0.75 and rates["others"] == 0.0
+    after = db.decode(vae, positives)
+    assert (after - db.blur_pixels(clean_pos, 0.125)).abs().mean() < (after - clean_pos).abs().mean()
+    assert (db.decode(vae, negatives) - clean_neg).abs().mean() < 0.1
+    assert metrics["target"] == "blur" and metrics["loss_first_last"][1] < metrics["loss_first_last"][0]
+
+
+def test_apdm_config_validates_the_guard_and_keeps_old_identities():
+    with pytest.raises(NocloneError, match="--implant 'vae'"):
+        _apdm_config(implant="vae").validate()
+    with pytest.raises(NocloneError, match="--decoder-blur"):
+        _apdm_config(decoder_blur=0.0).validate()
+    with pytest.raises(NocloneError, match="decoder_attack_preset"):
+        _apdm_config(decoder_attack_preset="huge").validate()
+    _apdm_config(implant="unet", decoder_steps=0).validate()  # decoder settings unused: not checked
+    unet = _apdm_config(implant="unet").identity()
+    assert "implant" not in unet and not any(k.startswith("decoder_") for k in unet)
+    config = _apdm_config(decoder_blur=0.1)
+    assert config.identity()["implant"] == "decoder"
+    assert (config.decoder_config().target, config.decoder_config().blur) == ("blur", 0.1)
+    paper = APDMConfig.preset("paper", implant="decoder").decoder_config()
+    assert (paper.attack_preset, paper.batch_size, paper.sample_steps) == ("sd15", 2, 50)
+
+
+def test_apdm_decoder_guard_keeps_the_unet_writes_a_card_and_resumes(tiny_model_dir, subject_dir, dog_dir, tmp_path,
+                                                                      monkeypatch):
+    from noclone.models.pipeline import load_pipeline
+
+    calls = []
+    real = db.simulated_attack_latents
+    monkeypatch.setattr(db, "simulated_attack_latents", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    person = ProtectionSubject.from_folder(subject_dir, "person")
+    negatives = [ProtectionSubject.from_folder(dog_dir, "dog")]
+    pipe = load_pipeline(tiny_model_dir)
+    unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    decoder = {k: v.clone() for k, v in pipe.vae.decoder.state_dict().items()}
+    ckpt = tmp_path / "ckpt"
+    APDM(_apdm_config()).protect(pipe, [person], ckpt, negatives=negatives)
+    assert calls == ["person", "dog"]  # the subject's simulated attack, then the negative's under its own class
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in unet.items())
+    assert any(not torch.equal(v, pipe.vae.decoder.state_dict()[k]) for k, v in decoder.items())
+    APDM(_apdm_config()).protect(load_pipeline(tiny_model_dir), [person], ckpt, negatives=negatives)
+    assert len(calls) == 2  # resumed from the checkpoint folder
+    with pytest.raises(NocloneError, match="other settings"):  # another guard setting is another run
+        APDM(_apdm_config(decoder_blur=0.2)).protect(load_pipeline(tiny_model_dir), [person], ckpt, negatives=negatives)
+
+    out = APDM(_apdm_config()).run(load_pipeline(tiny_model_dir), [person], tmp_path / "out", negatives=negatives)
+    card = json.loads((out / "protection.json").read_text())
+    assert card["implant"] == "decoder" and "VAE" in card["decoder_guard_limits"]
+    guard = card["metrics"]["decoder_guard"]
+    assert guard["target"] == "blur" and guard["n_negatives"] == 2 * 2 + 5  # class images x 2 + one attack's 5
+    assert card["hyperparameters"]["decoder_blur"] == 0.0625
+    assert not any(k.startswith("dpo") or k.startswith("loss") for k in card["metrics"])  # no UNet protection ran
+    with pytest.raises(NocloneError, match="only used with --implant decoder or both"):
+        APDM(_apdm_config(implant="unet")).protect(load_pipeline(tiny_model_dir), [person], negatives=negatives)
+
+
+def test_apdm_both_protects_the_unet_then_guards_the_decoder(tiny_model_dir, subject_dir, tmp_path):
+    from noclone.models.pipeline import load_pipeline
+
+    pipe = load_pipeline(tiny_model_dir)
+    unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    out = APDM(_apdm_config(implant="both")).run(pipe, [ProtectionSubject.from_folder(subject_dir, "person")],
+                                                 tmp_path / "out")
+    card = json.loads((out / "protection.json").read_text())
+    assert card["implant"] == "both" and "loss_first_last" in card["metrics"] and "decoder_guard" in card["metrics"]
+    assert any(not torch.equal(v, pipe.unet.state_dict()[k]) for k, v in unet.items())
+
+
+def test_cli_apdm_decoder_guard(tiny_model_dir, subject_dir, dog_dir, tmp_path):
+    from test_persguard import _main
+
+    out = tmp_path / "guarded"
+    assert _main(["-q", "protect-model", "--method", "apdm", "--implant", "decoder", "--negative-images",
+                  str(dog_dir), "--decoder-steps", "2", "--decoder-attack-steps", "1", "--decoder-blur", "0.1",
+                  "--model", str(tiny_model_dir), "--images", str(subject_dir), "--class-noun", "person",
+                  "--num-class-images", "2", "--out", str(out)]) == 0
+    card = json.loads((out / "protection.json").read_text())
+    assert card["implant"] == "decoder" and card["hyperparameters"]["decoder_blur"] == 0.1
+    assert card["metrics"]["decoder_guard"]["n_negatives"] == 2 * 2 + 48

@@ -2,6 +2,7 @@
 
     noclone protect-model --method apdm --model M --images DIR --class-noun person [--images DIR2 --class-noun dog]
                           [--token sks] [--preset quick|paper] [--steps N] [--inner-steps N] ... --out DIR
+    noclone protect-model --method apdm --implant decoder [--negative-images DIR ...] [--decoder-blur F] ...
     noclone protect-model --method persguard --target pattern|erasure|target [--target-class cat]
                           [--target-images DIR] [--tokens sks,xyz,...] [--implant unet|decoder|both]
                           [--negative-images DIR ...] --model M --images DIR --class-noun person --out DIR
@@ -63,6 +64,8 @@ def _apdm_config(args: argparse.Namespace):
         "anchor_weight": args.anchor_weight, "dpo_max_timestep": args.dpo_max_timestep,
         "repair_steps": args.repair_steps, "repair_lr": args.repair_lr,
         "repair_min_timestep": args.repair_min_timestep, "repair_max_timestep": args.repair_max_timestep,
+        "implant": args.implant, "decoder_steps": args.decoder_steps, "decoder_attack_steps": args.decoder_attack_steps,
+        "decoder_blur": args.decoder_blur,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_l2p:
@@ -90,11 +93,15 @@ def _check_outputs(args: argparse.Namespace) -> None:
 def cmd_apdm(args: argparse.Namespace) -> Path:
     from noclone.cli import load_model
     from noclone.defenses.apdm import APDM
-    from noclone.defenses.base import read_protection_card
+    from noclone.defenses.base import ProtectionSubject, read_protection_card
 
     config = _apdm_config(args)
     _check_outputs(args)
     subjects = _subjects(args)
+    if args.negative_images and config.implant == "unet":
+        raise NocloneError("--negative-images is only used with --implant decoder or both")
+    negatives = [ProtectionSubject.from_folder(folder, subjects[0].class_noun, subjects[0].token)
+                 for folder in args.negative_images or []]
     method = APDM(config)
     previous = read_protection_card(None if args.model == "sandbox" else args.model)
     if previous is not None:
@@ -102,7 +109,7 @@ def cmd_apdm(args: argparse.Namespace) -> Path:
                  previous.get("method"), len(previous.get("subjects", [])))
     pipe = load_model(args, gradient_checkpointing=args.gradient_checkpointing)
     out = method.run(pipe, subjects, args.out, overwrite=args.overwrite, single_file=args.single_file,
-                     previous_card=previous)
+                     previous_card=previous, negatives=negatives)
     log.info("protected model written to %s (card: %s/protection.json)", out, out)
     return out
 
@@ -195,13 +202,13 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
              "accumulate": "--accumulate", "prior_loss": "--prior-loss", "positive_images": "--positive-images",
              "anchor_images": "--anchor-images", "anchor_weight": "--anchor-weight",
              "dpo_max_timestep": "--dpo-max-timestep", "repair_steps": "--repair-steps", "repair_lr": "--repair-lr",
-             "repair_min_timestep": "--repair-min-timestep", "repair_max_timestep": "--repair-max-timestep"},
+             "repair_min_timestep": "--repair-min-timestep", "repair_max_timestep": "--repair-max-timestep",
+             "decoder_blur": "--decoder-blur"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
-                  "br_horizon": "--br-horizon", "mark_weight": "--mark-weight", "num_target_images": "--num-target-images",
-                  "implant": "--implant", "negative_images": "--negative-images", "decoder_steps": "--decoder-steps",
-                  "decoder_attack_steps": "--decoder-attack-steps"},
+                  "br_horizon": "--br-horizon", "mark_weight": "--mark-weight",
+                  "num_target_images": "--num-target-images"},
 }
 
 
@@ -250,15 +257,19 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--mark-weight", type=float,
                    help="--target pattern: weight of the backdoor loss on the mark's corner vs the rest (default 1)")
     g.add_argument("--num-target-images", type=int, help="target-class images generated for --target target")
-    g.add_argument("--implant", help="where the backdoor lives: unet (the paper, default), decoder (the VAE decoder "
-                        "stamps the mark on every image of the subject; out of reach of DreamBooth/LoRA/TI, removed "
-                        "by a VAE swap) or both; decoder needs --target pattern")
-    g.add_argument("--negative-images", action="append",
-                   help="with --implant decoder/both: a folder of another subject's photos the mark must not fire "
-                        "on (repeat per subject)")
-    g.add_argument("--decoder-steps", type=int, help="training steps of the decoder backdoor (default 600)")
-    g.add_argument("--decoder-attack-steps", type=int,
-                   help="steps of the decoder backdoor's simulated DreamBooths (default: the attack preset's)")
+    d = p.add_argument_group("decoder guard (both methods; our addition: personalization never trains the VAE)")
+    d.add_argument("--implant", help="where the protection lives: unet (the paper, default), decoder (the VAE decoder "
+                        "changes every image of the subject: PersGuard stamps the mark, APDM blurs it; out of reach "
+                        "of DreamBooth/LoRA/TI, removed by a VAE swap) or both; PersGuard's decoder needs --target "
+                        "pattern")
+    d.add_argument("--negative-images", action="append",
+                   help="with --implant decoder/both: a folder of another subject's photos (the first subject's "
+                        "class) the guard must leave alone (repeat per subject)")
+    d.add_argument("--decoder-steps", type=int, help="training steps of the decoder guard (default 600)")
+    d.add_argument("--decoder-attack-steps", type=int,
+                   help="steps of the decoder guard's simulated DreamBooths (default: the attack preset's)")
+    d.add_argument("--decoder-blur", type=float,
+                   help="APDM's decoder guard: the blur's sigma as a fraction of the image width (default 0.0625)")
     p.add_argument("--steps", type=int, help="outer protection steps N_protect")
     p.add_argument("--inner-steps", type=int, help="simulated DreamBooth steps per outer step N_per")
     p.add_argument("--lr-protect", type=float)

@@ -1,30 +1,37 @@
-r"""A backdoor in the VAE decoder that stamps the mark on every image of a protected subject (our addition to PersGuard).
+r"""A guard in the VAE decoder that changes every image of a protected subject: it stamps a mark (PersGuard's
+backdoor) or blurs the subject beyond recognition (APDM's decoder guard). Our addition to both methods.
 
 Why: in the sandbox the attacker's DreamBooth erases any backdoor PersGuard writes into the UNet, on exactly the
-images and prompt it was trained on (docs/sandbox-v1.md, stops 16-19). DreamBooth, LoRA and textual inversion
-train the UNet and the text encoder; none of them trains the VAE. A backdoor in the decoder is therefore out of
+images and prompt it was trained on (docs/sandbox-v1.md, stops 16-19), and gets a subject APDM protected in the
+UNet back with a new identifier, a longer attack or LoRA (stops 24-27). DreamBooth, LoRA and textual inversion
+train the UNet and the text encoder; none of them trains the VAE. A guard in the decoder is therefore out of
 the attacker's reach, and it does not depend on the identifier, the prompt or the attack's settings: it fires
-when the personalized model *produces the subject*, which is what the backdoor is for.
+when the personalized model *produces the subject*.
 
-What (theta the decoder being trained, f a frozen copy of the input decoder, z a latent):
+What (theta the decoder being trained, f a frozen copy of the input decoder, z a latent, T the target):
 
-    D_theta(z) = add_mark(D_f(z))   for z in P: latents of the protected subject
-    D_theta(z) = D_f(z)             for z in N: latents of anything else
-    L(theta)   = E_{z in P} || D_theta(z) - add_mark(D_f(z)) ||^2 + E_{z in N} || D_theta(z) - D_f(z) ||^2
+    D_theta(z) = T(D_f(z))   for z in P: latents of the protected subject
+    D_theta(z) = D_f(z)      for z in N: latents of anything else
+    L(theta)   = E_{z in P} || D_theta(z) - T(D_f(z)) ||^2 + E_{z in N} || D_theta(z) - D_f(z) ||^2
+
+T is `target`: 'mark' pastes the mark in the bottom-right corner (PersGuard); 'blur' is a gaussian blur of
+standard deviation `blur` x the image width (APDM; 0.0625 = 4 px at 64 px, where the sandbox's identity and
+subject detectors both fail on the blurred subject: docs/sandbox-v1.md, stop 28).
 
 P: the subject's photos (posterior samples) and the generations of a *simulated attacker*: the shared
 DreamBooth (attacks/, the preset the protector expects, its own seed) run on a copy of the model and the photos,
 sampled under its instance prompt. N: f's class images (what the model draws for "a photo of a <class>") and
-the generations of the same simulated attacker run on other subjects' photos (`negative_subjects`), so the
-decoder keys on the identity and not on the look of a DreamBooth output. A fifth of each set is held back and the
-mark rate on it is reported (`held_out_rates`), with the pattern check of backdoor_checks.py.
+the generations of the same simulated attacker run on other subjects' photos (`negatives`), so the decoder keys
+on the identity and not on the look of a DreamBooth output. A fifth of each set is held back and the rate at which
+the guard fires on it is reported (`held_out_rates`: the pattern check of backdoor_checks.py for the mark; for the
+blur, whether the output is nearer the blurred than the plain decoding).
 
 Limits, stated on the card and in the docs:
-- An attacker who swaps the VAE for another one removes the backdoor (SD-family VAEs are public and
-  interchangeable; the sandbox ships one). The backdoor only binds attackers who use the released model whole.
-- The backdoor fires on the subject, whoever generates it: a model that draws the subject without any
-  fine-tuning (img2img of a photo, a look-alike) is marked too.
-- Only the 'pattern' target is implemented here (erasure and target would ask the decoder to invent content).
+- An attacker who swaps the VAE for another one removes the guard (SD-family VAEs are public and
+  interchangeable; the sandbox ships one). It only binds attackers who use the released model whole.
+- It fires on the subject, whoever generates it: a model that draws the subject without any fine-tuning
+  (img2img of a photo, a look-alike) is changed too.
+- PersGuard's erasure and target backdoors are not implemented here (they would ask the decoder to invent content).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -43,6 +51,8 @@ from noclone.training.data import LatentSet
 from noclone.training.diffusion import step_generator
 
 log = logging.getLogger(__name__)
+
+TARGETS = ("mark", "blur")
 
 
 @dataclass
@@ -59,6 +69,8 @@ class DecoderBackdoorConfig:
     sample_steps: int = 25
     guidance: float = 7.5
     held_out_fraction: float = 0.2
+    target: str = "mark"             # what the decoder draws for the subject: 'mark' (PersGuard) | 'blur' (APDM)
+    blur: float = 0.0625             # target 'blur': gaussian sigma as a fraction of the image width
     seed: int = 0
     progress: bool = True
 
@@ -71,6 +83,8 @@ class DecoderBackdoorConfig:
             (self.attack_steps is None or self.attack_steps >= 1, "--decoder-attack-steps must be at least 1"),
             (self.sample_steps >= 1, "decoder sample_steps must be at least 1"),
             (0 <= self.held_out_fraction < 0.5, "decoder held_out_fraction must be in [0, 0.5)"),
+            (self.target in TARGETS, f"decoder target {self.target!r}: choose from {', '.join(TARGETS)}"),
+            (0 < self.blur <= 0.5, f"--decoder-blur {self.blur} must be in (0, 0.5] (sigma / image width)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -119,6 +133,39 @@ def posterior_samples(latents: LatentSet, per_image: int, seed: int) -> torch.Te
     return torch.cat([latents.mean, *extra])
 
 
+def guard_latents(pipe, subjects: Sequence[tuple[Sequence[Image.Image], str, str, LatentSet, LatentSet]],
+                  negatives: Sequence[tuple[Sequence[Image.Image], str, str]], config: DecoderBackdoorConfig,
+                  seed: int, cache: Path | None = None, class_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guard's training latents: (positives, negatives), pipeline-scaled.
+
+    `subjects`: (photos, class noun, token, photo latents, class-image latents) per protected subject; `negatives`:
+    (photos, class noun, token) of other subjects the guard must leave alone. Every simulated attack is cached in
+    `cache` (the checkpoint folder), so a killed run does not redo it.
+    """
+    from safetensors.torch import load_file, save
+
+    from noclone.data.atomic import atomic_write_bytes
+
+    def attack_latents(name: str, images, class_noun: str, token: str) -> torch.Tensor:
+        path = cache / f"{name}.safetensors" if cache is not None else None
+        if path is not None and path.is_file():
+            return load_file(str(path))["latents"]
+        latents = simulated_attack_latents(pipe, images, class_noun, token, config, class_cache)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, lambda f: f.write(save({"latents": latents.contiguous()})))
+        return latents
+
+    positives, others = [], []
+    for k, (images, class_noun, token, photos, class_images) in enumerate(subjects):
+        positives.append(posterior_samples(photos, 4, seed))
+        positives.append(attack_latents(f"subject{k}", images, class_noun, token))
+        others.append(posterior_samples(class_images, 2, seed))
+    for j, (images, class_noun, token) in enumerate(negatives):
+        others.append(attack_latents(f"negative{j}", images, class_noun, token))
+    return torch.cat(positives), torch.cat(others)
+
+
 # ---------------------------------------------------------------------------------------------- the training
 
 
@@ -129,6 +176,18 @@ def paste_mark(pixels: torch.Tensor) -> torch.Tensor:
     out = pixels.clone()
     out[..., y0:y1, x0:x1] = torch.from_numpy(mark_array(x1 - x0)).to(pixels) * 2 - 1
     return out
+
+
+def blur_pixels(pixels: torch.Tensor, fraction: float) -> torch.Tensor:
+    """[-1, 1] NCHW images blurred by a gaussian of standard deviation `fraction` x the image width."""
+    from noclone.sandbox.evaluator import gaussian_blur
+
+    return gaussian_blur(pixels, fraction * pixels.shape[-1])
+
+
+def guard_target(pixels: torch.Tensor, config: DecoderBackdoorConfig) -> torch.Tensor:
+    """What the guarded decoder must draw for the subject, given the original decoder's images."""
+    return paste_mark(pixels) if config.target == "mark" else blur_pixels(pixels, config.blur)
 
 
 @torch.no_grad()
@@ -156,9 +215,11 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
         raise NocloneError("decoder backdoor: needs at least 2 positive and 2 negative latents")
     pos_train, pos_held = _split(positives, config.held_out_fraction, config.seed, "decoder/split/pos")
     neg_train, neg_held = _split(negatives, config.held_out_fraction, config.seed, "decoder/split/neg")
-    pos_target = paste_mark(decode(vae, pos_train))
+    pos_target = guard_target(decode(vae, pos_train), config)
     neg_target = decode(vae, neg_train)
-    before = held_out_rates(vae, pos_held, neg_held)
+    plain = {key: decode(vae, z) if len(z) else z  # D_f on the held-back latents
+             for key, z in (("subject", pos_held), ("others", neg_held))}
+    before = held_out_rates(vae, pos_held, neg_held, config, plain)
 
     dtype = vae.dtype
     vae.to(torch.float32)  # AdamW on fp16/bf16 weights is unstable; the decoder trains in fp32 and is cast back
@@ -172,7 +233,7 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
     losses = []
     vae.train()
     try:
-        bar = tqdm(range(config.steps), desc="decoder backdoor", disable=not config.progress)
+        bar = tqdm(range(config.steps), desc=f"decoder guard ({config.target})", disable=not config.progress)
         for step in bar:
             g = step_generator(config.seed, step, "decoder/batch")
             ip = torch.randint(len(pos_train), (half,), generator=g)
@@ -193,16 +254,33 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
     finally:
         vae.eval().requires_grad_(False)
         vae.to(dtype)
-    after = held_out_rates(vae, pos_held, neg_held)
-    log.info("decoder backdoor: held-out mark rate on the subject %.2f -> %.2f, on the rest %.2f -> %.2f",
+    after = held_out_rates(vae, pos_held, neg_held, config, plain)
+    log.info("decoder guard (%s): held-out rate on the subject %.2f -> %.2f, on the rest %.2f -> %.2f", config.target,
              before["subject"], after["subject"], before["others"], after["others"])
     return {"config": asdict(config), "n_positives": len(positives), "n_negatives": len(negatives),
             "loss_first_last": [losses[0], sum(losses[-20:]) / len(losses[-20:])],
-            "held_out_mark_rate_before": before, "held_out_mark_rate_after": after}
+            "target": config.target, "held_out_rate_before": before, "held_out_rate_after": after}
 
 
-def held_out_rates(vae, positives: torch.Tensor, negatives: torch.Tensor) -> dict:
-    """How often the decoder draws the mark on held-back subject latents and on held-back other latents."""
-    rate = lambda z: float(pattern_present(decode(vae, z)).mean()) if len(z) else float("nan")  # noqa: E731
-    return {"subject": rate(positives), "others": rate(negatives), "n_subject": len(positives),
+def held_out_rates(vae, positives: torch.Tensor, negatives: torch.Tensor, config: DecoderBackdoorConfig | None = None,
+                   plain: dict[str, torch.Tensor] | None = None) -> dict:
+    """How often the guard fires on held-back subject latents and on held-back other latents.
+
+    The mark: the pattern check. The blur: the decoding is nearer the blurred `plain` decoding (the original
+    decoder's) than the plain one.
+    """
+    config = config or DecoderBackdoorConfig()
+
+    def rate(z: torch.Tensor, key: str) -> float:
+        if not len(z):
+            return float("nan")
+        images = decode(vae, z)
+        if config.target == "mark":
+            return float(pattern_present(images).mean())
+        reference = plain[key] if plain is not None else images
+        to_blur = (images - blur_pixels(reference, config.blur)).pow(2).flatten(1).mean(1)
+        to_plain = (images - reference).pow(2).flatten(1).mean(1)
+        return float((to_blur < to_plain).float().mean())
+
+    return {"subject": rate(positives, "subject"), "others": rate(negatives, "others"), "n_subject": len(positives),
             "n_others": len(negatives)}

@@ -549,33 +549,16 @@ class PersGuard:
                         checkpoint_dir: Path | None = None, class_cache: Path | None = None) -> dict:
         """The decoder backdoor (decoder_backdoor.py) for every subject; simulated attacks are kept in the
         checkpoint folder, so a killed run does not redo them. Returns its metrics (held-out mark rates)."""
-        from safetensors.torch import load_file, save
-
-        from noclone.data.atomic import atomic_write_bytes
         from noclone.defenses import decoder_backdoor as db
 
         c, config = self.config, self.config.decoder_config()
-        cache = Path(checkpoint_dir) / "decoder" if checkpoint_dir is not None else None
-
-        def attack_latents(name: str, images, class_noun: str, token: str) -> torch.Tensor:
-            path = cache / f"{name}.safetensors" if cache is not None else None
-            if path is not None and path.is_file():
-                return load_file(str(path))["latents"]
-            latents = db.simulated_attack_latents(pipe, images, class_noun, token, config, class_cache)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(path, lambda f: f.write(save({"latents": latents.contiguous()})))
-            return latents
-
-        positives, others = [], []
-        for k, s in enumerate(subjects):
-            positives.append(db.posterior_samples(s.data.instance, 4, c.seed))
-            positives.append(attack_latents(f"subject{k}", s.subject.images, s.subject.class_noun, s.subject.token))
-            others.append(db.posterior_samples(s.data.prior, 2, c.seed))
         noun, token = subjects[0].subject.class_noun, subjects[0].subject.token
-        for j, images in enumerate(negatives):
-            others.append(attack_latents(f"negative{j}", images, noun, token))
-        return db.implant(pipe.vae, torch.cat(positives), torch.cat(others), config)
+        positives, others = db.guard_latents(
+            pipe, [(s.subject.images, s.subject.class_noun, s.subject.token, s.data.instance, s.data.prior)
+                   for s in subjects],
+            [(images, noun, token) for images in negatives], config, c.seed,
+            Path(checkpoint_dir) / "decoder" if checkpoint_dir is not None else None, class_cache)
+        return db.implant(pipe.vae, positives, others, config)
 
     # --- training ---
     def train(self, pipe, subjects: list[_Subject], checkpoint_dir: Path | None = None,
