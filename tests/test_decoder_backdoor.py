@@ -290,7 +290,7 @@ def test_cli_apdm_decoder_guard(tiny_model_dir, subject_dir, dog_dir, tmp_path):
     assert _main(["-q", "protect-model", "--method", "apdm", "--implant", "decoder", "--negative-images",
                   str(dog_dir), "--decoder-steps", "2", "--decoder-attack-steps", "1", "--decoder-blur", "0.1",
                   "--model", str(tiny_model_dir), "--images", str(subject_dir), "--class-noun", "person",
-                  "--num-class-images", "2", "--out", str(out)]) == 0
+                  "--num-class-images", "2", "--anchor-images", str(dog_dir), "--out", str(out)]) == 0
     card = json.loads((out / "protection.json").read_text())
     assert card["implant"] == "decoder" and card["hyperparameters"]["decoder_blur"] == 0.1
-    assert card["metrics"]["decoder_guard"]["n_negatives"] == 2 * 2 + 48
+    assert card["metrics"]["decoder_guard"]["n_negatives"] == 2 * 2 + 48 + 3  # + one sample of each anchor photo

@@ -88,7 +88,8 @@ Beyond the paper:
   a protected subject beyond recognition and decodes everything else as before. The attacker's DreamBooth, LoRA or
   textual inversion never trains the VAE, so the guard holds whatever identifier, learning rate or step count the
   attacker picks; swapping in another VAE removes it (stated on the card). 'both' does the UNet protection, then
-  the guard. In the sandbox the UNet protection cannot hold a new identifier (docs/sandbox-v1.md, stops 25-27).
+  the guard. Anchor photos (other members of the class) join the guard's negatives, so that it keys on the
+  subject's identity rather than on any DreamBooth output of the class. In the sandbox the UNet protection cannot hold a new identifier (docs/sandbox-v1.md, stops 25-27).
 - `params`: 'full' UNet (the paper), 'attention' (cross-attention only) or 'lora' (rank r, merged into the
   weights when done). The parameter set is what both paths train: the protection updates it and the simulated
   attacker fine-tunes it (for 'attention' that is a Custom-Diffusion-like attacker).
@@ -479,7 +480,7 @@ class APDM:
         if subject.positives:
             data.positives = LatentSet.from_images(pipe.vae, subject.positives, data.instance.prompt,
                                                    pipeline_resolution(pipe))
-        if subject.anchors and (c.anchor_weight > 0 or c.repair_steps):
+        if subject.anchors and (c.anchor_weight > 0 or c.repair_steps or c.implant != "unet"):
             data.anchors = LatentSet.from_images(pipe.vae, subject.anchors, data.instance.prompt,
                                                  pipeline_resolution(pipe))
         return data
@@ -507,7 +508,8 @@ class APDM:
                 check_checkpoint(Path(checkpoint_dir), identity)
             config = c.decoder_config()
             positives, others = db.guard_latents(
-                pipe, [(s.images, s.class_noun, s.token, d.instance, d.prior) for s, d in zip(subjects, datas)],
+                pipe, [db.GuardSubject(s.images, s.class_noun, s.token, d.instance, d.prior, d.anchors)
+                       for s, d in zip(subjects, datas)],
                 [(n.images, n.class_noun, n.token) for n in negatives or []], config, c.seed,
                 Path(checkpoint_dir) / "decoder" if checkpoint_dir is not None else None, class_cache)
             self.final_metrics["decoder_guard"] = db.implant(pipe.vae, positives, others, config)

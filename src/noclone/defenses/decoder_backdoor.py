@@ -20,9 +20,10 @@ subject detectors both fail on the blurred subject: docs/sandbox-v1.md, stop 28)
 
 P: the subject's photos (posterior samples) and the generations of a *simulated attacker*: the shared
 DreamBooth (attacks/, the preset the protector expects, its own seed) run on a copy of the model and the photos,
-sampled under its instance prompt. N: f's class images (what the model draws for "a photo of a <class>") and
+sampled under its instance prompt. N: f's class images (what the model draws for "a photo of a <class>"),
 the generations of the same simulated attacker run on other subjects' photos (`negatives`), so the decoder keys
-on the identity and not on the look of a DreamBooth output. A fifth of each set is held back and the rate at which
+on the identity and not on the look of a DreamBooth output, and optionally photos of many other members of the
+class (APDM's anchors), so that it keys on *this* identity and not on any one of the class. A fifth of each set is held back and the rate at which
 the guard fires on it is reported (`held_out_rates`: the pattern check of backdoor_checks.py for the mark; for the
 blur, whether the output is nearer the blurred than the plain decoding).
 
@@ -133,14 +134,25 @@ def posterior_samples(latents: LatentSet, per_image: int, seed: int) -> torch.Te
     return torch.cat([latents.mean, *extra])
 
 
-def guard_latents(pipe, subjects: Sequence[tuple[Sequence[Image.Image], str, str, LatentSet, LatentSet]],
-                  negatives: Sequence[tuple[Sequence[Image.Image], str, str]], config: DecoderBackdoorConfig,
-                  seed: int, cache: Path | None = None, class_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class GuardSubject:
+    """A protected subject as the guard sees it: its photos, the prompt words, and latent sets."""
+
+    images: Sequence[Image.Image]
+    class_noun: str
+    token: str
+    photos: LatentSet                    # the subject's photos (positives)
+    class_images: LatentSet              # the input model's class images (negatives)
+    anchors: LatentSet | None = None     # photos of other members of the class (negatives, one sample each)
+
+
+def guard_latents(pipe, subjects: Sequence[GuardSubject], negatives: Sequence[tuple[Sequence[Image.Image], str, str]],
+                  config: DecoderBackdoorConfig, seed: int, cache: Path | None = None,
+                  class_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The guard's training latents: (positives, negatives), pipeline-scaled.
 
-    `subjects`: (photos, class noun, token, photo latents, class-image latents) per protected subject; `negatives`:
-    (photos, class noun, token) of other subjects the guard must leave alone. Every simulated attack is cached in
-    `cache` (the checkpoint folder), so a killed run does not redo it.
+    `negatives`: (photos, class noun, token) of other subjects whose simulated DreamBooths the guard must leave alone.
+    Every simulated attack is cached in `cache` (the checkpoint folder), so a killed run does not redo it.
     """
     from safetensors.torch import load_file, save
 
@@ -157,10 +169,12 @@ def guard_latents(pipe, subjects: Sequence[tuple[Sequence[Image.Image], str, str
         return latents
 
     positives, others = [], []
-    for k, (images, class_noun, token, photos, class_images) in enumerate(subjects):
-        positives.append(posterior_samples(photos, 4, seed))
-        positives.append(attack_latents(f"subject{k}", images, class_noun, token))
-        others.append(posterior_samples(class_images, 2, seed))
+    for k, s in enumerate(subjects):
+        positives.append(posterior_samples(s.photos, 4, seed))
+        positives.append(attack_latents(f"subject{k}", s.images, s.class_noun, s.token))
+        others.append(posterior_samples(s.class_images, 2, seed))
+        if s.anchors is not None:
+            others.append(posterior_samples(s.anchors, 1, seed))
     for j, (images, class_noun, token) in enumerate(negatives):
         others.append(attack_latents(f"negative{j}", images, class_noun, token))
     return torch.cat(positives), torch.cat(others)
