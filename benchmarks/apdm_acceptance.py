@@ -174,6 +174,8 @@ def main() -> None:
                         help="the simulated attacker also fine-tunes the text encoder (off by default: measured worse)")
     parser.add_argument("--implant", help="unet (the paper, default) | decoder | both: APDM's blurring decoder guard")
     parser.add_argument("--decoder-blur", type=float, help="the decoder guard's blur sigma / image width (0.0625)")
+    parser.add_argument("--decoder-attack-lengths", help="sample the guard's simulated attacks after these multiples "
+                        "of their steps, e.g. 1,2 (default 1)")
     parser.add_argument("--negative-identities", default="10,11",
                         help="with --implant decoder/both: held-out identities of each protected class whose "
                              "DreamBooths the guard must leave alone (keep them apart from --identity/--other-identity)")
@@ -198,7 +200,9 @@ def main() -> None:
                                    "repair_max_timestep": args.repair_max_timestep,
                                    "dpo_max_timestep": args.dpo_max_timestep,
                                    "multi_subject": args.multi_subject, "implant": args.implant,
-                                   "decoder_blur": args.decoder_blur}.items() if v is not None}
+                                   "decoder_blur": args.decoder_blur,
+                                   "decoder_attack_lengths": tuple(float(x) for x in args.decoder_attack_lengths.split(","))
+                                   if args.decoder_attack_lengths else None}.items() if v is not None}
     if args.simulate_text_encoder:
         overrides["train_text_encoder"] = True
     if args.no_l2p:
@@ -302,6 +306,7 @@ def criteria(rows: list[dict], quality_rows: list[dict]) -> dict[str, dict[str, 
 
 def markdown(rows, quality_rows, settings, args) -> str:
     guard = (f"; decoder guard ({settings.implant}: blur {settings.decoder_blur:g}, {settings.decoder_steps} steps, "
+             f"simulated attacks sampled at {'/'.join(f'{x:g}' for x in settings.decoder_attack_lengths)}x, "
              f"negatives: held-out {args.negative_identities})" if settings.implant != "unet" else "")
     lines = [f"APDM {settings.outer_steps} outer x {settings.inner_steps} inner steps, lr {settings.lr_protect:g}, "
              f"beta {settings.beta:g}, loss {settings.loss}, params {settings.params}, seed {settings.seed}{guard}; "

@@ -294,3 +294,18 @@ def test_cli_apdm_decoder_guard(tiny_model_dir, subject_dir, dog_dir, tmp_path):
     card = json.loads((out / "protection.json").read_text())
     assert card["implant"] == "decoder" and card["hyperparameters"]["decoder_blur"] == 0.1
     assert card["metrics"]["decoder_guard"]["n_negatives"] == 2 * 2 + 48 + 3  # + one sample of each anchor photo
+
+
+def test_simulated_attack_is_sampled_at_each_length(tiny_pipe, subject_dir):
+    from noclone.attacks.base import load_subject_images
+
+    images = load_subject_images(subject_dir)[1]
+    config = db.DecoderBackdoorConfig(n_generated=2, attack_steps=2, sample_steps=2, attack_lengths=(0.5, 1.0),
+                                      progress=False)
+    unet = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    latents = db.simulated_attack_latents(tiny_pipe, images, "person", "sks", config)
+    assert latents.shape[0] == 4 and not torch.allclose(latents[:2], latents[2:])
+    assert all(torch.equal(v, tiny_pipe.unet.state_dict()[k]) for k, v in unet.items())  # ran on a copy
+    with pytest.raises(NocloneError, match="--decoder-attack-lengths"):
+        db.DecoderBackdoorConfig(attack_lengths=(0.0,)).validate()
+    assert _apdm_config(decoder_attack_lengths=(1.0, 2.0)).decoder_config().attack_lengths == (1.0, 2.0)

@@ -187,6 +187,7 @@ class APDMConfig:
     decoder_batch_size: int = 16       # decoder training batch (half subject, half the rest)
     decoder_attack_preset: str = "sandbox"
     decoder_attack_steps: int | None = None  # the simulated attacks' DreamBooth steps (default: the preset's)
+    decoder_attack_lengths: tuple[float, ...] = (1.0,)  # sample each simulated attack after these multiples of them
     decoder_blur: float = 0.0625       # the blur's sigma as a fraction of the image width
     seed: int = 0
     checkpoint_every: int = 25
@@ -265,6 +266,7 @@ class APDMConfig:
         return DecoderBackdoorConfig(steps=self.decoder_steps, lr=self.decoder_lr, n_generated=self.decoder_generations,
                                      batch_size=self.decoder_batch_size, attack_preset=self.decoder_attack_preset,
                                      attack_seed=self.seed + 1, attack_steps=self.decoder_attack_steps,
+                                     attack_lengths=tuple(self.decoder_attack_lengths),
                                      sample_steps=self.class_image_steps, target="blur", blur=self.decoder_blur,
                                      seed=self.seed, progress=self.progress)
 

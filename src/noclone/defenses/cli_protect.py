@@ -65,7 +65,7 @@ def _apdm_config(args: argparse.Namespace):
         "repair_steps": args.repair_steps, "repair_lr": args.repair_lr,
         "repair_min_timestep": args.repair_min_timestep, "repair_max_timestep": args.repair_max_timestep,
         "implant": args.implant, "decoder_steps": args.decoder_steps, "decoder_attack_steps": args.decoder_attack_steps,
-        "decoder_blur": args.decoder_blur,
+        "decoder_blur": args.decoder_blur, "decoder_attack_lengths": _lengths(args.decoder_attack_lengths),
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_l2p:
@@ -77,6 +77,16 @@ def _apdm_config(args: argparse.Namespace):
     config = APDMConfig.preset(args.preset, progress=not getattr(args, "quiet", False), **overrides)
     config.validate()
     return config
+
+
+def _lengths(text: str | None) -> tuple[float, ...] | None:
+    """--decoder-attack-lengths '1,2' -> (1.0, 2.0)."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise NocloneError(f"--decoder-attack-lengths {text!r}: give comma-separated numbers, e.g. 1,2") from None
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -203,7 +213,7 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
              "anchor_images": "--anchor-images", "anchor_weight": "--anchor-weight",
              "dpo_max_timestep": "--dpo-max-timestep", "repair_steps": "--repair-steps", "repair_lr": "--repair-lr",
              "repair_min_timestep": "--repair-min-timestep", "repair_max_timestep": "--repair-max-timestep",
-             "decoder_blur": "--decoder-blur"},
+             "decoder_blur": "--decoder-blur", "decoder_attack_lengths": "--decoder-attack-lengths"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -268,6 +278,9 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--decoder-steps", type=int, help="training steps of the decoder guard (default 600)")
     d.add_argument("--decoder-attack-steps", type=int,
                    help="steps of the decoder guard's simulated DreamBooths (default: the attack preset's)")
+    d.add_argument("--decoder-attack-lengths",
+                   help="APDM's decoder guard: sample each simulated attack after these multiples of its steps, "
+                        "e.g. 1,2 (default 1)")
     d.add_argument("--decoder-blur", type=float,
                    help="APDM's decoder guard: the blur's sigma as a fraction of the image width (default 0.0625)")
     p.add_argument("--steps", type=int, help="outer protection steps N_protect")

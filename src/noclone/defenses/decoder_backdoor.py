@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -66,7 +66,8 @@ class DecoderBackdoorConfig:
     attack_preset: str = "sandbox"   # the simulated attacker's DreamBooth preset (attacks/base.py PRESETS)
     attack_seed: int = 1             # its seed (an attacker's own run is not the protector's)
     attack_steps: int | None = None  # its steps (default: the preset's)
-    n_generated: int = 48            # latents sampled from each simulated attack
+    n_generated: int = 48            # latents sampled from each simulated attack (at each of its lengths)
+    attack_lengths: tuple[float, ...] = (1.0,)  # sample the simulated attack after these multiples of its steps
     sample_steps: int = 25
     guidance: float = 7.5
     held_out_fraction: float = 0.2
@@ -82,6 +83,8 @@ class DecoderBackdoorConfig:
             (self.batch_size >= 2, f"decoder batch size {self.batch_size} must be at least 2"),
             (self.n_generated >= 5, f"decoder n_generated {self.n_generated} must be at least 5"),
             (self.attack_steps is None or self.attack_steps >= 1, "--decoder-attack-steps must be at least 1"),
+            (len(self.attack_lengths) >= 1 and all(0 < x <= 10 for x in self.attack_lengths),
+             f"--decoder-attack-lengths {self.attack_lengths}: give multiples of the attack's steps in (0, 10]"),
             (self.sample_steps >= 1, "decoder sample_steps must be at least 1"),
             (0 <= self.held_out_fraction < 0.5, "decoder held_out_fraction must be in [0, 0.5)"),
             (self.target in TARGETS, f"decoder target {self.target!r}: choose from {', '.join(TARGETS)}"),
@@ -97,7 +100,9 @@ class DecoderBackdoorConfig:
 
 def simulated_attack_latents(pipe, images: Sequence[Image.Image], class_noun: str, token: str,
                              config: DecoderBackdoorConfig, class_cache=None) -> torch.Tensor:
-    """Latents a simulated attacker's DreamBooth draws of the subject: [n_generated, C, h, w], pipeline-scaled.
+    """Latents a simulated attacker's DreamBooth draws of the subject: [n_generated x len(attack_lengths), C, h, w],
+    pipeline-scaled. With several `attack_lengths` the attacker is sampled at each of those multiples of its
+    preset's steps during one run (a longer attack draws a more over-fitted subject).
 
     The attack runs on copies of the UNet and text encoder; `pipe` is left as it was.
     """
@@ -108,14 +113,31 @@ def simulated_attack_latents(pipe, images: Sequence[Image.Image], class_noun: st
 
     attack = preset_config("dreambooth", config.attack_preset, class_noun=class_noun, token=token,
                            seed=config.attack_seed, steps=config.attack_steps, progress=config.progress)
+    stops = sorted({max(1, round(length * attack.steps)) for length in config.attack_lengths})
+    attack = replace(attack, steps=stops[-1])
     copy_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": copy.deepcopy(pipe.unet),
                                            "text_encoder": copy.deepcopy(pipe.text_encoder)})
     copy_pipe.set_progress_bar_config(disable=True)
-    log.info("decoder backdoor: simulated DreamBooth on %d photos of %r (%d steps, seed %d)", len(images),
-             attack.instance_prompt, attack.steps, attack.seed)
-    DreamBooth(attack).train(copy_pipe, list(images), checkpoint_dir=None, class_cache=class_cache)
-    latents = sample_latents(copy_pipe, attack.instance_prompt, config.n_generated, config.attack_seed * 7919,
-                             config.sample_steps, config.guidance)
+    log.info("decoder guard: simulated DreamBooth on %d photos of %r (%d steps, sampled after %s; seed %d)",
+             len(images), attack.instance_prompt, attack.steps, stops, attack.seed)
+    drawn: list[torch.Tensor] = []
+
+    def draw(k: int) -> torch.Tensor:
+        return sample_latents(copy_pipe, attack.instance_prompt, config.n_generated,
+                              config.attack_seed * 7919 + 100_000 * k, config.sample_steps, config.guidance)
+
+    class SampledDreamBooth(DreamBooth):
+        def after_step(self, pipe, step: int) -> None:
+            if step + 1 in stops[:-1]:  # the last stop is drawn after training, as with one length
+                modules = (pipe.unet, pipe.text_encoder)
+                for m in modules:
+                    m.eval()
+                drawn.append(draw(len(drawn)))
+                for m in modules:
+                    m.train()
+
+    SampledDreamBooth(attack).train(copy_pipe, list(images), checkpoint_dir=None, class_cache=class_cache)
+    latents = torch.cat([*drawn, draw(len(drawn))])
     del copy_pipe
     return latents
 
