@@ -215,9 +215,6 @@ def main() -> None:
             targets = [(c, held_out(int(k))) for c, k in (item.split(":") for item in args.subjects.split(","))]
         except ValueError:
             parser.error(f"--subjects {args.subjects!r}: expected CLASS:K[,CLASS:K...], e.g. person:0,dog:4")
-        (first_class, first_identity), *rest = targets
-        joint = protect(model, work, first_class, first_identity, settings, args.positives, args.token, args.anchors,
-                        also=rest, repair_anchors=args.repair_anchors, negatives=negatives_for(c for c, _ in targets))
     else:
         targets = [(c, held_out(args.identity)) for c in args.classes.split(",")]
     negative_ids = [held_out(int(i)) for i in args.negative_identities.split(",") if i] if settings.implant != "unet" else []
@@ -227,6 +224,11 @@ def main() -> None:
 
     def negatives_for(classes) -> list[tuple[str, int]]:
         return [(c, i) for c in dict.fromkeys(classes) for i in negative_ids]
+
+    if args.subjects:
+        (first_class, first_identity), *rest = targets
+        joint = protect(model, work, first_class, first_identity, settings, args.positives, args.token, args.anchors,
+                        also=rest, repair_anchors=args.repair_anchors, negatives=negatives_for(c for c, _ in targets))
     for n_target, (class_noun, identity) in enumerate(targets):
         protected, protect_seconds = joint or protect(model, work, class_noun, identity, settings, args.positives,
                                                       args.token, args.anchors, repair_anchors=args.repair_anchors,
