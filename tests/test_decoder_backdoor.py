@@ -25,11 +25,14 @@ def dog_dir(tmp_path_factory):
     return _renders(tmp_path_factory, "dog", "dog", 3)
 
 
+def _small(**kw) -> dict:
+    """Tiny settings for either method's decoder guard, overridden by `kw`."""
+    return {**dict(inner_steps=1, batch_size=1, num_class_images=2, class_image_steps=2, progress=False,
+                   implant="decoder", decoder_steps=2, decoder_generations=5, decoder_attack_steps=2), **kw}
+
+
 def _config(**kw):
-    base = dict(steps=1, inner_steps=1, batch_size=1, num_class_images=2, class_image_steps=2, progress=False,
-                implant="decoder", decoder_steps=2, decoder_generations=5, decoder_attack_steps=2)
-    base.update(kw)
-    return PersGuardConfig(**base)
+    return PersGuardConfig(**_small(steps=1, **kw))
 
 
 def test_paste_mark_equals_add_pattern():
@@ -180,10 +183,7 @@ def test_cli_protects_with_a_decoder_backdoor(tiny_model_dir, subject_dir, dog_d
 
 
 def _apdm_config(**kw):
-    base = dict(outer_steps=1, inner_steps=1, batch_size=1, num_class_images=2, class_image_steps=2, progress=False,
-                implant="decoder", decoder_steps=2, decoder_generations=5, decoder_attack_steps=2)
-    base.update(kw)
-    return APDMConfig(**base)
+    return APDMConfig(**_small(outer_steps=1, **kw))
 
 
 def test_blur_target_is_a_gaussian_blur_of_the_given_width_fraction():

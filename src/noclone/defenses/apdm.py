@@ -252,12 +252,7 @@ class APDMConfig:
         if self.optimizer == "adamw8bit":
             _bitsandbytes()
         if self.implant != "unet":
-            from noclone.attacks.base import PRESETS as ATTACK_PRESETS
-
             self.decoder_config().validate()
-            if self.decoder_attack_preset not in ATTACK_PRESETS:
-                raise NocloneError(f"decoder_attack_preset {self.decoder_attack_preset!r}: choose from "
-                                   f"{', '.join(ATTACK_PRESETS)}")
 
     def decoder_config(self):
         """The decoder guard's settings (implant 'decoder' or 'both'): decoder_backdoor.py with the blur target."""

@@ -93,6 +93,10 @@ class DecoderBackdoorConfig:
         for ok, message in checks:
             if not ok:
                 raise NocloneError(message)
+        from noclone.attacks.base import PRESETS as ATTACK_PRESETS
+
+        if self.attack_preset not in ATTACK_PRESETS:
+            raise NocloneError(f"decoder_attack_preset {self.attack_preset!r}: choose from {', '.join(ATTACK_PRESETS)}")
 
 
 # ---------------------------------------------------------------------------------------------- the data
@@ -253,8 +257,8 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
     neg_train, neg_held = _split(negatives, config.held_out_fraction, config.seed, "decoder/split/neg")
     pos_target = guard_target(decode(vae, pos_train), config)
     neg_target = decode(vae, neg_train)
-    plain = {key: decode(vae, z) if len(z) else z  # D_f on the held-back latents
-             for key, z in (("subject", pos_held), ("others", neg_held))}
+    plain = None if config.target == "mark" else {  # D_f on the held-back latents, for the blur check
+        key: decode(vae, z) if len(z) else z for key, z in (("subject", pos_held), ("others", neg_held))}
     before = held_out_rates(vae, pos_held, neg_held, config, plain)
 
     dtype = vae.dtype

@@ -243,11 +243,6 @@ class PersGuardConfig:
         Backdoor(self.target, self.target_class).validate()
         if self.implant != "unet":
             self.decoder_config().validate()
-            from noclone.attacks.base import PRESETS as ATTACK_PRESETS
-
-            if self.decoder_attack_preset not in ATTACK_PRESETS:
-                raise NocloneError(f"decoder_attack_preset {self.decoder_attack_preset!r}: choose from "
-                                   f"{', '.join(ATTACK_PRESETS)}")
         if self.optimizer == "adamw8bit":
             from noclone.defenses.apdm import _bitsandbytes
 
