@@ -4,7 +4,7 @@
         [--adaptive person] [--other-identity 1] [--quality] [--n 32] [--seed 0] [--outer-steps N]
         [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--token T]
         [--loss naive] [--beta B] [--anchors N] [--repair-steps N] [--markdown F]
-        [--implant decoder|both] [--negative-identities 10,11] [--decoder-blur F]   # APDM's decoder guard
+        [--implant decoder|both] [--negative-identities 10,11] [--decoder-blur F] [--decoder-blur-calibrate]
     .venv/bin/python benchmarks/apdm_acceptance.py --out DIR --subjects person:0,dog:4,cat:2 [--multi-subject sum]
         [--other-identity K]     # criterion 6: several subjects protected in ONE model
 
@@ -174,6 +174,9 @@ def main() -> None:
                         help="the simulated attacker also fine-tunes the text encoder (off by default: measured worse)")
     parser.add_argument("--implant", help="unet (the paper, default) | decoder | both: APDM's blurring decoder guard")
     parser.add_argument("--decoder-blur", type=float, help="the decoder guard's blur sigma / image width (0.0625)")
+    parser.add_argument("--decoder-blur-calibrate", nargs="?", const="sandbox",
+                        help="pick each subject's blur with this identity backend (default sandbox; see "
+                             "noclone protect-model --help)")
     parser.add_argument("--decoder-attack-lengths", help="sample the guard's simulated attacks after these multiples "
                         "of their steps, e.g. 1,2 (default 1)")
     parser.add_argument("--negative-identities", default="10,11",
@@ -201,6 +204,7 @@ def main() -> None:
                                    "dpo_max_timestep": args.dpo_max_timestep,
                                    "multi_subject": args.multi_subject, "implant": args.implant,
                                    "decoder_blur": args.decoder_blur,
+                                   "decoder_blur_calibrate": args.decoder_blur_calibrate,
                                    "decoder_attack_lengths": tuple(float(x) for x in args.decoder_attack_lengths.split(","))
                                    if args.decoder_attack_lengths else None}.items() if v is not None}
     if args.simulate_text_encoder:
@@ -209,6 +213,7 @@ def main() -> None:
         overrides["l2p"] = False
     settings = APDMConfig.preset("quick", seed=args.seed, **overrides)
     rows, quality_rows = [], []
+    calibrated: dict[str, dict] = {}  # subject -> its calibrated guard blur (--decoder-blur-calibrate)
     joint = None
     if args.subjects:
         try:
@@ -233,6 +238,9 @@ def main() -> None:
         protected, protect_seconds = joint or protect(model, work, class_noun, identity, settings, args.positives,
                                                       args.token, args.anchors, repair_anchors=args.repair_anchors,
                                                       negatives=negatives_for([class_noun]))
+        guard = json.loads((protected / "protection.json").read_text())["metrics"].get("decoder_guard", {})
+        for (c, i), calibration in zip(targets if joint else [(class_noun, identity)], guard.get("blur_calibration", [])):
+            calibrated[f"{c}-{i}"] = calibration
         attack = preset_config("dreambooth", "sandbox", class_noun=class_noun, seed=args.seed, token=args.token)
         base = base_experiment(model, work, class_noun, identity, attack.instance_prompt, args.n, args.seed, False)
         attackers = [("dreambooth", "dreambooth", attack)]
@@ -269,9 +277,9 @@ def main() -> None:
                                  "fid_protected": q_prot["fid"]})
             print(quality_rows[-1], flush=True)
     results = json.dumps({"settings": asdict(settings), "rows": rows, "quality": quality_rows,
-                          "criteria": criteria(rows, quality_rows)}, indent=2)
+                          "criteria": criteria(rows, quality_rows), "calibrated_blur": calibrated}, indent=2)
     (work / "apdm_results.json").write_text(results)
-    text = markdown(rows, quality_rows, settings, args)
+    text = markdown(rows, quality_rows, settings, args, calibrated)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
@@ -306,8 +314,11 @@ def criteria(rows: list[dict], quality_rows: list[dict]) -> dict[str, dict[str, 
     return verdicts
 
 
-def markdown(rows, quality_rows, settings, args) -> str:
-    guard = (f"; decoder guard ({settings.implant}: blur {settings.decoder_blur:g}, {settings.decoder_steps} steps, "
+def markdown(rows, quality_rows, settings, args, calibrated: dict | None = None) -> str:
+    blur = (f"blur calibrated by {settings.decoder_blur_calibrate} ("
+            + ", ".join(f"{k} {v['blur']:g}" for k, v in calibrated.items()) + ")"
+            if settings.decoder_blur_calibrate and calibrated else f"blur {settings.decoder_blur:g}")
+    guard = (f"; decoder guard ({settings.implant}: {blur}, {settings.decoder_steps} steps, "
              f"simulated attacks sampled at {'/'.join(f'{x:g}' for x in settings.decoder_attack_lengths)}x, "
              f"negatives: held-out {args.negative_identities})" if settings.implant != "unet" else "")
     lines = [f"APDM {settings.outer_steps} outer x {settings.inner_steps} inner steps, lr {settings.lr_protect:g}, "

@@ -309,3 +309,96 @@ def test_simulated_attack_is_sampled_at_each_length(tiny_pipe, subject_dir):
     with pytest.raises(NocloneError, match="--decoder-attack-lengths"):
         db.DecoderBackdoorConfig(attack_lengths=(0.0,)).validate()
     assert _apdm_config(decoder_attack_lengths=(1.0, 2.0)).decoder_config().attack_lengths == (1.0, 2.0)
+
+
+class _PixelVAE:
+    """A stand-in VAE whose latents are the images themselves (decode = identity), for the calibration tests."""
+
+    device, dtype = torch.device("cpu"), torch.float32
+
+    class config:
+        scaling_factor = 1.0
+
+    def decode(self, z):
+        return type("Out", (), {"sample": z})()
+
+
+def _pixels(class_noun, identity, poses, size=64):
+    from noclone.data.images import images_to_tensor
+    from noclone.sandbox.render import render
+    from noclone.sandbox.splits import held_out
+
+    return images_to_tensor([render(class_noun, held_out(identity), p, size=size) for p in poses], size)
+
+
+def _guard_subject(class_noun, identity, others):
+    photos = _pixels(class_noun, identity, range(5))
+    from noclone.data.images import tensor_to_images
+
+    class_images = torch.cat([_pixels(class_noun, k, range(2)) for k in others])
+    dummy = LatentSet(class_images, torch.zeros_like(class_images), "")
+    return db.GuardSubject(tensor_to_images(photos), class_noun, "sks", dummy, dummy)
+
+
+def test_calibrate_blur_picks_the_least_blur_that_makes_the_clones_generic():
+    from noclone.eval.faces import get_backend
+
+    backend = get_backend("sandbox")
+    config = db.DecoderBackdoorConfig(target="blur", blur=0.0625)
+    subject = _guard_subject("cat", 2, range(20, 28))  # other cats' renders stand in for the class images
+    clones = _pixels("cat", 2, range(5, 21))  # more photos of the subject stand in for a DreamBooth's clones
+    result = db.calibrate_blur(_PixelVAE(), subject, clones, backend, config)
+    blurs = [config.blur * s for s in db.BLUR_STEPS]
+    isms = [result["clone_ism"][f"{b:g}"] for b in blurs]
+    assert all(a >= b - 0.02 for a, b in zip(isms, isms[1:]))  # more blur, less like the subject
+    chosen = blurs.index(result["blur"])
+    assert 0 < chosen < len(blurs) - 1  # neither the floor nor the fallback
+    assert isms[chosen] <= result["class_ism"] < isms[chosen - 1]
+    person = db.calibrate_blur(_PixelVAE(), _guard_subject("person", 0, range(20, 28)),
+                               _pixels("person", 0, range(5, 21)), backend, config)
+    assert person["blur"] == blurs[-1] and min(person["clone_ism"].values()) > person["class_ism"]  # the fallback
+
+
+def test_calibrate_blur_counts_clones_without_a_face_as_unlike_the_subject():
+    class NoFaceInBlur:
+        name = "fake"
+
+        def embed(self, images, class_noun):
+            found = np.array([np.asarray(im, dtype=float).std() > 40 for im in images])  # blurred: flat, no face
+            emb = np.stack([np.asarray(im, dtype=float).mean((0, 1)) for im in images])
+            return emb, found
+
+    config = db.DecoderBackdoorConfig(target="blur", blur=0.0625)
+    subject = _guard_subject("person", 7, range(20, 24))
+    result = db.calibrate_blur(_PixelVAE(), subject, _pixels("person", 7, range(5, 9)), NoFaceInBlur(), config)
+    assert result["blur"] == config.blur and result["clone_ism"]["0.0625"] is None
+
+
+def test_per_positive_blur_in_the_target_and_its_checks():
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    config = db.DecoderBackdoorConfig(target="blur", blur=0.05)
+    blur = torch.tensor([0.05, 0.1, 0.2])
+    target = db.guard_target(pixels, config, blur)
+    for k in range(3):
+        assert torch.allclose(target[k : k + 1], db.blur_pixels(pixels[k : k + 1], float(blur[k])), atol=2e-3)
+    with pytest.raises(NocloneError, match="2 blurs for 3 positives"):
+        db.implant(_PixelVAE(), pixels, pixels, config, torch.tensor([0.1, 0.2]))
+    with pytest.raises(NocloneError, match="--decoder-blur-calibrate 'arcface'"):
+        _apdm_config(decoder_blur_calibrate="arcface").validate()
+
+
+def test_apdm_calibrated_guard_writes_each_subjects_blur_on_the_card(tiny_model_dir, subject_dir, dog_dir, tmp_path):
+    from test_persguard import _main
+
+    out = tmp_path / "guarded"
+    assert _main(["-q", "protect-model", "--method", "apdm", "--implant", "decoder", "--decoder-steps", "2",
+                  "--decoder-attack-steps", "1", "--decoder-blur-calibrate", "--model", str(tiny_model_dir),
+                  "--images", str(subject_dir), "--class-noun", "person", "--images", str(dog_dir), "--class-noun",
+                  "dog", "--num-class-images", "2", "--out", str(out)]) == 0
+    card = json.loads((out / "protection.json").read_text())
+    assert card["hyperparameters"]["decoder_blur_calibrate"] == "sandbox"
+    calibration = card["metrics"]["decoder_guard"]["blur_calibration"]
+    assert len(calibration) == 2
+    for c in calibration:
+        assert c["blur"] in [0.0625 * s for s in db.BLUR_STEPS] and len(c["clone_ism"]) == len(db.BLUR_STEPS)

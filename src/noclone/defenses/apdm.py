@@ -89,7 +89,9 @@ Beyond the paper:
   textual inversion never trains the VAE, so the guard holds whatever identifier, learning rate or step count the
   attacker picks; swapping in another VAE removes it (stated on the card). 'both' does the UNet protection, then
   the guard. Anchor photos (other members of the class) join the guard's negatives, so that it keys on the
-  subject's identity rather than on any DreamBooth output of the class. In the sandbox the UNet protection cannot hold a new identifier (docs/sandbox-v1.md, stops 25-27).
+  subject's identity rather than on any DreamBooth output of the class. `decoder_blur_calibrate` (an identity
+  backend) picks each subject's blur: the least that makes its simulated clones no more like it than the class
+  images are. In the sandbox the UNet protection cannot hold a new identifier (docs/sandbox-v1.md, stops 25-27).
 - `params`: 'full' UNet (the paper), 'attention' (cross-attention only) or 'lora' (rank r, merged into the
   weights when done). The parameter set is what both paths train: the protection updates it and the simulated
   attacker fine-tunes it (for 'attention' that is a Custom-Diffusion-like attacker).
@@ -189,6 +191,7 @@ class APDMConfig:
     decoder_attack_steps: int | None = None  # the simulated attacks' DreamBooth steps (default: the preset's)
     decoder_attack_lengths: tuple[float, ...] = (1.0,)  # sample each simulated attack after these multiples of them
     decoder_blur: float = 0.0625       # the blur's sigma as a fraction of the image width
+    decoder_blur_calibrate: str | None = None  # an identity backend (sandbox|dlib|arcface): a blur per subject
     seed: int = 0
     checkpoint_every: int = 25
     progress: bool = True
@@ -263,6 +266,7 @@ class APDMConfig:
                                      attack_seed=self.seed + 1, attack_steps=self.decoder_attack_steps,
                                      attack_lengths=tuple(self.decoder_attack_lengths),
                                      sample_steps=self.class_image_steps, target="blur", blur=self.decoder_blur,
+                                     blur_calibrate=self.decoder_blur_calibrate,
                                      seed=self.seed, progress=self.progress)
 
     def identity(self) -> dict:
@@ -504,12 +508,21 @@ class APDM:
             if checkpoint_dir is not None:
                 check_checkpoint(Path(checkpoint_dir), identity)
             config = c.decoder_config()
-            positives, others = db.guard_latents(
-                pipe, [db.GuardSubject(s.images, s.class_noun, s.token, d.instance, d.prior, d.anchors)
-                       for s, d in zip(subjects, datas)],
-                [(n.images, n.class_noun, n.token) for n in negatives or []], config, c.seed,
-                Path(checkpoint_dir) / "decoder" if checkpoint_dir is not None else None, class_cache)
-            self.final_metrics["decoder_guard"] = db.implant(pipe.vae, positives, others, config)
+            guarded = [db.GuardSubject(s.images, s.class_noun, s.token, d.instance, d.prior, d.anchors)
+                       for s, d in zip(subjects, datas)]
+            data = db.guard_latents(pipe, guarded, [(n.images, n.class_noun, n.token) for n in negatives or []],
+                                    config, c.seed, Path(checkpoint_dir) / "decoder" if checkpoint_dir is not None
+                                    else None, class_cache)
+            calibration, blur = None, None
+            if config.blur_calibrate:
+                from noclone.eval.faces import get_backend
+
+                backend = get_backend(config.blur_calibrate)
+                calibration = [db.calibrate_blur(pipe.vae, s, z, backend, config) for s, z in zip(guarded, data.clones)]
+                blur = torch.tensor([calibration[k]["blur"] for k in data.owners.tolist()])
+            self.final_metrics["decoder_guard"] = db.implant(pipe.vae, data.positives, data.negatives, config, blur)
+            if calibration:
+                self.final_metrics["decoder_guard"]["blur_calibration"] = calibration
         return history
 
     def train(self, pipe, datas: list[SubjectData], checkpoint_dir: Path | None = None,

@@ -2,7 +2,8 @@
 
     noclone protect-model --method apdm --model M --images DIR --class-noun person [--images DIR2 --class-noun dog]
                           [--token sks] [--preset quick|paper] [--steps N] [--inner-steps N] ... --out DIR
-    noclone protect-model --method apdm --implant decoder [--negative-images DIR ...] [--decoder-blur F] ...
+    noclone protect-model --method apdm --implant decoder [--negative-images DIR ...] [--decoder-blur F]
+                          [--decoder-blur-calibrate [sandbox|dlib]] ...
     noclone protect-model --method persguard --target pattern|erasure|target [--target-class cat]
                           [--target-images DIR] [--tokens sks,xyz,...] [--implant unet|decoder|both]
                           [--negative-images DIR ...] --model M --images DIR --class-noun person --out DIR
@@ -66,6 +67,7 @@ def _apdm_config(args: argparse.Namespace):
         "repair_min_timestep": args.repair_min_timestep, "repair_max_timestep": args.repair_max_timestep,
         "implant": args.implant, "decoder_steps": args.decoder_steps, "decoder_attack_steps": args.decoder_attack_steps,
         "decoder_blur": args.decoder_blur, "decoder_attack_lengths": _lengths(args.decoder_attack_lengths),
+        "decoder_blur_calibrate": args.decoder_blur_calibrate,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_l2p:
@@ -213,7 +215,8 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
              "anchor_images": "--anchor-images", "anchor_weight": "--anchor-weight",
              "dpo_max_timestep": "--dpo-max-timestep", "repair_steps": "--repair-steps", "repair_lr": "--repair-lr",
              "repair_min_timestep": "--repair-min-timestep", "repair_max_timestep": "--repair-max-timestep",
-             "decoder_blur": "--decoder-blur", "decoder_attack_lengths": "--decoder-attack-lengths"},
+             "decoder_blur": "--decoder-blur", "decoder_attack_lengths": "--decoder-attack-lengths",
+             "decoder_blur_calibrate": "--decoder-blur-calibrate"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -283,6 +286,10 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
                         "e.g. 1,2 (default 1)")
     d.add_argument("--decoder-blur", type=float,
                    help="APDM's decoder guard: the blur's sigma as a fraction of the image width (default 0.0625)")
+    d.add_argument("--decoder-blur-calibrate", nargs="?", const="sandbox", metavar="BACKEND",
+                   help="APDM's decoder guard: pick each subject's blur, the least of --decoder-blur x 1..2.5 at "
+                        "which its simulated clones are no more like its photos than the class images are, by the "
+                        "identity backend BACKEND (sandbox, the default, or dlib)")
     p.add_argument("--steps", type=int, help="outer protection steps N_protect")
     p.add_argument("--inner-steps", type=int, help="simulated DreamBooth steps per outer step N_per")
     p.add_argument("--lr-protect", type=float)

@@ -18,6 +18,12 @@ T is `target`: 'mark' pastes the mark in the bottom-right corner (PersGuard); 'b
 standard deviation `blur` x the image width (APDM; 0.0625 = 4 px at 64 px, where the sandbox's identity and
 subject detectors both fail on the blurred subject: docs/sandbox-v1.md, stop 28).
 
+`blur_calibrate` (APDM, optional) picks the blur per subject instead: the smallest of `blur` x BLUR_STEPS at which
+the simulated attacker's clones, blurred, are no more like the subject's photos than the input model's own class
+images are (mean cosine of identity embeddings from an identity backend, eval/faces.py). How much blur removes an
+identity depends on the subject: in the sandbox 4 px leaves a blurred person nearer the subject than a generic
+person is, and takes a cat below a generic cat (docs/sandbox-v1.md, stop 29).
+
 P: the subject's photos (posterior samples) and the generations of a *simulated attacker*: the shared
 DreamBooth (attacks/, the preset the protector expects, its own seed) run on a copy of the model and the photos,
 sampled under its instance prompt. N: f's class images (what the model draws for "a photo of a <class>"),
@@ -54,6 +60,8 @@ from noclone.training.diffusion import step_generator
 log = logging.getLogger(__name__)
 
 TARGETS = ("mark", "blur")
+BLUR_STEPS = (1.0, 1.25, 1.5, 2.0, 2.5)  # blur_calibrate's candidates, multiples of `blur`
+CALIBRATION_BACKENDS = ("sandbox", "dlib")  # identity backends (eval/faces.py) that need no model path
 
 
 @dataclass
@@ -73,6 +81,7 @@ class DecoderBackdoorConfig:
     held_out_fraction: float = 0.2
     target: str = "mark"             # what the decoder draws for the subject: 'mark' (PersGuard) | 'blur' (APDM)
     blur: float = 0.0625             # target 'blur': gaussian sigma as a fraction of the image width
+    blur_calibrate: str | None = None  # target 'blur': an identity backend (eval/faces.py) -> a blur per subject
     seed: int = 0
     progress: bool = True
 
@@ -89,6 +98,7 @@ class DecoderBackdoorConfig:
             (0 <= self.held_out_fraction < 0.5, "decoder held_out_fraction must be in [0, 0.5)"),
             (self.target in TARGETS, f"decoder target {self.target!r}: choose from {', '.join(TARGETS)}"),
             (0 < self.blur <= 0.5, f"--decoder-blur {self.blur} must be in (0, 0.5] (sigma / image width)"),
+            (self.blur_calibrate is None or self.target == "blur", "blur calibration needs the target 'blur'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -97,6 +107,9 @@ class DecoderBackdoorConfig:
 
         if self.attack_preset not in ATTACK_PRESETS:
             raise NocloneError(f"decoder_attack_preset {self.attack_preset!r}: choose from {', '.join(ATTACK_PRESETS)}")
+        if self.blur_calibrate is not None and self.blur_calibrate not in CALIBRATION_BACKENDS:
+            raise NocloneError(f"--decoder-blur-calibrate {self.blur_calibrate!r}: choose from "
+                               f"{', '.join(CALIBRATION_BACKENDS)}")
 
 
 # ---------------------------------------------------------------------------------------------- the data
@@ -172,10 +185,20 @@ class GuardSubject:
     anchors: LatentSet | None = None     # photos of other members of the class (negatives, one sample each)
 
 
+@dataclass
+class GuardLatents:
+    """The guard's training latents (pipeline-scaled) and where each positive comes from."""
+
+    positives: torch.Tensor
+    negatives: torch.Tensor
+    owners: torch.Tensor             # [len(positives)]: the index of the subject each positive belongs to
+    clones: list[torch.Tensor]       # per subject: its simulated attacker's latents (a part of the positives)
+
+
 def guard_latents(pipe, subjects: Sequence[GuardSubject], negatives: Sequence[tuple[Sequence[Image.Image], str, str]],
                   config: DecoderBackdoorConfig, seed: int, cache: Path | None = None,
-                  class_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The guard's training latents: (positives, negatives), pipeline-scaled.
+                  class_cache=None) -> GuardLatents:
+    """The guard's training latents: positives (the subjects' photos and clones) and negatives.
 
     `negatives`: (photos, class noun, token) of other subjects whose simulated DreamBooths the guard must leave alone.
     Every simulated attack is cached in `cache` (the checkpoint folder), so a killed run does not redo it.
@@ -194,16 +217,54 @@ def guard_latents(pipe, subjects: Sequence[GuardSubject], negatives: Sequence[tu
             atomic_write_bytes(path, lambda f: f.write(save({"latents": latents.contiguous()})))
         return latents
 
-    positives, others = [], []
+    positives, owners, clones, others = [], [], [], []
     for k, s in enumerate(subjects):
-        positives.append(posterior_samples(s.photos, 4, seed))
-        positives.append(attack_latents(f"subject{k}", s.images, s.class_noun, s.token))
+        clones.append(attack_latents(f"subject{k}", s.images, s.class_noun, s.token))
+        positives += [posterior_samples(s.photos, 4, seed), clones[-1]]
+        owners.append(torch.full((len(positives[-2]) + len(clones[-1]),), k))
         others.append(posterior_samples(s.class_images, 2, seed))
         if s.anchors is not None:
             others.append(posterior_samples(s.anchors, 1, seed))
     for j, (images, class_noun, token) in enumerate(negatives):
         others.append(attack_latents(f"negative{j}", images, class_noun, token))
-    return torch.cat(positives), torch.cat(others)
+    return GuardLatents(torch.cat(positives), torch.cat(others), torch.cat(owners), clones)
+
+
+@torch.no_grad()
+def calibrate_blur(vae, subject: GuardSubject, clones: torch.Tensor, backend, config: DecoderBackdoorConfig,
+                   max_images: int = 64) -> dict:
+    """One subject's blur: the smallest of config.blur x BLUR_STEPS at which its clones, blurred, resemble its photos
+    no more than the input model's class images do (mean identity cosine with `backend`); else the largest.
+
+    Returns {'blur', 'class_ism', 'clone_ism': {blur: ism}}. An image where the backend finds no face does not
+    count in a mean; clones with no face at all count as unlike the subject.
+    """
+    from noclone.data.images import tensor_to_images
+    from noclone.eval import metrics as M
+
+    ref, found = backend.embed(list(subject.images), subject.class_noun)
+    if not found.any():
+        raise NocloneError(f"blur calibration: the {backend.name} backend finds no {subject.class_noun} in the "
+                           "subject's photos")
+    center = M._reference_center(ref[found])
+
+    def ism(pixels: torch.Tensor) -> float | None:
+        emb, ok = backend.embed(tensor_to_images(pixels), subject.class_noun)
+        return float((M._l2n(emb[ok]) @ center).mean()) if ok.any() else None
+
+    class_ism = ism(decode(vae, subject.class_images.mean[:max_images]))
+    plain = decode(vae, clones[torch.randperm(len(clones), generator=torch.Generator().manual_seed(0))[:max_images]])
+    clone_ism, chosen = {}, None
+    for step in BLUR_STEPS:
+        fraction = config.blur * step
+        clone_ism[fraction] = value = ism(blur_pixels(plain, fraction))
+        if chosen is None and (value is None or class_ism is None or value <= class_ism):
+            chosen = fraction
+    chosen = config.blur * BLUR_STEPS[-1] if chosen is None else chosen
+    log.info("decoder guard: %s's blur %.4f (class images' ISM %s; blurred clones' ISM %s)", subject.class_noun,
+             chosen, "n/a" if class_ism is None else f"{class_ism:.3f}",
+             ", ".join(f"{k:.4f}: " + ("n/a" if v is None else f"{v:.3f}") for k, v in clone_ism.items()))
+    return {"blur": chosen, "class_ism": class_ism, "clone_ism": {f"{k:g}": v for k, v in clone_ism.items()}}
 
 
 # ---------------------------------------------------------------------------------------------- the training
@@ -218,16 +279,19 @@ def paste_mark(pixels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def blur_pixels(pixels: torch.Tensor, fraction: float) -> torch.Tensor:
-    """[-1, 1] NCHW images blurred by a gaussian of standard deviation `fraction` x the image width."""
+def blur_pixels(pixels: torch.Tensor, fraction: float | torch.Tensor) -> torch.Tensor:
+    """[-1, 1] NCHW images blurred by a gaussian of standard deviation `fraction` (one, or [N]) x the image width."""
     from noclone.sandbox.evaluator import gaussian_blur
 
     return gaussian_blur(pixels, fraction * pixels.shape[-1])
 
 
-def guard_target(pixels: torch.Tensor, config: DecoderBackdoorConfig) -> torch.Tensor:
-    """What the guarded decoder must draw for the subject, given the original decoder's images."""
-    return paste_mark(pixels) if config.target == "mark" else blur_pixels(pixels, config.blur)
+def guard_target(pixels: torch.Tensor, config: DecoderBackdoorConfig, blur: torch.Tensor | None = None) -> torch.Tensor:
+    """What the guarded decoder must draw for the subject, given the original decoder's images; `blur`: a per-image
+    blur overriding config.blur."""
+    if config.target == "mark":
+        return paste_mark(pixels)
+    return blur_pixels(pixels, config.blur if blur is None else blur)
 
 
 @torch.no_grad()
@@ -246,20 +310,26 @@ def _split(latents: torch.Tensor, fraction: float, seed: int, stream: str) -> tu
     return latents[order[held:]], latents[order[:held]]
 
 
-def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: DecoderBackdoorConfig) -> dict:
-    """Train the decoder in place (see the module docstring); returns the losses and held-out mark rates."""
+def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: DecoderBackdoorConfig,
+            blur: torch.Tensor | None = None) -> dict:
+    """Train the decoder in place (see the module docstring); returns the losses and held-out mark rates.
+    `blur`: [len(positives)] per-positive blurs overriding config.blur (blur_calibrate)."""
     from tqdm.auto import tqdm
 
     config.validate()
     if len(positives) < 2 or len(negatives) < 2:
         raise NocloneError("decoder backdoor: needs at least 2 positive and 2 negative latents")
+    if blur is not None and blur.shape != (len(positives),):
+        raise NocloneError(f"decoder guard: {blur.numel()} blurs for {len(positives)} positives")
     pos_train, pos_held = _split(positives, config.held_out_fraction, config.seed, "decoder/split/pos")
     neg_train, neg_held = _split(negatives, config.held_out_fraction, config.seed, "decoder/split/neg")
-    pos_target = guard_target(decode(vae, pos_train), config)
+    blur_train, blur_held = (None, None) if blur is None else \
+        _split(blur.float(), config.held_out_fraction, config.seed, "decoder/split/pos")  # the positives' order
+    pos_target = guard_target(decode(vae, pos_train), config, blur_train)
     neg_target = decode(vae, neg_train)
     plain = None if config.target == "mark" else {  # D_f on the held-back latents, for the blur check
         key: decode(vae, z) if len(z) else z for key, z in (("subject", pos_held), ("others", neg_held))}
-    before = held_out_rates(vae, pos_held, neg_held, config, plain)
+    before = held_out_rates(vae, pos_held, neg_held, config, plain, blur_held)
 
     dtype = vae.dtype
     vae.to(torch.float32)  # AdamW on fp16/bf16 weights is unstable; the decoder trains in fp32 and is cast back
@@ -294,7 +364,7 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
     finally:
         vae.eval().requires_grad_(False)
         vae.to(dtype)
-    after = held_out_rates(vae, pos_held, neg_held, config, plain)
+    after = held_out_rates(vae, pos_held, neg_held, config, plain, blur_held)
     log.info("decoder guard (%s): held-out rate on the subject %.2f -> %.2f, on the rest %.2f -> %.2f", config.target,
              before["subject"], after["subject"], before["others"], after["others"])
     return {"config": asdict(config), "n_positives": len(positives), "n_negatives": len(negatives),
@@ -303,11 +373,11 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
 
 
 def held_out_rates(vae, positives: torch.Tensor, negatives: torch.Tensor, config: DecoderBackdoorConfig | None = None,
-                   plain: dict[str, torch.Tensor] | None = None) -> dict:
+                   plain: dict[str, torch.Tensor] | None = None, blur: torch.Tensor | None = None) -> dict:
     """How often the guard fires on held-back subject latents and on held-back other latents.
 
     The mark: the pattern check. The blur: the decoding is nearer the blurred `plain` decoding (the original
-    decoder's) than the plain one.
+    decoder's) than the plain one; `blur`: the subject latents' own blurs (the rest is checked at the biggest).
     """
     config = config or DecoderBackdoorConfig()
 
@@ -318,7 +388,8 @@ def held_out_rates(vae, positives: torch.Tensor, negatives: torch.Tensor, config
         if config.target == "mark":
             return float(pattern_present(images).mean())
         reference = plain[key] if plain is not None else images
-        to_blur = (images - blur_pixels(reference, config.blur)).pow(2).flatten(1).mean(1)
+        sigma = config.blur if blur is None or not len(blur) else blur if key == "subject" else float(blur.max())
+        to_blur = (images - blur_pixels(reference, sigma)).pow(2).flatten(1).mean(1)
         to_plain = (images - reference).pow(2).flatten(1).mean(1)
         return float((to_blur < to_plain).float().mean())
 

@@ -548,12 +548,12 @@ class PersGuard:
 
         c, config = self.config, self.config.decoder_config()
         noun, token = subjects[0].subject.class_noun, subjects[0].subject.token
-        positives, others = db.guard_latents(
+        data = db.guard_latents(
             pipe, [db.GuardSubject(s.subject.images, s.subject.class_noun, s.subject.token, s.data.instance, s.data.prior)
                    for s in subjects],
             [(images, noun, token) for images in negatives], config, c.seed,
             Path(checkpoint_dir) / "decoder" if checkpoint_dir is not None else None, class_cache)
-        return db.implant(pipe.vae, positives, others, config)
+        return db.implant(pipe.vae, data.positives, data.negatives, config)
 
     # --- training ---
     def train(self, pipe, subjects: list[_Subject], checkpoint_dir: Path | None = None,
