@@ -191,7 +191,7 @@ class APDMConfig:
     decoder_attack_steps: int | None = None  # the simulated attacks' DreamBooth steps (default: the preset's)
     decoder_attack_lengths: tuple[float, ...] = (1.0,)  # sample each simulated attack after these multiples of them
     decoder_blur: float = 0.0625       # the blur's sigma as a fraction of the image width
-    decoder_blur_calibrate: str | None = None  # an identity backend (sandbox|dlib|arcface): a blur per subject
+    decoder_blur_calibrate: str | None = None  # an identity backend (sandbox|dlib): a blur per subject
     seed: int = 0
     checkpoint_every: int = 25
     progress: bool = True
@@ -513,13 +513,8 @@ class APDM:
             data = db.guard_latents(pipe, guarded, [(n.images, n.class_noun, n.token) for n in negatives or []],
                                     config, c.seed, Path(checkpoint_dir) / "decoder" if checkpoint_dir is not None
                                     else None, class_cache)
-            calibration, blur = None, None
-            if config.blur_calibrate:
-                from noclone.eval.faces import get_backend
-
-                backend = get_backend(config.blur_calibrate)
-                calibration = [db.calibrate_blur(pipe.vae, s, z, backend, config) for s, z in zip(guarded, data.clones)]
-                blur = torch.tensor([calibration[k]["blur"] for k in data.owners.tolist()])
+            blur, calibration = db.calibrated_blurs(pipe.vae, guarded, data, config) if config.blur_calibrate \
+                else (None, None)
             self.final_metrics["decoder_guard"] = db.implant(pipe.vae, data.positives, data.negatives, config, blur)
             if calibration:
                 self.final_metrics["decoder_guard"]["blur_calibration"] = calibration

@@ -246,11 +246,10 @@ def calibrate_blur(vae, subject: GuardSubject, clones: torch.Tensor, backend, co
     if not found.any():
         raise NocloneError(f"blur calibration: the {backend.name} backend finds no {subject.class_noun} in the "
                            "subject's photos")
-    center = M._reference_center(ref[found])
 
     def ism(pixels: torch.Tensor) -> float | None:
         emb, ok = backend.embed(tensor_to_images(pixels), subject.class_noun)
-        return float((M._l2n(emb[ok]) @ center).mean()) if ok.any() else None
+        return M.ism(emb[ok], ref[found]) if ok.any() else None
 
     class_ism = ism(decode(vae, subject.class_images.mean[:max_images]))
     plain = decode(vae, clones[torch.randperm(len(clones), generator=torch.Generator().manual_seed(0))[:max_images]])
@@ -265,6 +264,16 @@ def calibrate_blur(vae, subject: GuardSubject, clones: torch.Tensor, backend, co
              chosen, "n/a" if class_ism is None else f"{class_ism:.3f}",
              ", ".join(f"{k:.4f}: " + ("n/a" if v is None else f"{v:.3f}") for k, v in clone_ism.items()))
     return {"blur": chosen, "class_ism": class_ism, "clone_ism": {f"{k:g}": v for k, v in clone_ism.items()}}
+
+
+def calibrated_blurs(vae, subjects: Sequence[GuardSubject], data: GuardLatents,
+                     config: DecoderBackdoorConfig) -> tuple[torch.Tensor, list[dict]]:
+    """config.blur_calibrate: each subject's calibrate_blur, spread over its positives -> ([len(positives)], reports)."""
+    from noclone.eval.faces import get_backend
+
+    backend = get_backend(config.blur_calibrate)
+    reports = [calibrate_blur(vae, s, clones, backend, config) for s, clones in zip(subjects, data.clones)]
+    return torch.tensor([reports[k]["blur"] for k in data.owners.tolist()]), reports
 
 
 # ---------------------------------------------------------------------------------------------- the training
