@@ -5,6 +5,7 @@
         [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--token T]
         [--loss naive] [--beta B] [--anchors N] [--repair-steps N] [--markdown F]
         [--implant decoder|both] [--negative-identities 10,11] [--decoder-blur F] [--decoder-blur-calibrate]
+        [--decoder-option FIELD=VALUE ...]
     .venv/bin/python benchmarks/apdm_acceptance.py --out DIR --subjects person:0,dog:4,cat:2 [--multi-subject sum]
         [--other-identity K]     # criterion 6: several subjects protected in ONE model
 
@@ -179,6 +180,10 @@ def main() -> None:
                              "noclone protect-model --help)")
     parser.add_argument("--decoder-attack-lengths", help="sample the guard's simulated attacks after these multiples "
                         "of their steps, e.g. 1,2 (default 1)")
+    parser.add_argument("--decoder-option", action="append", default=[], metavar="FIELD=VALUE",
+                        help="set an APDMConfig decoder_* field, e.g. steps=1200 or lr_schedule=constant (repeatable; "
+                             "stop 29's guard: lr_schedule=constant negative_share=0.5 class_samples=0 "
+                             "balance_negatives=false)")
     parser.add_argument("--negative-identities", default="10,11",
                         help="with --implant decoder/both: held-out identities of each protected class whose "
                              "DreamBooths the guard must leave alone (keep them apart from --identity/--other-identity)")
@@ -207,6 +212,9 @@ def main() -> None:
                                    "decoder_blur_calibrate": args.decoder_blur_calibrate,
                                    "decoder_attack_lengths": tuple(float(x) for x in args.decoder_attack_lengths.split(","))
                                    if args.decoder_attack_lengths else None}.items() if v is not None}
+    for item in args.decoder_option:
+        field, value = decoder_option(item, parser)
+        overrides[field] = value
     if args.simulate_text_encoder:
         overrides["train_text_encoder"] = True
     if args.no_l2p:
@@ -284,6 +292,28 @@ def main() -> None:
     if args.markdown:
         Path(args.markdown).write_text(text)
         Path(args.markdown).with_suffix(".json").write_text(results)  # for benchmarks/apdm_seeds.py
+
+
+def decoder_option(item: str, parser) -> tuple[str, object]:
+    """'negative_share=0.5' -> ('decoder_negative_share', 0.5), typed after APDMConfig's default."""
+    from noclone.defenses import APDMConfig
+
+    field, _, text = item.partition("=")
+    name = "decoder_" + field.strip().removeprefix("decoder_")
+    defaults = asdict(APDMConfig())
+    if not _ or name not in defaults or isinstance(defaults[name], (tuple, type(None))):
+        parser.error(f"--decoder-option {item!r}: give FIELD=VALUE with FIELD one of "
+                     + ", ".join(k.removeprefix("decoder_") for k, v in defaults.items()
+                                 if k.startswith("decoder_") and not isinstance(v, (tuple, type(None)))))
+    kind = type(defaults[name])
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            parser.error(f"--decoder-option {item!r}: give true or false")
+        return name, text.lower() == "true"
+    try:
+        return name, kind(text)
+    except ValueError:
+        parser.error(f"--decoder-option {item!r}: {text!r} is not a {kind.__name__}")
 
 
 ADAPTIVE_LIMIT = 0.20  # criterion 2: the goal for every adaptive attacker's match rate

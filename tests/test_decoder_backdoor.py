@@ -3,6 +3,7 @@ blur, the implant's training (changes the subject's latents, leaves the rest), t
 untouched, card, cached simulated attacks) and the CLI's refusals."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -183,7 +184,7 @@ def test_cli_protects_with_a_decoder_backdoor(tiny_model_dir, subject_dir, dog_d
 
 
 def _apdm_config(**kw):
-    return APDMConfig(**_small(outer_steps=1, **kw))
+    return APDMConfig(**_small(outer_steps=1, **{"decoder_class_samples": 2, **kw}))
 
 
 def test_blur_target_is_a_gaussian_blur_of_the_given_width_fraction():
@@ -264,7 +265,7 @@ def test_apdm_decoder_guard_keeps_the_unet_writes_a_card_and_resumes(tiny_model_
     card = json.loads((out / "protection.json").read_text())
     assert card["implant"] == "decoder" and "VAE" in card["decoder_guard_limits"]
     guard = card["metrics"]["decoder_guard"]
-    assert guard["target"] == "blur" and guard["n_negatives"] == 2 * 2 + 5  # class images x 2 + one attack's 5
+    assert guard["target"] == "blur" and guard["n_negatives"] == 2 * 2 + 2 + 5  # class images x 2 + 2 class samples + one attack's 5
     assert card["hyperparameters"]["decoder_blur"] == 0.0625
     assert not any(k.startswith("dpo") or k.startswith("loss") for k in card["metrics"])  # no UNet protection ran
     with pytest.raises(NocloneError, match="only used with --implant decoder or both"):
@@ -290,10 +291,12 @@ def test_cli_apdm_decoder_guard(tiny_model_dir, subject_dir, dog_dir, tmp_path):
     assert _main(["-q", "protect-model", "--method", "apdm", "--implant", "decoder", "--negative-images",
                   str(dog_dir), "--decoder-steps", "2", "--decoder-attack-steps", "1", "--decoder-blur", "0.1",
                   "--model", str(tiny_model_dir), "--images", str(subject_dir), "--class-noun", "person",
-                  "--num-class-images", "2", "--anchor-images", str(dog_dir), "--out", str(out)]) == 0
+                  "--num-class-images", "2", "--anchor-images", str(dog_dir), "--decoder-class-samples", "3",
+                  "--out", str(out)]) == 0
     card = json.loads((out / "protection.json").read_text())
     assert card["implant"] == "decoder" and card["hyperparameters"]["decoder_blur"] == 0.1
-    assert card["metrics"]["decoder_guard"]["n_negatives"] == 2 * 2 + 48 + 3  # + one sample of each anchor photo
+    assert card["hyperparameters"]["decoder_class_samples"] == 3
+    assert card["metrics"]["decoder_guard"]["n_negatives"] == 2 * 2 + 3 + 48 + 3  # + one sample of each anchor photo
 
 
 def test_simulated_attack_is_sampled_at_each_length(tiny_pipe, subject_dir):
@@ -393,7 +396,7 @@ def test_apdm_calibrated_guard_writes_each_subjects_blur_on_the_card(tiny_model_
 
     out = tmp_path / "guarded"
     assert _main(["-q", "protect-model", "--method", "apdm", "--implant", "decoder", "--decoder-steps", "2",
-                  "--decoder-attack-steps", "1", "--decoder-blur-calibrate", "--model", str(tiny_model_dir),
+                  "--decoder-attack-steps", "1", "--decoder-blur-calibrate", "--decoder-class-samples", "2", "--model", str(tiny_model_dir),
                   "--images", str(subject_dir), "--class-noun", "person", "--images", str(dog_dir), "--class-noun",
                   "dog", "--num-class-images", "2", "--out", str(out)]) == 0
     card = json.loads((out / "protection.json").read_text())
@@ -402,3 +405,46 @@ def test_apdm_calibrated_guard_writes_each_subjects_blur_on_the_card(tiny_model_
     assert len(calibration) == 2
     for c in calibration:
         assert c["blur"] in [0.0625 * s for s in db.BLUR_STEPS] and len(c["clone_ism"]) == len(db.BLUR_STEPS)
+
+
+def test_draw_negatives_balances_groups_and_the_cosine_schedule_ends_at_zero():
+    groups = torch.tensor([0] * 100 + [1] * 4 + [2] * 10)
+    draws = db.draw_negatives(len(groups), 3000, torch.Generator().manual_seed(0), groups)
+    counts = torch.bincount(groups[draws]).float() / 3000
+    assert torch.all((counts - 1 / 3).abs() < 0.04)  # uniform over the groups, not over the 114 negatives
+    assert set(draws[groups[draws] == 1].tolist()) == {100, 101, 102, 103}
+    plain = torch.bincount(groups[db.draw_negatives(len(groups), 3000, torch.Generator().manual_seed(0))]).float()
+    assert plain[0] / 3000 > 0.8
+    config = db.DecoderBackdoorConfig(steps=10, lr_schedule="cosine")
+    assert [db.lr_factor(config, s) for s in (0, 10)] == [1.0, 0.0] and 0.49 < db.lr_factor(config, 5) < 0.51
+    assert db.lr_factor(db.DecoderBackdoorConfig(steps=10), 9) == 1.0
+    for bad, match in [(dict(lr_schedule="step"), "lr schedule"), (dict(negative_share=1.0), "negative share"),
+                       (dict(class_samples=-1), "class_samples")]:
+        with pytest.raises(NocloneError, match=match):
+            db.DecoderBackdoorConfig(**bad).validate()
+
+
+def test_guard_latents_add_the_class_prompts_samples_as_their_own_group(tiny_pipe, subject_dir):
+    from noclone.attacks.base import load_subject_images
+    from noclone.generation import GenerationConfig, sample_latents
+
+    images = load_subject_images(subject_dir)[1]
+    photos = LatentSet.from_images(tiny_pipe.vae, images, "", 32)
+    subject = db.GuardSubject(images, "person", "sks", photos, photos)
+    config = db.DecoderBackdoorConfig(n_generated=5, attack_steps=1, sample_steps=2, class_samples=3, progress=False)
+    data = db.guard_latents(tiny_pipe, [subject], [], config, seed=0)
+    n_class = 2 * len(photos.mean)
+    assert len(data.negatives) == n_class + 3 and data.groups.tolist() == [0] * n_class + [1] * 3
+    expected = sample_latents(tiny_pipe, "a photo of a person", range(300_000, 300_003), GenerationConfig(steps=2))
+    assert torch.allclose(data.negatives[n_class:], expected, atol=1e-5)
+    vae = tiny_pipe.vae
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    try:
+        balanced = db.DecoderBackdoorConfig(steps=2, batch_size=4, negative_share=0.75, balance_negatives=True,
+                                            lr_schedule="cosine", held_out_fraction=0.0, progress=False, target="blur")
+        with pytest.raises(NocloneError, match="one group id per negative"):
+            db.implant(vae, data.positives, data.negatives, balanced)
+        metrics = db.implant(vae, data.positives, data.negatives, balanced, groups=data.groups)
+        assert metrics["config"]["balance_negatives"] and all(map(math.isfinite, metrics["loss_first_last"]))
+    finally:
+        vae.load_state_dict(before)

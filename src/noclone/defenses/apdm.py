@@ -192,6 +192,11 @@ class APDMConfig:
     decoder_attack_lengths: tuple[float, ...] = (1.0,)  # sample each simulated attack after these multiples of them
     decoder_blur: float = 0.0625       # the blur's sigma as a fraction of the image width
     decoder_blur_calibrate: str | None = None  # an identity backend (sandbox|dlib): a blur per subject
+    # How the guard keeps everything else as it was (docs/sandbox-v1.md, stop 30; stop 29 had constant, 0.5, 0, False)
+    decoder_lr_schedule: str = "cosine"
+    decoder_negative_share: float = 0.75   # of each decoder batch
+    decoder_class_samples: int = 96        # the input model's own samples of the class prompt, as negatives
+    decoder_balance_negatives: bool = True  # each negative group (class images, anchors, other subjects) equally
     seed: int = 0
     checkpoint_every: int = 25
     progress: bool = True
@@ -267,6 +272,9 @@ class APDMConfig:
                                      attack_lengths=tuple(self.decoder_attack_lengths),
                                      sample_steps=self.class_image_steps, target="blur", blur=self.decoder_blur,
                                      blur_calibrate=self.decoder_blur_calibrate,
+                                     lr_schedule=self.decoder_lr_schedule, negative_share=self.decoder_negative_share,
+                                     class_samples=self.decoder_class_samples,
+                                     balance_negatives=self.decoder_balance_negatives,
                                      seed=self.seed, progress=self.progress)
 
     def identity(self) -> dict:
@@ -515,7 +523,8 @@ class APDM:
                                     else None, class_cache)
             blur, calibration = db.calibrated_blurs(pipe.vae, guarded, data, config) if config.blur_calibrate \
                 else (None, None)
-            self.final_metrics["decoder_guard"] = db.implant(pipe.vae, data.positives, data.negatives, config, blur)
+            self.final_metrics["decoder_guard"] = db.implant(pipe.vae, data.positives, data.negatives, config, blur,
+                                                             data.groups)
             if calibration:
                 self.final_metrics["decoder_guard"]["blur_calibration"] = calibration
         return history

@@ -3,7 +3,7 @@
     noclone protect-model --method apdm --model M --images DIR --class-noun person [--images DIR2 --class-noun dog]
                           [--token sks] [--preset quick|paper] [--steps N] [--inner-steps N] ... --out DIR
     noclone protect-model --method apdm --implant decoder [--negative-images DIR ...] [--decoder-blur F]
-                          [--decoder-blur-calibrate [sandbox|dlib]] ...
+                          [--decoder-blur-calibrate [sandbox|dlib]] [--decoder-class-samples N] ...
     noclone protect-model --method persguard --target pattern|erasure|target [--target-class cat]
                           [--target-images DIR] [--tokens sks,xyz,...] [--implant unet|decoder|both]
                           [--negative-images DIR ...] --model M --images DIR --class-noun person --out DIR
@@ -67,7 +67,7 @@ def _apdm_config(args: argparse.Namespace):
         "repair_min_timestep": args.repair_min_timestep, "repair_max_timestep": args.repair_max_timestep,
         "implant": args.implant, "decoder_steps": args.decoder_steps, "decoder_attack_steps": args.decoder_attack_steps,
         "decoder_blur": args.decoder_blur, "decoder_attack_lengths": _lengths(args.decoder_attack_lengths),
-        "decoder_blur_calibrate": args.decoder_blur_calibrate,
+        "decoder_blur_calibrate": args.decoder_blur_calibrate, "decoder_class_samples": args.decoder_class_samples,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_l2p:
@@ -216,7 +216,7 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
              "dpo_max_timestep": "--dpo-max-timestep", "repair_steps": "--repair-steps", "repair_lr": "--repair-lr",
              "repair_min_timestep": "--repair-min-timestep", "repair_max_timestep": "--repair-max-timestep",
              "decoder_blur": "--decoder-blur", "decoder_attack_lengths": "--decoder-attack-lengths",
-             "decoder_blur_calibrate": "--decoder-blur-calibrate"},
+             "decoder_blur_calibrate": "--decoder-blur-calibrate", "decoder_class_samples": "--decoder-class-samples"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -290,6 +290,9 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
                    help="APDM's decoder guard: pick each subject's blur, the least of --decoder-blur x 1..2.5 at "
                         "which its simulated clones are no more like its photos than the class images are, by the "
                         "identity backend BACKEND (sandbox, the default, or dlib)")
+    d.add_argument("--decoder-class-samples", type=int, metavar="N",
+                   help="APDM's decoder guard: N samples of the class prompt from the input model join the guard's "
+                        "negatives, so it keeps what the sampler hands the decoder (default 96; 0: none)")
     p.add_argument("--steps", type=int, help="outer protection steps N_protect")
     p.add_argument("--inner-steps", type=int, help="simulated DreamBooth steps per outer step N_per")
     p.add_argument("--lr-protect", type=float)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 TARGETS = ("mark", "blur")
 BLUR_STEPS = (1.0, 1.25, 1.5, 2.0, 2.5)  # blur_calibrate's candidates, multiples of `blur`
 CALIBRATION_BACKENDS = ("sandbox", "dlib")  # identity backends (eval/faces.py) that need no model path
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -70,7 +72,12 @@ class DecoderBackdoorConfig:
 
     steps: int = 600                 # AdamW steps on the decoder
     lr: float = 3e-4
-    batch_size: int = 16             # half positives, half negatives
+    lr_schedule: str = "constant"    # 'constant' | 'cosine' (to 0 over `steps`)
+    batch_size: int = 16
+    negative_share: float = 0.5      # the share of each batch drawn from the negatives
+    class_samples: int = 0           # negatives: this many latents the input model samples for the class prompt
+    balance_negatives: bool = False  # draw each negative from a uniformly chosen group (class images, anchors, each
+                                     # negative subject's clones) instead of uniformly from all of them
     attack_preset: str = "sandbox"   # the simulated attacker's DreamBooth preset (attacks/base.py PRESETS)
     attack_seed: int = 1             # its seed (an attacker's own run is not the protector's)
     attack_steps: int | None = None  # its steps (default: the preset's)
@@ -90,7 +97,11 @@ class DecoderBackdoorConfig:
             (self.steps >= 1, f"--decoder-steps {self.steps} must be at least 1"),
             (0 < self.lr < 1, f"--decoder-lr {self.lr} is outside (0, 1)"),
             (self.batch_size >= 2, f"decoder batch size {self.batch_size} must be at least 2"),
+            (self.lr_schedule in LR_SCHEDULES, f"decoder lr schedule {self.lr_schedule!r}: choose from "
+                                               f"{', '.join(LR_SCHEDULES)}"),
+            (0 < self.negative_share < 1, f"decoder negative share {self.negative_share} must be in (0, 1)"),
             (self.n_generated >= 5, f"decoder n_generated {self.n_generated} must be at least 5"),
+            (self.class_samples >= 0, f"decoder class_samples {self.class_samples} must be at least 0"),
             (self.attack_steps is None or self.attack_steps >= 1, "--decoder-attack-steps must be at least 1"),
             (len(self.attack_lengths) >= 1 and all(0 < x <= 10 for x in self.attack_lengths),
              f"--decoder-attack-lengths {self.attack_lengths}: give multiples of the attack's steps in (0, 10]"),
@@ -193,6 +204,7 @@ class GuardLatents:
     negatives: torch.Tensor
     owners: torch.Tensor             # [len(positives)]: the index of the subject each positive belongs to
     clones: list[torch.Tensor]       # per subject: its simulated attacker's latents (a part of the positives)
+    groups: torch.Tensor | None = None  # [len(negatives)]: which group each negative comes from (balance_negatives)
 
 
 def guard_latents(pipe, subjects: Sequence[GuardSubject], negatives: Sequence[tuple[Sequence[Image.Image], str, str]],
@@ -205,6 +217,7 @@ def guard_latents(pipe, subjects: Sequence[GuardSubject], negatives: Sequence[tu
     """
     from safetensors.torch import load_file, save
 
+    from noclone.attacks.base import preset_config
     from noclone.data.atomic import atomic_write_bytes
 
     def attack_latents(name: str, images, class_noun: str, token: str) -> torch.Tensor:
@@ -223,11 +236,16 @@ def guard_latents(pipe, subjects: Sequence[GuardSubject], negatives: Sequence[tu
         positives += [posterior_samples(s.photos, 4, seed), clones[-1]]
         owners.append(torch.full((len(positives[-2]) + len(clones[-1]),), k))
         others.append(posterior_samples(s.class_images, 2, seed))
+        if config.class_samples:  # what the sampler hands the decoder, not only encodings of finished images
+            prompt = preset_config("dreambooth", config.attack_preset, class_noun=s.class_noun).class_prompt
+            others.append(sample_latents(pipe, prompt, config.class_samples, 300_000 + 1000 * k + seed,
+                                         config.sample_steps, config.guidance))
         if s.anchors is not None:
             others.append(posterior_samples(s.anchors, 1, seed))
     for j, (images, class_noun, token) in enumerate(negatives):
         others.append(attack_latents(f"negative{j}", images, class_noun, token))
-    return GuardLatents(torch.cat(positives), torch.cat(others), torch.cat(owners), clones)
+    groups = torch.cat([torch.full((len(x),), g) for g, x in enumerate(others)])
+    return GuardLatents(torch.cat(positives), torch.cat(others), torch.cat(owners), clones, groups)
 
 
 @torch.no_grad()
@@ -320,9 +338,10 @@ def _split(latents: torch.Tensor, fraction: float, seed: int, stream: str) -> tu
 
 
 def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: DecoderBackdoorConfig,
-            blur: torch.Tensor | None = None) -> dict:
+            blur: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> dict:
     """Train the decoder in place (see the module docstring); returns the losses and held-out mark rates.
-    `blur`: [len(positives)] per-positive blurs overriding config.blur (blur_calibrate)."""
+    `blur`: [len(positives)] per-positive blurs overriding config.blur (blur_calibrate); `groups`: [len(negatives)]
+    group ids (GuardLatents.groups), needed by config.balance_negatives."""
     from tqdm.auto import tqdm
 
     config.validate()
@@ -334,6 +353,10 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
     neg_train, neg_held = _split(negatives, config.held_out_fraction, config.seed, "decoder/split/neg")
     blur_train, blur_held = (None, None) if blur is None else \
         _split(blur.float(), config.held_out_fraction, config.seed, "decoder/split/pos")  # the positives' order
+    if config.balance_negatives and (groups is None or groups.shape != (len(negatives),)):
+        raise NocloneError("decoder guard: balance_negatives needs one group id per negative")
+    group_train = _split(groups, config.held_out_fraction, config.seed, "decoder/split/neg")[0] \
+        if config.balance_negatives else None  # the negatives' order
     pos_target = guard_target(decode(vae, pos_train), config, blur_train)
     neg_target = decode(vae, neg_train)
     plain = None if config.target == "mark" else {  # D_f on the held-back latents, for the blur check
@@ -348,15 +371,16 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    half = config.batch_size // 2
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
+    n_negative = min(config.batch_size - 1, max(1, round(config.batch_size * config.negative_share)))  # both non-empty
     losses = []
     vae.train()
     try:
         bar = tqdm(range(config.steps), desc=f"decoder guard ({config.target})", disable=not config.progress)
         for step in bar:
             g = step_generator(config.seed, step, "decoder/batch")
-            ip = torch.randint(len(pos_train), (half,), generator=g)
-            ineg = torch.randint(len(neg_train), (config.batch_size - half,), generator=g)
+            ip = torch.randint(len(pos_train), (config.batch_size - n_negative,), generator=g)
+            ineg = draw_negatives(len(neg_train), n_negative, g, group_train)
             z = torch.cat([pos_train[ip], neg_train[ineg]]).to(vae.device, vae.dtype) / vae.config.scaling_factor
             target = torch.cat([pos_target[ip], neg_target[ineg]]).to(vae.device)
             out = vae.decode(z).sample.float()
@@ -367,6 +391,7 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            schedule.step()
             losses.append(float(loss.detach()))
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
@@ -379,6 +404,21 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
     return {"config": asdict(config), "n_positives": len(positives), "n_negatives": len(negatives),
             "loss_first_last": [losses[0], sum(losses[-20:]) / len(losses[-20:])],
             "target": config.target, "held_out_rate_before": before, "held_out_rate_after": after}
+
+
+def lr_factor(config: DecoderBackdoorConfig, step: int) -> float:
+    """The learning rate at `step` as a fraction of config.lr."""
+    return 1.0 if config.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / config.steps))
+
+
+def draw_negatives(n: int, k: int, generator: torch.Generator, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """`k` indices into `n` negatives: uniform over them, or with `groups` ([n] ids) a uniformly chosen group first,
+    then a uniform member of it (so that a small group, one other subject's clones, is not drowned by the anchors)."""
+    if groups is None:
+        return torch.randint(n, (k,), generator=generator)
+    members = [torch.nonzero(groups == g).flatten() for g in groups.unique()]
+    picks = torch.randint(len(members), (k,), generator=generator).tolist()
+    return torch.stack([members[j][torch.randint(len(members[j]), (1,), generator=generator)][0] for j in picks])
 
 
 def held_out_rates(vae, positives: torch.Tensor, negatives: torch.Tensor, config: DecoderBackdoorConfig | None = None,
