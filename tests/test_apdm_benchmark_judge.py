@@ -67,3 +67,18 @@ def test_seed_aggregation_refuses_a_file_that_is_not_a_results_file(tmp_path, co
     result = run_seeds(bad)
     assert result.returncode != 0
     assert "not a results file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_decoder_option_is_typed_after_apdm_config_and_refuses_unknown_fields():
+    import argparse
+
+    from apdm_acceptance import decoder_option
+
+    parser = argparse.ArgumentParser()
+    assert decoder_option("steps=600", parser) == ("decoder_steps", 600)
+    assert decoder_option("negative_share=0.5", parser) == ("decoder_negative_share", 0.5)
+    assert decoder_option("balance_negatives=False", parser) == ("decoder_balance_negatives", False)
+    assert decoder_option("lr_schedule=constant", parser) == ("decoder_lr_schedule", "constant")
+    for bad in ("bogus=1", "steps", "steps=many", "balance_negatives=maybe", "attack_lengths=1,2"):
+        with pytest.raises(SystemExit):
+            decoder_option(bad, parser)

@@ -183,7 +183,7 @@ class APDMConfig:
     reference_dtype: str = "same"      # 'same' | 'fp32' | 'bf16' | 'fp16' (params='full' only)
     optimizer: str = "adamw"           # 'adamw' | 'adamw8bit' (bitsandbytes, outer and inner)
     implant: str = "unet"              # 'unet' (the paper) | 'decoder' (a blurring guard in the VAE decoder) | 'both'
-    decoder_steps: int = 600           # implant 'decoder'/'both': see decoder_backdoor.py
+    decoder_steps: int = 1200          # implant 'decoder'/'both': see decoder_backdoor.py (stop 29: 600)
     decoder_lr: float = 3e-4
     decoder_generations: int = 48      # latents drawn from each simulated attack (subject and negatives)
     decoder_batch_size: int = 16       # decoder training batch (half subject, half the rest)
