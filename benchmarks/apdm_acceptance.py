@@ -298,10 +298,10 @@ def decoder_option(item: str, parser) -> tuple[str, object]:
     """'negative_share=0.5' -> ('decoder_negative_share', 0.5), typed after APDMConfig's default."""
     from noclone.defenses import APDMConfig
 
-    field, _, text = item.partition("=")
+    field, sep, text = item.partition("=")
     name = "decoder_" + field.strip().removeprefix("decoder_")
     defaults = asdict(APDMConfig())
-    if not _ or name not in defaults or isinstance(defaults[name], (tuple, type(None))):
+    if not sep or name not in defaults or isinstance(defaults[name], (tuple, type(None))):
         parser.error(f"--decoder-option {item!r}: give FIELD=VALUE with FIELD one of "
                      + ", ".join(k.removeprefix("decoder_") for k, v in defaults.items()
                                  if k.startswith("decoder_") and not isinstance(v, (tuple, type(None)))))

@@ -409,7 +409,7 @@ def test_apdm_calibrated_guard_writes_each_subjects_blur_on_the_card(tiny_model_
 
 def test_draw_negatives_balances_groups_and_the_cosine_schedule_ends_at_zero():
     groups = torch.tensor([0] * 100 + [1] * 4 + [2] * 10)
-    draws = db.draw_negatives(len(groups), 3000, torch.Generator().manual_seed(0), groups)
+    draws = db.draw_negatives(len(groups), 3000, torch.Generator().manual_seed(0), db.group_members(groups))
     counts = torch.bincount(groups[draws]).float() / 3000
     assert torch.all((counts - 1 / 3).abs() < 0.04)  # uniform over the groups, not over the 114 negatives
     assert set(draws[groups[draws] == 1].tolist()) == {100, 101, 102, 103}
@@ -429,7 +429,7 @@ def test_guard_latents_add_the_class_prompts_samples_as_their_own_group(tiny_pip
     from noclone.generation import GenerationConfig, sample_latents
 
     images = load_subject_images(subject_dir)[1]
-    photos = LatentSet.from_images(tiny_pipe.vae, images, "", 32)
+    photos = LatentSet.from_images(tiny_pipe.vae, images, "a photo of a person", 32)  # stands in for the class images
     subject = db.GuardSubject(images, "person", "sks", photos, photos)
     config = db.DecoderBackdoorConfig(n_generated=5, attack_steps=1, sample_steps=2, class_samples=3, progress=False)
     data = db.guard_latents(tiny_pipe, [subject], [], config, seed=0)

@@ -186,7 +186,7 @@ class APDMConfig:
     decoder_steps: int = 1200          # implant 'decoder'/'both': see decoder_backdoor.py (stop 29: 600)
     decoder_lr: float = 3e-4
     decoder_generations: int = 48      # latents drawn from each simulated attack (subject and negatives)
-    decoder_batch_size: int = 16       # decoder training batch (half subject, half the rest)
+    decoder_batch_size: int = 16       # decoder training batch (decoder_negative_share of it from the rest)
     decoder_attack_preset: str = "sandbox"
     decoder_attack_steps: int | None = None  # the simulated attacks' DreamBooth steps (default: the preset's)
     decoder_attack_lengths: tuple[float, ...] = (1.0,)  # sample each simulated attack after these multiples of them
@@ -196,7 +196,7 @@ class APDMConfig:
     decoder_lr_schedule: str = "cosine"
     decoder_negative_share: float = 0.75   # of each decoder batch
     decoder_class_samples: int = 96        # the input model's own samples of the class prompt, as negatives
-    decoder_balance_negatives: bool = True  # each negative group (class images, anchors, other subjects) equally
+    decoder_balance_negatives: bool = True  # each negative group (class images and samples, anchors, others) equally
     seed: int = 0
     checkpoint_every: int = 25
     progress: bool = True

@@ -76,8 +76,8 @@ class DecoderBackdoorConfig:
     batch_size: int = 16
     negative_share: float = 0.5      # the share of each batch drawn from the negatives
     class_samples: int = 0           # negatives: this many latents the input model samples for the class prompt
-    balance_negatives: bool = False  # draw each negative from a uniformly chosen group (class images, anchors, each
-                                     # negative subject's clones) instead of uniformly from all of them
+    balance_negatives: bool = False  # draw each negative from a uniformly chosen group (class images, class samples,
+                                     # anchors, each negative subject's clones) instead of uniformly from all of them
     attack_preset: str = "sandbox"   # the simulated attacker's DreamBooth preset (attacks/base.py PRESETS)
     attack_seed: int = 1             # its seed (an attacker's own run is not the protector's)
     attack_steps: int | None = None  # its steps (default: the preset's)
@@ -217,7 +217,6 @@ def guard_latents(pipe, subjects: Sequence[GuardSubject], negatives: Sequence[tu
     """
     from safetensors.torch import load_file, save
 
-    from noclone.attacks.base import preset_config
     from noclone.data.atomic import atomic_write_bytes
 
     def attack_latents(name: str, images, class_noun: str, token: str) -> torch.Tensor:
@@ -237,8 +236,7 @@ def guard_latents(pipe, subjects: Sequence[GuardSubject], negatives: Sequence[tu
         owners.append(torch.full((len(positives[-2]) + len(clones[-1]),), k))
         others.append(posterior_samples(s.class_images, 2, seed))
         if config.class_samples:  # what the sampler hands the decoder, not only encodings of finished images
-            prompt = preset_config("dreambooth", config.attack_preset, class_noun=s.class_noun).class_prompt
-            others.append(sample_latents(pipe, prompt, config.class_samples, 300_000 + 1000 * k + seed,
+            others.append(sample_latents(pipe, s.class_images.prompt, config.class_samples, 300_000 + 1000 * k + seed,
                                          config.sample_steps, config.guidance))
         if s.anchors is not None:
             others.append(posterior_samples(s.anchors, 1, seed))
@@ -355,8 +353,8 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
         _split(blur.float(), config.held_out_fraction, config.seed, "decoder/split/pos")  # the positives' order
     if config.balance_negatives and (groups is None or groups.shape != (len(negatives),)):
         raise NocloneError("decoder guard: balance_negatives needs one group id per negative")
-    group_train = _split(groups, config.held_out_fraction, config.seed, "decoder/split/neg")[0] \
-        if config.balance_negatives else None  # the negatives' order
+    members = group_members(_split(groups, config.held_out_fraction, config.seed, "decoder/split/neg")[0]) \
+        if config.balance_negatives else None  # in the negatives' order
     pos_target = guard_target(decode(vae, pos_train), config, blur_train)
     neg_target = decode(vae, neg_train)
     plain = None if config.target == "mark" else {  # D_f on the held-back latents, for the blur check
@@ -380,7 +378,7 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
         for step in bar:
             g = step_generator(config.seed, step, "decoder/batch")
             ip = torch.randint(len(pos_train), (config.batch_size - n_negative,), generator=g)
-            ineg = draw_negatives(len(neg_train), n_negative, g, group_train)
+            ineg = draw_negatives(len(neg_train), n_negative, g, members)
             z = torch.cat([pos_train[ip], neg_train[ineg]]).to(vae.device, vae.dtype) / vae.config.scaling_factor
             target = torch.cat([pos_target[ip], neg_target[ineg]]).to(vae.device)
             out = vae.decode(z).sample.float()
@@ -411,12 +409,17 @@ def lr_factor(config: DecoderBackdoorConfig, step: int) -> float:
     return 1.0 if config.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / config.steps))
 
 
-def draw_negatives(n: int, k: int, generator: torch.Generator, groups: torch.Tensor | None = None) -> torch.Tensor:
-    """`k` indices into `n` negatives: uniform over them, or with `groups` ([n] ids) a uniformly chosen group first,
-    then a uniform member of it (so that a small group, one other subject's clones, is not drowned by the anchors)."""
-    if groups is None:
+def group_members(groups: torch.Tensor) -> list[torch.Tensor]:
+    """[n] group ids -> the indices of each group's members, groups in ascending id order."""
+    return [torch.nonzero(groups == g).flatten() for g in groups.unique()]
+
+
+def draw_negatives(n: int, k: int, generator: torch.Generator, members: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """`k` indices into `n` negatives: uniform over them, or with `members` (group_members) a uniformly chosen group
+    first, then a uniform member of it (so that a small group, one other subject's clones, is not drowned by the
+    anchors)."""
+    if members is None:
         return torch.randint(n, (k,), generator=generator)
-    members = [torch.nonzero(groups == g).flatten() for g in groups.unique()]
     picks = torch.randint(len(members), (k,), generator=generator).tolist()
     return torch.stack([members[j][torch.randint(len(members[j]), (1,), generator=generator)][0] for j in picks])
 
