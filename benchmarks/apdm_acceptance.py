@@ -5,6 +5,7 @@
         [--simulate-text-encoder] [--prior-loss distill] [--no-l2p] [--positives N] [--token T]
         [--loss naive] [--beta B] [--anchors N] [--repair-steps N] [--markdown F]
         [--implant decoder|both] [--negative-identities 10,11] [--decoder-blur F] [--decoder-blur-calibrate]
+        [--other-seeds 1,2,3]
         [--decoder-option FIELD=VALUE ...]
     .venv/bin/python benchmarks/apdm_acceptance.py --out DIR --subjects person:0,dog:4,cat:2 [--multi-subject sum]
         [--other-identity K]     # criterion 6: several subjects protected in ONE model
@@ -13,9 +14,11 @@ For each class: APDM (quick preset) protects held-out identity `--identity` (5 p
 sandbox DreamBooth (the same settings the inner path simulates) on the unprotected and on the protected model;
 both are measured against 8 held-back reference photos, and against the base model's ISM for the same prompt.
 `--adaptive CLASSES` adds the adaptive attackers on those classes (3x lr, 2x steps, another identifier token, LoRA);
-`--other-identity K` checks that another subject still personalizes on the protected model; `--quality` compares
-generic generations (detector rate, sandbox-FID against renders) of the base and protected models. Every stage is
-cached in --out, so a rerun only computes what is missing.
+`--other-identity K` checks that another subject still personalizes on the protected model; `--other-seeds 1,2,3`
+repeats that check with several attacker seeds and judges criterion 3 on the mean (the unprotected model alone
+spans 0.81-0.97 over three seeds: docs/sandbox-v1.md, stop 31). `--quality` compares generic generations (detector
+rate, sandbox-FID against renders) of the base and protected models. Every stage is cached in --out, so a rerun
+only computes what is missing.
 
 `--subjects CLASS:K,...` protects all the listed held-out identities together in one model (APDM's multi-subject
 mode, `--multi-subject cycle|sum`) and then attacks each of them on it; `--other-identity K` is then the "fourth
@@ -31,6 +34,7 @@ import logging
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from statistics import mean
 
 
 def positive_photos(work: Path, class_noun: str, n: int) -> Path:
@@ -145,6 +149,8 @@ def main() -> None:
     parser.add_argument("--multi-subject", help="cycle (default) | sum: how APDM shares its steps among --subjects")
     parser.add_argument("--adaptive", default="", help="classes to run the adaptive attackers on, e.g. person")
     parser.add_argument("--other-identity", type=int, default=None)
+    parser.add_argument("--other-seeds", help="attack seeds of the --other-identity check, e.g. 1,2,3 (default: "
+                        "--seed); criterion 3 is judged on their mean match rates")
     parser.add_argument("--quality", action="store_true")
     parser.add_argument("--quality-n", type=int, default=64)
     parser.add_argument("--n", type=int, default=32)
@@ -220,6 +226,12 @@ def main() -> None:
     if args.no_l2p:
         overrides["l2p"] = False
     settings = APDMConfig.preset("quick", seed=args.seed, **overrides)
+    try:
+        other_seeds = [int(x) for x in args.other_seeds.split(",")] if args.other_seeds else [args.seed]
+    except ValueError:
+        parser.error(f"--other-seeds {args.other_seeds!r}: give seeds like 1,2,3")
+    if len(set(other_seeds)) != len(other_seeds):
+        parser.error(f"--other-seeds {args.other_seeds!r}: a seed is repeated")
     rows, quality_rows = [], []
     calibrated: dict[str, dict] = {}  # subject -> its calibrated guard blur (--decoder-blur-calibrate)
     joint = None
@@ -270,14 +282,20 @@ def main() -> None:
             print(rows[-1], flush=True)
         if args.other_identity is not None and not (joint and n_target > 0):
             other = held_out(args.other_identity)
-            clean = attack_experiment(model, work, class_noun, other, "dreambooth", attack, args.n, args.seed, False)
-            prot = attack_experiment(protected, work, class_noun, other, "dreambooth", attack, args.n, args.seed, False)
-            rows.append({"class": class_noun, "subject": f"other (held-out #{args.other_identity})", "attack": "dreambooth",
-                         "match_unprotected": clean["identity_match_rate"], "match_protected": prot["identity_match_rate"],
-                         "ism_unprotected": clean["ism"], "ism_protected": prot["ism"], "base_ism": float("nan"),
-                         "fdfr_protected": prot["fdfr"], "protect_seconds": protect_seconds,
-                         "attack_seconds": prot["train_seconds"]})
-            print(rows[-1], flush=True)
+            for other_seed in other_seeds:  # the attacker's seed: its class images, draws and generations
+                other_attack = attack if other_seed == args.seed else preset_config(
+                    "dreambooth", "sandbox", class_noun=class_noun, seed=other_seed, token=args.token)
+                clean = attack_experiment(model, work, class_noun, other, "dreambooth", other_attack, args.n,
+                                          other_seed, False)
+                prot = attack_experiment(protected, work, class_noun, other, "dreambooth", other_attack, args.n,
+                                         other_seed, False)
+                rows.append({"class": class_noun, "subject": f"other (held-out #{args.other_identity})",
+                             "attack": "dreambooth" + (f" seed {other_seed}" if other_seed != args.seed else ""),
+                             "match_unprotected": clean["identity_match_rate"],
+                             "match_protected": prot["identity_match_rate"], "ism_unprotected": clean["ism"],
+                             "ism_protected": prot["ism"], "base_ism": float("nan"), "fdfr_protected": prot["fdfr"],
+                             "protect_seconds": protect_seconds, "attack_seconds": prot["train_seconds"]})
+                print(rows[-1], flush=True)
         if args.quality and class_noun not in [c for c, _ in targets[:n_target]]:  # one quality row per model and class
             q_base, q_prot = quality(model, work, class_noun, args.quality_n, args.seed), quality(protected, work, class_noun, args.quality_n, args.seed)
             quality_rows.append({"class": class_noun, "detector_base": q_base["detector_rate"],
@@ -328,16 +346,20 @@ def adaptive_held(match_protected: float) -> bool:
 def criteria(rows: list[dict], quality_rows: list[dict]) -> dict[str, dict[str, bool]]:
     """The issue's criteria 1-4 per class, judged on this run's rows (a criterion without its rows is left out)."""
     verdicts: dict[str, dict[str, bool]] = {}
+    others: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         v = verdicts.setdefault(r["class"], {})
-        if r["subject"] != "protected":  # 3: another subject within 10 points of the unprotected model
-            v["3_other_subject"] = v.get("3_other_subject", True) and (
-                r["match_protected"] >= r["match_unprotected"] - 0.10 - EPS)
+        if r["subject"] != "protected":
+            others.setdefault((r["class"], r["subject"]), []).append(r)
         elif r["attack"] == "dreambooth":  # 1: <= 10% match rate (from >= 80%), ISM within 0.1 of the base model's
             v["1_protected"] = (r["match_unprotected"] >= 0.80 - EPS and r["match_protected"] <= 0.10 + EPS
                                 and abs(r["ism_protected"] - r["base_ism"]) <= 0.10 + EPS)
         else:  # 2: every adaptive attacker at <= 20%
             v["2_adaptive"] = v.get("2_adaptive", True) and adaptive_held(r["match_protected"])
+    for (c, _), seeds in others.items():  # 3: another subject within 10 points of the unprotected model (seed mean)
+        v = verdicts[c]
+        v["3_other_subject"] = v.get("3_other_subject", True) and (
+            mean(r["match_protected"] for r in seeds) >= mean(r["match_unprotected"] for r in seeds) - 0.10 - EPS)
     for q in quality_rows:  # 4: detector rate within 5 points, sandbox-FID within +15% of the base model's
         verdicts.setdefault(q["class"], {})["4_quality"] = (q["detector_protected"] >= q["detector_base"] - 0.05 - EPS
                                                             and q["fid_protected"] <= 1.15 * q["fid_base"] + EPS)
@@ -359,6 +381,12 @@ def markdown(rows, quality_rows, settings, args, calibrated: dict | None = None)
     lines += [f"| {r['class']} | {r['subject']} | {r['attack']} | {r['match_unprotected']:.2f} | {r['match_protected']:.2f} | "
               f"{r['ism_unprotected']:.3f} | {r['ism_protected']:.3f} | {r['base_ism']:.3f} | {r['fdfr_protected']:.2f} | "
               f"{r['protect_seconds']:.0f} | {r['attack_seconds']:.0f} |" for r in rows]
+    others: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["subject"] != "protected":
+            others.setdefault(f"{r['class']}, {r['subject']}", []).append(r)
+    lines += [f"- {k}, mean over {len(v)} attack seeds: match unprotected {mean(r['match_unprotected'] for r in v):.2f}, "
+              f"protected {mean(r['match_protected'] for r in v):.2f}" for k, v in others.items() if len(v) > 1]
     if quality_rows:
         lines += ["", f"Generic quality, {args.quality_n} images of 'a photo of a <class>' (sandbox-FID against "
                   f"{args.quality_n} renders of held-out identities):", "",

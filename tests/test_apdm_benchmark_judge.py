@@ -82,3 +82,16 @@ def test_decoder_option_is_typed_after_apdm_config_and_refuses_unknown_fields():
     for bad in ("bogus=1", "steps", "steps=many", "balance_negatives=maybe", "attack_lengths=1,2"):
         with pytest.raises(SystemExit):
             decoder_option(bad, parser)
+
+
+def test_criterion_3_is_judged_on_the_mean_over_attack_seeds():
+    def other(unprotected, protected, seed):
+        return row(f"dreambooth seed {seed}", "other (held-out #5)", unprotected, protected)
+
+    # one seed 12 points down, the other 4: 8 points on the mean -> met; each seed alone would disagree
+    assert criteria([other(0.8, 0.68, 1), other(0.9, 0.86, 2)], [])["dog"]["3_other_subject"]
+    assert not criteria([other(0.8, 0.68, 1)], [])["dog"]["3_other_subject"]
+    assert not criteria([other(0.8, 0.68, 1), other(0.9, 0.78, 2)], [])["dog"]["3_other_subject"]  # 12 on the mean
+    # two different other subjects are judged separately: each must hold
+    assert not criteria([other(0.8, 0.8, 1), row(subject="other (held-out #6)", unprotected=0.9, protected=0.7)],
+                        [])["dog"]["3_other_subject"]

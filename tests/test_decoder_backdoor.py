@@ -4,6 +4,7 @@ untouched, card, cached simulated attacks) and the CLI's refusals."""
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -292,10 +293,11 @@ def test_cli_apdm_decoder_guard(tiny_model_dir, subject_dir, dog_dir, tmp_path):
                   str(dog_dir), "--decoder-steps", "2", "--decoder-attack-steps", "1", "--decoder-blur", "0.1",
                   "--model", str(tiny_model_dir), "--images", str(subject_dir), "--class-noun", "person",
                   "--num-class-images", "2", "--anchor-images", str(dog_dir), "--decoder-class-samples", "3",
-                  "--out", str(out)]) == 0
+                  "--decoder-detail-weight", "2", "--out", str(out)]) == 0
     card = json.loads((out / "protection.json").read_text())
     assert card["implant"] == "decoder" and card["hyperparameters"]["decoder_blur"] == 0.1
     assert card["hyperparameters"]["decoder_class_samples"] == 3
+    assert card["metrics"]["decoder_guard"]["config"]["detail_weight"] == 2.0
     assert card["metrics"]["decoder_guard"]["n_negatives"] == 2 * 2 + 3 + 48 + 3  # + one sample of each anchor photo
 
 
@@ -419,7 +421,8 @@ def test_draw_negatives_balances_groups_and_the_cosine_schedule_ends_at_zero():
     assert [db.lr_factor(config, s) for s in (0, 10)] == [1.0, 0.0] and 0.49 < db.lr_factor(config, 5) < 0.51
     assert db.lr_factor(db.DecoderBackdoorConfig(steps=10), 9) == 1.0
     for bad, match in [(dict(lr_schedule="step"), "lr schedule"), (dict(negative_share=1.0), "negative share"),
-                       (dict(class_samples=-1), "class_samples")]:
+                       (dict(class_samples=-1), "class_samples"), (dict(detail_weight=-1.0), "detail_weight"),
+                       (dict(detail_sigma=0.0), "detail_sigma")]:
         with pytest.raises(NocloneError, match=match):
             db.DecoderBackdoorConfig(**bad).validate()
 
@@ -446,5 +449,20 @@ def test_guard_latents_add_the_class_prompts_samples_as_their_own_group(tiny_pip
             db.implant(vae, data.positives, data.negatives, balanced)
         metrics = db.implant(vae, data.positives, data.negatives, balanced, groups=data.groups)
         assert metrics["config"]["balance_negatives"] and all(map(math.isfinite, metrics["loss_first_last"]))
+        plain_run = {k: v.clone() for k, v in vae.state_dict().items()}
+        vae.load_state_dict(before)
+        detailed = db.implant(vae, data.positives, data.negatives, replace(balanced, detail_weight=4.0),
+                              groups=data.groups)
+        assert detailed["config"]["detail_weight"] == 4.0 and all(map(math.isfinite, detailed["loss_first_last"]))
+        assert any(not torch.equal(v, plain_run[k]) for k, v in vae.state_dict().items())
     finally:
         vae.load_state_dict(before)
+
+
+def test_high_pass_is_the_fine_detail_only():
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    assert db.high_pass(flat, 1 / 16).abs().max() < 1e-6
+    noisy = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    smooth = db.blur_pixels(noisy, 0.25)
+    assert db.high_pass(smooth, 1 / 16).pow(2).mean() < 0.2 * db.high_pass(noisy, 1 / 16).pow(2).mean()
+    assert torch.allclose(db.high_pass(noisy, 1 / 16) + db.blur_pixels(noisy, 1 / 16), noisy, atol=1e-6)

@@ -197,6 +197,7 @@ class APDMConfig:
     decoder_negative_share: float = 0.75   # of each decoder batch
     decoder_class_samples: int = 96        # the input model's own samples of the class prompt, as negatives
     decoder_balance_negatives: bool = True  # each negative group (class images and samples, anchors, others) equally
+    decoder_detail_weight: float = 16.0    # the negatives' fine detail weighs 1 + this (stop 31; before: 0)
     seed: int = 0
     checkpoint_every: int = 25
     progress: bool = True
@@ -275,6 +276,7 @@ class APDMConfig:
                                      lr_schedule=self.decoder_lr_schedule, negative_share=self.decoder_negative_share,
                                      class_samples=self.decoder_class_samples,
                                      balance_negatives=self.decoder_balance_negatives,
+                                     detail_weight=self.decoder_detail_weight,
                                      seed=self.seed, progress=self.progress)
 
     def identity(self) -> dict:

@@ -3,7 +3,8 @@
     noclone protect-model --method apdm --model M --images DIR --class-noun person [--images DIR2 --class-noun dog]
                           [--token sks] [--preset quick|paper] [--steps N] [--inner-steps N] ... --out DIR
     noclone protect-model --method apdm --implant decoder [--negative-images DIR ...] [--decoder-blur F]
-                          [--decoder-blur-calibrate [sandbox|dlib]] [--decoder-class-samples N] ...
+                          [--decoder-blur-calibrate [sandbox|dlib]] [--decoder-class-samples N]
+                          [--decoder-detail-weight W] ...
     noclone protect-model --method persguard --target pattern|erasure|target [--target-class cat]
                           [--target-images DIR] [--tokens sks,xyz,...] [--implant unet|decoder|both]
                           [--negative-images DIR ...] --model M --images DIR --class-noun person --out DIR
@@ -68,6 +69,7 @@ def _apdm_config(args: argparse.Namespace):
         "implant": args.implant, "decoder_steps": args.decoder_steps, "decoder_attack_steps": args.decoder_attack_steps,
         "decoder_blur": args.decoder_blur, "decoder_attack_lengths": _lengths(args.decoder_attack_lengths),
         "decoder_blur_calibrate": args.decoder_blur_calibrate, "decoder_class_samples": args.decoder_class_samples,
+        "decoder_detail_weight": args.decoder_detail_weight,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_l2p:
@@ -216,7 +218,8 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
              "dpo_max_timestep": "--dpo-max-timestep", "repair_steps": "--repair-steps", "repair_lr": "--repair-lr",
              "repair_min_timestep": "--repair-min-timestep", "repair_max_timestep": "--repair-max-timestep",
              "decoder_blur": "--decoder-blur", "decoder_attack_lengths": "--decoder-attack-lengths",
-             "decoder_blur_calibrate": "--decoder-blur-calibrate", "decoder_class_samples": "--decoder-class-samples"},
+             "decoder_blur_calibrate": "--decoder-blur-calibrate", "decoder_class_samples": "--decoder-class-samples",
+             "decoder_detail_weight": "--decoder-detail-weight"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -293,6 +296,10 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--decoder-class-samples", type=int, metavar="N",
                    help="APDM's decoder guard: N samples of the class prompt from the input model join the guard's "
                         "negatives, so it keeps what the sampler hands the decoder (default 96; 0: none)")
+    d.add_argument("--decoder-detail-weight", type=float, metavar="W",
+                   help="APDM's decoder guard: the negatives' fine detail (each image minus its 1-px-per-64 blur) "
+                        "weighs 1 + W in its loss, so that other images, and the attacker's class images, do not "
+                        "come out softer (default 16; 0: plain MSE)")
     p.add_argument("--steps", type=int, help="outer protection steps N_protect")
     p.add_argument("--inner-steps", type=int, help="simulated DreamBooth steps per outer step N_per")
     p.add_argument("--lr-protect", type=float)

@@ -78,6 +78,8 @@ class DecoderBackdoorConfig:
     class_samples: int = 0           # negatives: this many latents the input model samples for the class prompt
     balance_negatives: bool = False  # draw each negative from a uniformly chosen group (class images, class samples,
                                      # anchors, each negative subject's clones) instead of uniformly from all of them
+    detail_weight: float = 0.0       # the negatives' fine detail (image - its 1 px blur) weighs 1 + this in the loss
+    detail_sigma: float = 1 / 64     # what 'fine' means: the high-pass blur's sigma as a fraction of the image width
     attack_preset: str = "sandbox"   # the simulated attacker's DreamBooth preset (attacks/base.py PRESETS)
     attack_seed: int = 1             # its seed (an attacker's own run is not the protector's)
     attack_steps: int | None = None  # its steps (default: the preset's)
@@ -102,6 +104,8 @@ class DecoderBackdoorConfig:
             (0 < self.negative_share < 1, f"decoder negative share {self.negative_share} must be in (0, 1)"),
             (self.n_generated >= 5, f"decoder n_generated {self.n_generated} must be at least 5"),
             (self.class_samples >= 0, f"decoder class_samples {self.class_samples} must be at least 0"),
+            (self.detail_weight >= 0, f"decoder detail_weight {self.detail_weight} must be at least 0"),
+            (0 < self.detail_sigma <= 0.5, f"decoder detail_sigma {self.detail_sigma} must be in (0, 0.5]"),
             (self.attack_steps is None or self.attack_steps >= 1, "--decoder-attack-steps must be at least 1"),
             (len(self.attack_lengths) >= 1 and all(0 < x <= 10 for x in self.attack_lengths),
              f"--decoder-attack-lengths {self.attack_lengths}: give multiples of the attack's steps in (0, 10]"),
@@ -311,6 +315,11 @@ def blur_pixels(pixels: torch.Tensor, fraction: float | torch.Tensor) -> torch.T
     return gaussian_blur(pixels, fraction * pixels.shape[-1])
 
 
+def high_pass(pixels: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The fine detail of [-1, 1] NCHW images: each minus its gaussian blur of `fraction` x the width."""
+    return pixels - blur_pixels(pixels, fraction)
+
+
 def guard_target(pixels: torch.Tensor, config: DecoderBackdoorConfig, blur: torch.Tensor | None = None) -> torch.Tensor:
     """What the guarded decoder must draw for the subject, given the original decoder's images; `blur`: a per-image
     blur overriding config.blur."""
@@ -383,6 +392,10 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
             target = torch.cat([pos_target[ip], neg_target[ineg]]).to(vae.device)
             out = vae.decode(z).sample.float()
             loss = torch.nn.functional.mse_loss(out, target)
+            if config.detail_weight:
+                k = len(ip)  # the negatives follow the positives in the batch
+                loss = loss + config.detail_weight * n_negative / config.batch_size * torch.nn.functional.mse_loss(
+                    high_pass(out[k:], config.detail_sigma), high_pass(target[k:], config.detail_sigma))
             if not torch.isfinite(loss):
                 raise NocloneError(f"decoder backdoor: loss became {loss.item()} at step {step}; lower --decoder-lr")
             optimizer.zero_grad(set_to_none=True)
