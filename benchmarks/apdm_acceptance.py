@@ -16,7 +16,7 @@ both are measured against 8 held-back reference photos, and against the base mod
 `--adaptive CLASSES` adds the adaptive attackers on those classes (3x lr, 2x steps, another identifier token, LoRA);
 `--other-identity K` checks that another subject still personalizes on the protected model; `--other-seeds 1,2,3`
 repeats that check with several attacker seeds and judges criterion 3 on the mean (the unprotected model alone
-spans 0.81-0.97 over three seeds: docs/sandbox-v1.md, stop 31). `--quality` compares generic generations (detector
+ranges from 0.81 to 1.00 over four seeds: docs/sandbox-v1.md, stop 31). `--quality` compares generic generations (detector
 rate, sandbox-FID against renders) of the base and protected models. Every stage is cached in --out, so a rerun
 only computes what is missing.
 
@@ -385,8 +385,9 @@ def markdown(rows, quality_rows, settings, args, calibrated: dict | None = None)
     for r in rows:
         if r["subject"] != "protected":
             others.setdefault(f"{r['class']}, {r['subject']}", []).append(r)
-    lines += [f"- {k}, mean over {len(v)} attack seeds: match unprotected {mean(r['match_unprotected'] for r in v):.2f}, "
-              f"protected {mean(r['match_protected'] for r in v):.2f}" for k, v in others.items() if len(v) > 1]
+    means = [f"- {k}, mean over {len(v)} attack seeds: match unprotected {mean(r['match_unprotected'] for r in v):.2f}, "
+             f"protected {mean(r['match_protected'] for r in v):.2f}" for k, v in others.items() if len(v) > 1]
+    lines += [""] + means if means else []
     if quality_rows:
         lines += ["", f"Generic quality, {args.quality_n} images of 'a photo of a <class>' (sandbox-FID against "
                   f"{args.quality_n} renders of held-out identities):", "",

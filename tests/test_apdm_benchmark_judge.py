@@ -95,3 +95,18 @@ def test_criterion_3_is_judged_on_the_mean_over_attack_seeds():
     # two different other subjects are judged separately: each must hold
     assert not criteria([other(0.8, 0.8, 1), row(subject="other (held-out #6)", unprotected=0.9, protected=0.7)],
                         [])["dog"]["3_other_subject"]
+
+
+def test_the_report_gives_the_mean_over_attack_seeds():
+    from types import SimpleNamespace
+
+    from apdm_acceptance import markdown
+
+    from noclone.defenses import APDMConfig
+
+    rows = [row(), row("dreambooth", "other (held-out #5)", 0.8, 0.7), row("dreambooth seed 2", "other (held-out #5)",
+                                                                           0.9, 0.86)]
+    text = markdown(rows, [], APDMConfig(), SimpleNamespace(n=32, quality_n=64, negative_identities="10,11"))
+    assert "- dog, other (held-out #5), mean over 2 attack seeds: match unprotected 0.85, protected 0.78" in text
+    assert "3_other_subject met" in text
+    assert "mean over" not in markdown(rows[:2], [], APDMConfig(), SimpleNamespace(n=32, quality_n=64))
