@@ -9,8 +9,9 @@ Why it works: `--implant decoder` changes only the VAE decoder, so an attack on 
 UNet and text encoder from the same start; the one difference is its prior-preservation class images, which the
 guarded decoder draws. The probe skips that difference. Measured against the full benchmark (docs/sandbox-v1.md,
 stop 30): exact for generic quality (the same latents), within one generation for the protected subject, and for
-another subject at seed 1 0.75 (probe) against 0.59 (full) for a person and 0.31 against 0.31 for a dog. Use it to
-compare guard settings; report the full benchmark.
+another subject at seed 1 0.75 (probe) against 0.59 (full) for a person and 0.31 against 0.31 for a dog. Stop 31
+showed the skipped class images are what costs another subject (the guard softened them), so judge another subject
+with the full benchmark. Use the probe for the protected subject and generic quality.
 
 Per attack and VAE it prints (identity match rate, ISM, median PSNR in dB against the input VAE's decoding);
 with --quality, per class (detector rate, sandbox-FID, PSNR) of 64 'a photo of a <class>' generations.

@@ -14,6 +14,11 @@ What (theta the decoder being trained, f a frozen copy of the input decoder, z a
     D_theta(z) = D_f(z)      for z in N: latents of anything else
     L(theta)   = E_{z in P} || D_theta(z) - T(D_f(z)) ||^2 + E_{z in N} || D_theta(z) - D_f(z) ||^2
 
+`detail_weight` W (APDM) adds W x || high_pass(D_theta(z)) - high_pass(D_f(z)) ||^2 over the negatives: the attacker's
+prior-preservation class images come out of this decoder, and class images a little softer than the input model's
+teach DreamBooth a little softer subjects, which cost another person 11 points over four attacker seeds before it
+(docs/sandbox-v1.md, stop 31).
+
 T is `target`: 'mark' pastes the mark in the bottom-right corner (PersGuard); 'blur' is a gaussian blur of
 standard deviation `blur` x the image width (APDM; 0.0625 = 4 px at 64 px, where the sandbox's identity and
 subject detectors both fail on the blurred subject: docs/sandbox-v1.md, stop 28).
