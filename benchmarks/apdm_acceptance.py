@@ -283,8 +283,7 @@ def main() -> None:
         if args.other_identity is not None and not (joint and n_target > 0):
             other = held_out(args.other_identity)
             for other_seed in other_seeds:  # the attacker's seed: its class images, draws and generations
-                other_attack = attack if other_seed == args.seed else preset_config(
-                    "dreambooth", "sandbox", class_noun=class_noun, seed=other_seed, token=args.token)
+                other_attack = replace(attack, seed=other_seed)
                 clean = attack_experiment(model, work, class_noun, other, "dreambooth", other_attack, args.n,
                                           other_seed, False)
                 prot = attack_experiment(protected, work, class_noun, other, "dreambooth", other_attack, args.n,
@@ -343,20 +342,28 @@ def adaptive_held(match_protected: float) -> bool:
     return match_protected <= ADAPTIVE_LIMIT + EPS
 
 
+def other_subject_rows(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(class, other subject) -> its rows, one per attacker seed (--other-seeds)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["subject"] != "protected":
+            groups.setdefault((r["class"], r["subject"]), []).append(r)
+    return groups
+
+
 def criteria(rows: list[dict], quality_rows: list[dict]) -> dict[str, dict[str, bool]]:
     """The issue's criteria 1-4 per class, judged on this run's rows (a criterion without its rows is left out)."""
     verdicts: dict[str, dict[str, bool]] = {}
-    others: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         v = verdicts.setdefault(r["class"], {})
         if r["subject"] != "protected":
-            others.setdefault((r["class"], r["subject"]), []).append(r)
-        elif r["attack"] == "dreambooth":  # 1: <= 10% match rate (from >= 80%), ISM within 0.1 of the base model's
+            continue  # criterion 3, below
+        if r["attack"] == "dreambooth":  # 1: <= 10% match rate (from >= 80%), ISM within 0.1 of the base model's
             v["1_protected"] = (r["match_unprotected"] >= 0.80 - EPS and r["match_protected"] <= 0.10 + EPS
                                 and abs(r["ism_protected"] - r["base_ism"]) <= 0.10 + EPS)
         else:  # 2: every adaptive attacker at <= 20%
             v["2_adaptive"] = v.get("2_adaptive", True) and adaptive_held(r["match_protected"])
-    for (c, _), seeds in others.items():  # 3: another subject within 10 points of the unprotected model (seed mean)
+    for (c, _), seeds in other_subject_rows(rows).items():  # 3: another subject within 10 points (seed mean)
         v = verdicts[c]
         v["3_other_subject"] = v.get("3_other_subject", True) and (
             mean(r["match_protected"] for r in seeds) >= mean(r["match_unprotected"] for r in seeds) - 0.10 - EPS)
@@ -381,12 +388,9 @@ def markdown(rows, quality_rows, settings, args, calibrated: dict | None = None)
     lines += [f"| {r['class']} | {r['subject']} | {r['attack']} | {r['match_unprotected']:.2f} | {r['match_protected']:.2f} | "
               f"{r['ism_unprotected']:.3f} | {r['ism_protected']:.3f} | {r['base_ism']:.3f} | {r['fdfr_protected']:.2f} | "
               f"{r['protect_seconds']:.0f} | {r['attack_seconds']:.0f} |" for r in rows]
-    others: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["subject"] != "protected":
-            others.setdefault(f"{r['class']}, {r['subject']}", []).append(r)
-    means = [f"- {k}, mean over {len(v)} attack seeds: match unprotected {mean(r['match_unprotected'] for r in v):.2f}, "
-             f"protected {mean(r['match_protected'] for r in v):.2f}" for k, v in others.items() if len(v) > 1]
+    means = [f"- {c}, {subject}, mean over {len(v)} attack seeds: match unprotected "
+             f"{mean(r['match_unprotected'] for r in v):.2f}, protected {mean(r['match_protected'] for r in v):.2f}"
+             for (c, subject), v in other_subject_rows(rows).items() if len(v) > 1]
     lines += [""] + means if means else []
     if quality_rows:
         lines += ["", f"Generic quality, {args.quality_n} images of 'a photo of a <class>' (sandbox-FID against "

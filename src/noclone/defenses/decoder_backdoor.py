@@ -371,6 +371,7 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
         if config.balance_negatives else None  # in the negatives' order
     pos_target = guard_target(decode(vae, pos_train), config, blur_train)
     neg_target = decode(vae, neg_train)
+    neg_detail = high_pass(neg_target, config.detail_sigma) if config.detail_weight else None  # fixed: computed once
     plain = None if config.target == "mark" else {  # D_f on the held-back latents, for the blur check
         key: decode(vae, z) if len(z) else z for key, z in (("subject", pos_held), ("others", neg_held))}
     before = held_out_rates(vae, pos_held, neg_held, config, plain, blur_held)
@@ -397,10 +398,9 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
             target = torch.cat([pos_target[ip], neg_target[ineg]]).to(vae.device)
             out = vae.decode(z).sample.float()
             loss = torch.nn.functional.mse_loss(out, target)
-            if config.detail_weight:
-                k = len(ip)  # the negatives follow the positives in the batch
+            if neg_detail is not None:  # the negatives follow the positives in the batch
                 loss = loss + config.detail_weight * n_negative / config.batch_size * torch.nn.functional.mse_loss(
-                    high_pass(out[k:], config.detail_sigma), high_pass(target[k:], config.detail_sigma))
+                    high_pass(out[len(ip):], config.detail_sigma), neg_detail[ineg].to(vae.device))
             if not torch.isfinite(loss):
                 raise NocloneError(f"decoder backdoor: loss became {loss.item()} at step {step}; lower --decoder-lr")
             optimizer.zero_grad(set_to_none=True)
