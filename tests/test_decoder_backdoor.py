@@ -293,11 +293,12 @@ def test_cli_apdm_decoder_guard(tiny_model_dir, subject_dir, dog_dir, tmp_path):
                   str(dog_dir), "--decoder-steps", "2", "--decoder-attack-steps", "1", "--decoder-blur", "0.1",
                   "--model", str(tiny_model_dir), "--images", str(subject_dir), "--class-noun", "person",
                   "--num-class-images", "2", "--anchor-images", str(dog_dir), "--decoder-class-samples", "3",
-                  "--decoder-detail-weight", "2", "--out", str(out)]) == 0
+                  "--decoder-detail-weight", "2", "--decoder-recolored-copies", "1", "--out", str(out)]) == 0
     card = json.loads((out / "protection.json").read_text())
     assert card["implant"] == "decoder" and card["hyperparameters"]["decoder_blur"] == 0.1
     assert card["hyperparameters"]["decoder_class_samples"] == 3
     assert card["metrics"]["decoder_guard"]["config"]["detail_weight"] == 2.0
+    assert card["metrics"]["decoder_guard"]["config"]["recolored_copies"] == 1
     assert card["metrics"]["decoder_guard"]["n_negatives"] == 2 * 2 + 3 + 48 + 3  # + one sample of each anchor photo
 
 
@@ -466,3 +467,45 @@ def test_high_pass_is_the_fine_detail_only():
     smooth = db.blur_pixels(noisy, 0.25)
     assert db.high_pass(smooth, 1 / 16).pow(2).mean() < 0.2 * db.high_pass(noisy, 1 / 16).pow(2).mean()
     assert torch.allclose(db.high_pass(noisy, 1 / 16) + db.blur_pixels(noisy, 1 / 16), noisy, atol=1e-6)
+
+
+def test_recolored_pixels_change_brightness_and_tint_within_their_ranges():
+    flat = torch.full((400, 3, 4, 4), 0.5)
+    out = db.recolored_pixels(flat, torch.Generator().manual_seed(0))
+    assert torch.equal(out, db.recolored_pixels(flat, torch.Generator().manual_seed(0)))  # seeded
+    assert torch.all(out.flatten(2).std(2) < 1e-6)  # one draw per image: a flat image stays flat
+    level = out[:, :, 0, 0]
+    lowest = 0.5 ** math.exp(db.RECOLOR_GAMMA) * db.RECOLOR_GAIN[0] * (1 - db.RECOLOR_CHANNEL)
+    highest = 0.5 ** math.exp(-db.RECOLOR_GAMMA) * db.RECOLOR_GAIN[1] * (1 + db.RECOLOR_CHANNEL)
+    assert level.min() >= lowest - 1e-6 and level.max() <= highest + 1e-6
+    assert level.mean(1).min() < 0.3 < 0.5 < level.mean(1).max()  # darker and brighter copies both drawn
+    tint = level / level.mean(1, keepdim=True)
+    ratio = (1 + db.RECOLOR_CHANNEL) / (1 - db.RECOLOR_CHANNEL)
+    assert tint.max() <= ratio + 1e-6 and tint.std() > 0.01
+    assert torch.all((db.recolored_pixels(torch.rand(2, 3, 4, 4) * 3 - 1, torch.Generator()) - 0.5).abs() <= 0.5)
+
+
+def test_recolored_copies_join_the_training_positives_only(tiny_pipe, monkeypatch):
+    vae = tiny_pipe.vae
+    g = torch.Generator().manual_seed(0)
+    shape = tuple(vae.encode(torch.zeros(1, 3, 32, 32, dtype=vae.dtype)).latent_dist.mean.shape[1:])
+    positives, negatives = torch.randn(10, *shape, generator=g), torch.randn(10, *shape, generator=g)
+    copies = db.recolor(vae, positives[:3], 2, seed=0)
+    assert copies.shape == (6, *shape) and torch.equal(copies, db.recolor(vae, positives[:3], 2, seed=0))
+    assert not torch.equal(copies, db.recolor(vae, positives[:3], 2, seed=1))
+    seen = []
+    decode = db.decode
+    monkeypatch.setattr(db, "decode", lambda v, z, *a, **k: seen.append(len(z)) or decode(v, z, *a, **k))
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    try:
+        config = db.DecoderBackdoorConfig(steps=2, batch_size=4, held_out_fraction=0.2, progress=False, target="blur",
+                                          recolored_copies=2)
+        metrics = db.implant(vae, positives, negatives, config, blur=torch.full((10,), 0.1))
+        assert metrics["config"]["recolored_copies"] == 2 and all(map(math.isfinite, metrics["loss_first_last"]))
+        assert metrics["held_out_rate_after"]["n_subject"] == 2  # the held-out positives are real ones, not copies
+        assert 8 * 3 in seen  # the blur targets are drawn for the 8 training positives and their 16 copies
+    finally:
+        vae.load_state_dict(before)
+    for bad in (-1, 17):
+        with pytest.raises(NocloneError, match="recolored_copies"):
+            db.DecoderBackdoorConfig(recolored_copies=bad).validate()

@@ -198,6 +198,7 @@ class APDMConfig:
     decoder_class_samples: int = 96        # the input model's own samples of the class prompt, as negatives
     decoder_balance_negatives: bool = True  # each negative group (class images and samples, anchors, others) equally
     decoder_detail_weight: float = 16.0    # the negatives' fine detail weighs 1 + this (stop 31; before: 0)
+    decoder_recolored_copies: int = 4      # recoloured copies of each positive (stop 32; before: 0)
     seed: int = 0
     checkpoint_every: int = 25
     progress: bool = True
@@ -277,6 +278,7 @@ class APDMConfig:
                                      class_samples=self.decoder_class_samples,
                                      balance_negatives=self.decoder_balance_negatives,
                                      detail_weight=self.decoder_detail_weight,
+                                     recolored_copies=self.decoder_recolored_copies,
                                      seed=self.seed, progress=self.progress)
 
     def identity(self) -> dict:

@@ -4,7 +4,7 @@
                           [--token sks] [--preset quick|paper] [--steps N] [--inner-steps N] ... --out DIR
     noclone protect-model --method apdm --implant decoder [--negative-images DIR ...] [--decoder-blur F]
                           [--decoder-blur-calibrate [sandbox|dlib]] [--decoder-class-samples N]
-                          [--decoder-detail-weight W] ...
+                          [--decoder-detail-weight W] [--decoder-recolored-copies N] ...
     noclone protect-model --method persguard --target pattern|erasure|target [--target-class cat]
                           [--target-images DIR] [--tokens sks,xyz,...] [--implant unet|decoder|both]
                           [--negative-images DIR ...] --model M --images DIR --class-noun person --out DIR
@@ -70,6 +70,7 @@ def _apdm_config(args: argparse.Namespace):
         "decoder_blur": args.decoder_blur, "decoder_attack_lengths": _lengths(args.decoder_attack_lengths),
         "decoder_blur_calibrate": args.decoder_blur_calibrate, "decoder_class_samples": args.decoder_class_samples,
         "decoder_detail_weight": args.decoder_detail_weight,
+        "decoder_recolored_copies": args.decoder_recolored_copies,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_l2p:
@@ -219,7 +220,8 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
              "repair_min_timestep": "--repair-min-timestep", "repair_max_timestep": "--repair-max-timestep",
              "decoder_blur": "--decoder-blur", "decoder_attack_lengths": "--decoder-attack-lengths",
              "decoder_blur_calibrate": "--decoder-blur-calibrate", "decoder_class_samples": "--decoder-class-samples",
-             "decoder_detail_weight": "--decoder-detail-weight"},
+             "decoder_detail_weight": "--decoder-detail-weight",
+             "decoder_recolored_copies": "--decoder-recolored-copies"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -300,6 +302,9 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
                    help="APDM's decoder guard: the negatives' fine detail (each image minus its 1-px-per-64 blur) "
                         "weighs 1 + W in its loss, so that other images, and the attacker's class images, do not "
                         "come out softer (default 16; 0: plain MSE)")
+    d.add_argument("--decoder-recolored-copies", type=int, metavar="N",
+                   help="APDM's decoder guard: N recoloured copies (brightness, gamma, channel gains) of each of the "
+                        "subject's training latents, so that it also blurs darker or tinted clones (default 4; 0: none)")
     p.add_argument("--steps", type=int, help="outer protection steps N_protect")
     p.add_argument("--inner-steps", type=int, help="simulated DreamBooth steps per outer step N_per")
     p.add_argument("--lr-protect", type=float)

@@ -19,6 +19,10 @@ prior-preservation class images come out of this decoder, and class images a lit
 teach DreamBooth a little softer subjects, which cost another person 11 points over four attacker seeds before it
 (docs/sandbox-v1.md, stop 31).
 
+`recolored_copies` (APDM) adds recoloured copies of the subject's training latents to P (recolor(): brightness, gamma
+and channel gains, encoded again): a darker, browner clone than any the simulated attacker drew escaped the guard
+(docs/sandbox-v1.md, stop 32).
+
 T is `target`: 'mark' pastes the mark in the bottom-right corner (PersGuard); 'blur' is a gaussian blur of
 standard deviation `blur` x the image width (APDM; 0.0625 = 4 px at 64 px, where the sandbox's identity and
 subject detectors both fail on the blurred subject: docs/sandbox-v1.md, stop 28).
@@ -66,6 +70,9 @@ from noclone.training.diffusion import step_generator
 log = logging.getLogger(__name__)
 
 TARGETS = ("mark", "blur")
+RECOLOR_GAIN = (0.4, 1.15)     # recolor(): brightness gain range
+RECOLOR_GAMMA = 0.3            # recolor(): gamma = exp(u), u uniform in [-this, this]
+RECOLOR_CHANNEL = 0.1          # recolor(): each RGB channel's own gain, uniform in 1 +- this
 BLUR_STEPS = (1.0, 1.25, 1.5, 2.0, 2.5)  # blur_calibrate's candidates, multiples of `blur`
 CALIBRATION_BACKENDS = ("sandbox", "dlib")  # identity backends (eval/faces.py) that need no model path
 LR_SCHEDULES = ("constant", "cosine")
@@ -85,6 +92,7 @@ class DecoderBackdoorConfig:
                                      # anchors, each negative subject's clones) instead of uniformly from all of them
     detail_weight: float = 0.0       # the negatives' fine detail (image - its 1 px blur) weighs 1 + this in the loss
     detail_sigma: float = 1 / 64     # what 'fine' means: the high-pass blur's sigma as a fraction of the image width
+    recolored_copies: int = 0        # positives: this many recoloured copies of each training positive (recolor())
     attack_preset: str = "sandbox"   # the simulated attacker's DreamBooth preset (attacks/base.py PRESETS)
     attack_seed: int = 1             # its seed (an attacker's own run is not the protector's)
     attack_steps: int | None = None  # its steps (default: the preset's)
@@ -111,6 +119,7 @@ class DecoderBackdoorConfig:
             (self.class_samples >= 0, f"decoder class_samples {self.class_samples} must be at least 0"),
             (self.detail_weight >= 0, f"decoder detail_weight {self.detail_weight} must be at least 0"),
             (0 < self.detail_sigma <= 0.5, f"decoder detail_sigma {self.detail_sigma} must be in (0, 0.5]"),
+            (0 <= self.recolored_copies <= 16, f"decoder recolored_copies {self.recolored_copies} must be in 0..16"),
             (self.attack_steps is None or self.attack_steps >= 1, "--decoder-attack-steps must be at least 1"),
             (len(self.attack_lengths) >= 1 and all(0 < x <= 10 for x in self.attack_lengths),
              f"--decoder-attack-lengths {self.attack_lengths}: give multiples of the attack's steps in (0, 10]"),
@@ -343,6 +352,33 @@ def decode(vae, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     return torch.cat(out)
 
 
+def recolored_pixels(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """[0, 1] images under a random brightness gain (RECOLOR_GAIN), gamma and per-channel gains, one draw per image."""
+    n = len(pixels)
+    gain = RECOLOR_GAIN[0] + (RECOLOR_GAIN[1] - RECOLOR_GAIN[0]) * torch.rand(n, 1, 1, 1, generator=generator)
+    gamma = torch.exp((torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * RECOLOR_GAMMA * 2)
+    channel = 1 + (torch.rand(n, 3, 1, 1, generator=generator) - 0.5) * RECOLOR_CHANNEL * 2
+    return (pixels.clamp(0, 1) ** gamma * gain * channel).clamp(0, 1)
+
+
+@torch.no_grad()
+def recolor(vae, latents: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
+    """`copies` recoloured versions of each latent, [copies x len(latents), ...] pipeline-scaled: decoded,
+    recolored_pixels(), and encoded again (posterior means).
+
+    Why: the attacker's clones vary in lighting and colour more than the protector's simulated ones; a darker, browner
+    clone escaped the guard at seed 1 (docs/sandbox-v1.md, stop 32)."""
+    g = step_generator(seed, 0, "decoder/recolor")
+    pixels = (decode(vae, latents) + 1) / 2
+    out = []
+    for _ in range(copies):
+        recoloured = recolored_pixels(pixels, g) * 2 - 1
+        for start in range(0, len(recoloured), 32):
+            chunk = recoloured[start : start + 32].to(vae.device, vae.dtype)
+            out.append(vae.encode(chunk).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
+    return torch.cat(out) if out else latents[:0]
+
+
 def _split(latents: torch.Tensor, fraction: float, seed: int, stream: str) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.randperm(len(latents), generator=step_generator(seed, 0, stream))
     held = int(round(len(latents) * fraction))
@@ -369,6 +405,10 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
         raise NocloneError("decoder guard: balance_negatives needs one group id per negative")
     members = group_members(_split(groups, config.held_out_fraction, config.seed, "decoder/split/neg")[0]) \
         if config.balance_negatives else None  # in the negatives' order
+    if config.recolored_copies:  # training positives only: the held-out rate stays measured on real ones
+        pos_train = torch.cat([pos_train, recolor(vae, pos_train, config.recolored_copies, config.seed)])
+        if blur_train is not None:
+            blur_train = blur_train.repeat(config.recolored_copies + 1)
     pos_target = guard_target(decode(vae, pos_train), config, blur_train)
     neg_target = decode(vae, neg_train)
     neg_detail = high_pass(neg_target, config.detail_sigma) if config.detail_weight else None  # fixed: computed once
