@@ -292,7 +292,7 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--decoder-blur", type=float,
                    help="APDM's decoder guard: the blur's sigma as a fraction of the image width (default 0.0625)")
     d.add_argument("--decoder-blur-calibrate", nargs="?", const="sandbox", metavar="BACKEND",
-                   help="APDM's decoder guard: pick each subject's blur, the least of --decoder-blur x 1..2.5 at "
+                   help="APDM's decoder guard: pick each subject's blur, the least of --decoder-blur x 1..3.5 at "
                         "which its simulated clones are no more like its photos than the class images are, by the "
                         "identity backend BACKEND (sandbox, the default, or dlib)")
     d.add_argument("--decoder-class-samples", type=int, metavar="N",

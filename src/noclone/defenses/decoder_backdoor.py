@@ -31,7 +31,9 @@ subject detectors both fail on the blurred subject: docs/sandbox-v1.md, stop 28)
 the simulated attacker's clones, blurred, are no more like the subject's photos than the input model's own class
 images are (mean cosine of identity embeddings from an identity backend, eval/faces.py). How much blur removes an
 identity depends on the subject: in the sandbox 4 px leaves a blurred person nearer the subject than a generic
-person is, and takes a cat below a generic cat (docs/sandbox-v1.md, stop 29).
+person is, and takes a cat below a generic cat (docs/sandbox-v1.md, stop 29). The person needs 3.5x (14 px at
+64 px) to reach that target; capped at 2.5x, its guard left the attacker's clones 0.003 of ISM over the APDM issue's
+criterion 1 (stop 32).
 
 P: the subject's photos (posterior samples) and the generations of a *simulated attacker*: the shared
 DreamBooth (attacks/, the preset the protector expects, its own seed) run on a copy of the model and the photos,
@@ -73,7 +75,7 @@ TARGETS = ("mark", "blur")
 RECOLOR_GAIN = (0.4, 1.15)     # recolor(): brightness gain range
 RECOLOR_GAMMA = 0.3            # recolor(): gamma = exp(u), u uniform in [-this, this]
 RECOLOR_CHANNEL = 0.1          # recolor(): each RGB channel's own gain, uniform in 1 +- this
-BLUR_STEPS = (1.0, 1.25, 1.5, 2.0, 2.5)  # blur_calibrate's candidates, multiples of `blur`
+BLUR_STEPS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 3.5)  # blur_calibrate's candidates, multiples of `blur` (stop 32: to 3.5)
 CALIBRATION_BACKENDS = ("sandbox", "dlib")  # identity backends (eval/faces.py) that need no model path
 LR_SCHEDULES = ("constant", "cosine")
 
