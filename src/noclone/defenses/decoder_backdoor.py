@@ -67,7 +67,7 @@ from PIL import Image
 from noclone.defenses.backdoor_checks import mark_array, mark_box, pattern_present
 from noclone.errors import NocloneError
 from noclone.training.data import LatentSet
-from noclone.training.diffusion import step_generator
+from noclone.training.diffusion import encode_images, step_generator
 
 log = logging.getLogger(__name__)
 
@@ -366,19 +366,11 @@ def recolored_pixels(pixels: torch.Tensor, generator: torch.Generator) -> torch.
 @torch.no_grad()
 def recolor(vae, latents: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
     """`copies` recoloured versions of each latent, [copies x len(latents), ...] pipeline-scaled: decoded,
-    recolored_pixels(), and encoded again (posterior means).
-
-    Why: the attacker's clones vary in lighting and colour more than the protector's simulated ones; a darker, browner
-    clone escaped the guard at seed 1 (docs/sandbox-v1.md, stop 32)."""
+    recolored_pixels(), and encoded again (posterior means). Why: the module docstring, `recolored_copies`."""
     g = step_generator(seed, 0, "decoder/recolor")
     pixels = (decode(vae, latents) + 1) / 2
-    out = []
-    for _ in range(copies):
-        recoloured = recolored_pixels(pixels, g) * 2 - 1
-        for start in range(0, len(recoloured), 32):
-            chunk = recoloured[start : start + 32].to(vae.device, vae.dtype)
-            out.append(vae.encode(chunk).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
-    return torch.cat(out) if out else latents[:0]
+    return torch.cat([encode_images(vae, recolored_pixels(pixels, g) * 2 - 1)[0] for _ in range(copies)]) \
+        if copies else latents[:0]
 
 
 def _split(latents: torch.Tensor, fraction: float, seed: int, stream: str) -> tuple[torch.Tensor, torch.Tensor]:
