@@ -317,7 +317,7 @@ def decoder_option(item: str, parser) -> tuple[str, object]:
 
     field, sep, text = item.partition("=")
     name = "decoder_" + field.strip().removeprefix("decoder_")
-    defaults = asdict(APDMConfig())
+    defaults = asdict(APDMConfig()) | {"decoder_moved_copies": 0, "decoder_steps": 0}  # None: by the subjects' number
     if not sep or name not in defaults or isinstance(defaults[name], (tuple, type(None))):
         parser.error(f"--decoder-option {item!r}: give FIELD=VALUE with FIELD one of "
                      + ", ".join(k.removeprefix("decoder_") for k, v in defaults.items()
@@ -377,7 +377,7 @@ def markdown(rows, quality_rows, settings, args, calibrated: dict | None = None)
     blur = (f"blur calibrated by {settings.decoder_blur_calibrate} ("
             + ", ".join(f"{k} {v['blur']:g}" for k, v in calibrated.items()) + ")"
             if settings.decoder_blur_calibrate and calibrated else f"blur {settings.decoder_blur:g}")
-    guard = (f"; decoder guard ({settings.implant}: {blur}, {settings.decoder_steps} steps, "
+    guard = (f"; decoder guard ({settings.implant}: {blur}, {settings.decoder_steps or 'default'} steps, "
              f"simulated attacks sampled at {'/'.join(f'{x:g}' for x in settings.decoder_attack_lengths)}x, "
              f"negatives: held-out {args.negative_identities})" if settings.implant != "unet" else "")
     lines = [f"APDM {settings.outer_steps} outer x {settings.inner_steps} inner steps, lr {settings.lr_protect:g}, "

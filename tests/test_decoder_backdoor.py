@@ -268,6 +268,7 @@ def test_apdm_decoder_guard_keeps_the_unet_writes_a_card_and_resumes(tiny_model_
     guard = card["metrics"]["decoder_guard"]
     assert guard["target"] == "blur" and guard["n_negatives"] == 2 * 2 + 2 + 5  # class images x 2 + 2 class samples + one attack's 5
     assert card["hyperparameters"]["decoder_blur"] == 0.0625
+    assert guard["config"]["moved_copies"] == 0  # one subject: no moved copies unless asked
     assert not any(k.startswith("dpo") or k.startswith("loss") for k in card["metrics"])  # no UNet protection ran
     with pytest.raises(NocloneError, match="only used with --implant decoder or both"):
         APDM(_apdm_config(implant="unet")).protect(load_pipeline(tiny_model_dir), [person], negatives=negatives)
@@ -293,11 +294,13 @@ def test_cli_apdm_decoder_guard(tiny_model_dir, subject_dir, dog_dir, tmp_path):
                   str(dog_dir), "--decoder-steps", "2", "--decoder-attack-steps", "1", "--decoder-blur", "0.1",
                   "--model", str(tiny_model_dir), "--images", str(subject_dir), "--class-noun", "person",
                   "--num-class-images", "2", "--anchor-images", str(dog_dir), "--decoder-class-samples", "3",
-                  "--decoder-detail-weight", "2", "--decoder-recolored-copies", "1", "--out", str(out)]) == 0
+                  "--decoder-detail-weight", "2", "--decoder-recolored-copies", "1", "--decoder-moved-copies", "1",
+                  "--out", str(out)]) == 0
     card = json.loads((out / "protection.json").read_text())
     assert card["implant"] == "decoder" and card["hyperparameters"]["decoder_blur"] == 0.1
     assert card["hyperparameters"]["decoder_class_samples"] == 3
     assert card["metrics"]["decoder_guard"]["config"]["detail_weight"] == 2.0
+    assert card["metrics"]["decoder_guard"]["config"]["moved_copies"] == 1
     assert card["metrics"]["decoder_guard"]["config"]["recolored_copies"] == 1
     assert card["metrics"]["decoder_guard"]["n_negatives"] == 2 * 2 + 3 + 48 + 3  # + one sample of each anchor photo
 
@@ -509,3 +512,58 @@ def test_recolored_copies_join_the_training_positives_only(tiny_pipe, monkeypatc
     for bad in (-1, 17):
         with pytest.raises(NocloneError, match="recolored_copies"):
             db.DecoderBackdoorConfig(recolored_copies=bad).validate()
+
+
+def test_moved_pixels_mirror_shift_and_zoom_within_their_ranges():
+    left = torch.full((400, 3, 16, 16), -1.0)
+    left[..., :8] = 1.0  # bright left half
+    out = db.moved_pixels(left, torch.Generator().manual_seed(0))
+    assert torch.equal(out, db.moved_pixels(left, torch.Generator().manual_seed(0)))  # seeded
+    assert out.shape == left.shape and out.min() >= -1 - 1e-5 and out.max() <= 1 + 1e-5  # edges reflected
+    mirrored = (out[..., :4].mean((1, 2, 3)) < out[..., -4:].mean((1, 2, 3))).float().mean()
+    assert 0.35 < mirrored < 0.65  # about half of the copies are mirror images
+    near = torch.minimum((out - left).abs().flatten(1).mean(1), (out - left.flip(-1)).abs().flatten(1).mean(1))
+    assert 0.01 < near.max() < 0.25  # moved (shifted, zoomed), but by at most MOVE_SHIFT x the width
+    centre = db.moved_pixels(torch.zeros(1, 3, 16, 16), torch.Generator().manual_seed(1))
+    assert torch.allclose(centre, torch.zeros_like(centre), atol=1e-6)  # a flat image stays flat
+
+
+def test_moved_copies_join_the_training_positives_only(tiny_pipe, monkeypatch):
+    vae = tiny_pipe.vae
+    g = torch.Generator().manual_seed(0)
+    shape = tuple(vae.encode(torch.zeros(1, 3, 32, 32, dtype=vae.dtype)).latent_dist.mean.shape[1:])
+    positives, negatives = torch.randn(10, *shape, generator=g), torch.randn(10, *shape, generator=g)
+    copies = db.move(vae, positives[:3], 2, seed=0)
+    assert copies.shape == (6, *shape) and torch.equal(copies, db.move(vae, positives[:3], 2, seed=0))
+    assert not torch.equal(copies, db.move(vae, positives[:3], 2, seed=1))
+    seen = []
+    decode = db.decode
+    monkeypatch.setattr(db, "decode", lambda v, z, *a, **k: seen.append(len(z)) or decode(v, z, *a, **k))
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    try:
+        config = db.DecoderBackdoorConfig(steps=2, batch_size=4, held_out_fraction=0.2, progress=False, target="blur",
+                                          moved_copies=2, recolored_copies=1)
+        metrics = db.implant(vae, positives, negatives, config, blur=torch.full((10,), 0.1))
+        assert metrics["held_out_rate_after"]["n_subject"] == 2  # the held-out positives are real ones, not copies
+        assert 8 * 3 * 2 in seen  # 8 training positives + 16 moved copies, then a recoloured copy of each
+    finally:
+        vae.load_state_dict(before)
+    for bad in (-1, 17):
+        with pytest.raises(NocloneError, match="moved_copies"):
+            db.DecoderBackdoorConfig(moved_copies=bad).validate()
+
+
+def test_apdm_guard_moves_positives_by_default_only_with_several_subjects(tiny_model_dir, subject_dir, dog_dir,
+                                                                          tmp_path):
+    from noclone.defenses.apdm import GUARD_ONE_SUBJECT, GUARD_SEVERAL_SUBJECTS
+    from noclone.models.pipeline import load_pipeline
+
+    subjects = [ProtectionSubject.from_folder(subject_dir, "person"), ProtectionSubject.from_folder(dog_dir, "dog")]
+    out = APDM(_apdm_config()).run(load_pipeline(tiny_model_dir), subjects, tmp_path / "two")
+    guard = json.loads((out / "protection.json").read_text())["metrics"]["decoder_guard"]
+    assert guard["config"]["moved_copies"] == GUARD_SEVERAL_SUBJECTS["moved_copies"] == 4
+    assert guard["config"]["steps"] == 2  # given: kept
+    assert (GUARD_ONE_SUBJECT, GUARD_SEVERAL_SUBJECTS["steps"]) == ({"steps": 1200, "moved_copies": 0}, 2400)
+    assert APDMConfig(implant="decoder").decoder_config().steps == 1200  # one subject unless protect() knows better
+    out = APDM(_apdm_config(decoder_moved_copies=1)).run(load_pipeline(tiny_model_dir), subjects, tmp_path / "one")
+    assert json.loads((out / "protection.json").read_text())["metrics"]["decoder_guard"]["config"]["moved_copies"] == 1

@@ -92,6 +92,8 @@ Beyond the paper:
   subject's identity rather than on any DreamBooth output of the class. `decoder_blur_calibrate` (an identity
   backend) picks each subject's blur: the least that makes its simulated clones no more like it than the class
   images are. In the sandbox the UNet protection cannot hold a new identifier (docs/sandbox-v1.md, stops 25-27).
+  Several subjects in one guard get mirrored/shifted/zoomed copies of their positives (`decoder_moved_copies`) and
+  twice the steps: without them the joint guard learnt each subject too narrowly (stop 34).
 - `params`: 'full' UNet (the paper), 'attention' (cross-attention only) or 'lora' (rank r, merged into the
   weights when done). The parameter set is what both paths train: the protection updates it and the simulated
   attacker fine-tunes it (for 'attention' that is a Custom-Diffusion-like attacker).
@@ -144,6 +146,10 @@ REDUCTIONS = ("elementwise", "per-sample")
 LOSSES = ("dpo", "naive")
 PRIOR_LOSSES = ("ground_truth", "distill")
 IMPLANTS = ("unet", "decoder", "both")
+# The decoder guard's defaults (decoder_steps / decoder_moved_copies None) for one subject and for several: three
+# subjects in one guard needed moved copies of the positives and, to learn from 5x as many, twice the steps (stop 34)
+GUARD_ONE_SUBJECT = {"steps": 1200, "moved_copies": 0}
+GUARD_SEVERAL_SUBJECTS = {"steps": 2400, "moved_copies": 4}
 
 
 @dataclass
@@ -183,7 +189,8 @@ class APDMConfig:
     reference_dtype: str = "same"      # 'same' | 'fp32' | 'bf16' | 'fp16' (params='full' only)
     optimizer: str = "adamw"           # 'adamw' | 'adamw8bit' (bitsandbytes, outer and inner)
     implant: str = "unet"              # 'unet' (the paper) | 'decoder' (a blurring guard in the VAE decoder) | 'both'
-    decoder_steps: int = 1200          # implant 'decoder'/'both': see decoder_backdoor.py (stop 29: 600)
+    decoder_steps: int | None = None   # implant 'decoder'/'both': see decoder_backdoor.py; None: 1200 for one
+                                       # subject (stop 29: 600), 2400 for several (stop 34)
     decoder_lr: float = 3e-4
     decoder_generations: int = 48      # latents drawn from each simulated attack (subject and negatives)
     decoder_batch_size: int = 16       # decoder training batch (decoder_negative_share of it from the rest)
@@ -199,6 +206,8 @@ class APDMConfig:
     decoder_balance_negatives: bool = True  # each negative group (class images and samples, anchors, others) equally
     decoder_detail_weight: float = 16.0    # the negatives' fine detail weighs 1 + this (stop 31; before: 0)
     decoder_recolored_copies: int = 4      # recoloured copies of each positive (stop 32; before: 0)
+    decoder_moved_copies: int | None = None  # mirrored/shifted/zoomed copies of each positive; None: 4 when the
+                                             # guard protects several subjects, else 0 (stop 34)
     seed: int = 0
     checkpoint_every: int = 25
     progress: bool = True
@@ -268,7 +277,8 @@ class APDMConfig:
         """The decoder guard's settings (implant 'decoder' or 'both'): decoder_backdoor.py with the blur target."""
         from noclone.defenses.decoder_backdoor import DecoderBackdoorConfig
 
-        return DecoderBackdoorConfig(steps=self.decoder_steps, lr=self.decoder_lr, n_generated=self.decoder_generations,
+        return DecoderBackdoorConfig(steps=GUARD_ONE_SUBJECT["steps"] if self.decoder_steps is None else self.decoder_steps,
+                                     lr=self.decoder_lr, n_generated=self.decoder_generations,
                                      batch_size=self.decoder_batch_size, attack_preset=self.decoder_attack_preset,
                                      attack_seed=self.seed + 1, attack_steps=self.decoder_attack_steps,
                                      attack_lengths=tuple(self.decoder_attack_lengths),
@@ -279,6 +289,8 @@ class APDMConfig:
                                      balance_negatives=self.decoder_balance_negatives,
                                      detail_weight=self.decoder_detail_weight,
                                      recolored_copies=self.decoder_recolored_copies,
+                                     moved_copies=GUARD_ONE_SUBJECT["moved_copies"] if self.decoder_moved_copies is None
+                                     else self.decoder_moved_copies,
                                      seed=self.seed, progress=self.progress)
 
     def identity(self) -> dict:
@@ -520,6 +532,8 @@ class APDM:
             if checkpoint_dir is not None:
                 check_checkpoint(Path(checkpoint_dir), identity)
             config = c.decoder_config()
+            defaults = GUARD_SEVERAL_SUBJECTS if len(subjects) > 1 else GUARD_ONE_SUBJECT
+            config = replace(config, **{k: v for k, v in defaults.items() if getattr(c, f"decoder_{k}") is None})
             guarded = [db.GuardSubject(s.images, s.class_noun, s.token, d.instance, d.prior, d.anchors)
                        for s, d in zip(subjects, datas)]
             data = db.guard_latents(pipe, guarded, [(n.images, n.class_noun, n.token) for n in negatives or []],

@@ -23,6 +23,11 @@ teach DreamBooth a little softer subjects, which cost another person 11 points o
 and channel gains, encoded again): a darker, browner clone than any the simulated attacker drew escaped the guard
 (docs/sandbox-v1.md, stop 32).
 
+`moved_copies` (APDM, several subjects) adds mirrored, shifted and zoomed copies of the subject's training latents
+to P (move(), encoded again): with three subjects in one decoder, the guard learnt each one too narrowly, blurred
+a third of the cat's own unseen photos instead of two thirds, and let the attacker's most faithful cat clones
+through (docs/sandbox-v1.md, stop 34).
+
 T is `target`: 'mark' pastes the mark in the bottom-right corner (PersGuard); 'blur' is a gaussian blur of
 standard deviation `blur` x the image width (APDM; 0.0625 = 4 px at 64 px, where the sandbox's identity and
 subject detectors both fail on the blurred subject: docs/sandbox-v1.md, stop 28).
@@ -75,6 +80,8 @@ TARGETS = ("mark", "blur")
 RECOLOR_GAIN = (0.4, 1.15)     # recolor(): brightness gain range
 RECOLOR_GAMMA = 0.3            # recolor(): gamma = exp(u), u uniform in [-this, this]
 RECOLOR_CHANNEL = 0.1          # recolor(): each RGB channel's own gain, uniform in 1 +- this
+MOVE_SHIFT = 0.05              # move(): shift along each axis, uniform in +- this x the image width
+MOVE_ZOOM = 0.1                # move(): zoom factor, uniform in 1 +- this (and a mirror image half of the time)
 BLUR_STEPS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 3.5)  # blur_calibrate's candidates, multiples of `blur` (stop 32: to 3.5)
 CALIBRATION_BACKENDS = ("sandbox", "dlib")  # identity backends (eval/faces.py) that need no model path
 LR_SCHEDULES = ("constant", "cosine")
@@ -95,6 +102,7 @@ class DecoderBackdoorConfig:
     detail_weight: float = 0.0       # the negatives' fine detail (image - its 1 px blur) weighs 1 + this in the loss
     detail_sigma: float = 1 / 64     # what 'fine' means: the high-pass blur's sigma as a fraction of the image width
     recolored_copies: int = 0        # positives: this many recoloured copies of each training positive (recolor())
+    moved_copies: int = 0            # positives: this many mirrored / shifted / zoomed copies of each (move())
     attack_preset: str = "sandbox"   # the simulated attacker's DreamBooth preset (attacks/base.py PRESETS)
     attack_seed: int = 1             # its seed (an attacker's own run is not the protector's)
     attack_steps: int | None = None  # its steps (default: the preset's)
@@ -122,6 +130,7 @@ class DecoderBackdoorConfig:
             (self.detail_weight >= 0, f"decoder detail_weight {self.detail_weight} must be at least 0"),
             (0 < self.detail_sigma <= 0.5, f"decoder detail_sigma {self.detail_sigma} must be in (0, 0.5]"),
             (0 <= self.recolored_copies <= 16, f"decoder recolored_copies {self.recolored_copies} must be in 0..16"),
+            (0 <= self.moved_copies <= 16, f"decoder moved_copies {self.moved_copies} must be in 0..16"),
             (self.attack_steps is None or self.attack_steps >= 1, "--decoder-attack-steps must be at least 1"),
             (len(self.attack_lengths) >= 1 and all(0 < x <= 10 for x in self.attack_lengths),
              f"--decoder-attack-lengths {self.attack_lengths}: give multiples of the attack's steps in (0, 10]"),
@@ -373,6 +382,32 @@ def recolor(vae, latents: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
         if copies else latents[:0]
 
 
+def moved_pixels(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """[-1, 1] NCHW images mirrored half of the time, zoomed (MOVE_ZOOM) and shifted (MOVE_SHIFT), edges reflected."""
+    import torch.nn.functional as F
+
+    n = len(pixels)
+    mirror = torch.rand(n, generator=generator) < 0.5
+    zoom = 1 + (torch.rand(n, generator=generator) - 0.5) * 2 * MOVE_ZOOM
+    shift = (torch.rand(n, 2, generator=generator) - 0.5) * 2 * MOVE_SHIFT * 2  # grid units: the width is 2
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom
+    theta[:, :, 2] = shift
+    pixels = torch.where(mirror[:, None, None, None], pixels.flip(-1), pixels)
+    grid = F.affine_grid(theta.to(pixels), list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, padding_mode="reflection", align_corners=False)
+
+
+@torch.no_grad()
+def move(vae, latents: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
+    """`copies` moved versions of each latent, [copies x len(latents), ...] pipeline-scaled: decoded, moved_pixels(),
+    and encoded again (posterior means). Why: the module docstring, `moved_copies`."""
+    g = step_generator(seed, 0, "decoder/move")
+    pixels = decode(vae, latents)
+    return torch.cat([encode_images(vae, moved_pixels(pixels, g))[0] for _ in range(copies)]) \
+        if copies else latents[:0]
+
+
 def _split(latents: torch.Tensor, fraction: float, seed: int, stream: str) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.randperm(len(latents), generator=step_generator(seed, 0, stream))
     held = int(round(len(latents) * fraction))
@@ -399,6 +434,10 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
         raise NocloneError("decoder guard: balance_negatives needs one group id per negative")
     members = group_members(_split(groups, config.held_out_fraction, config.seed, "decoder/split/neg")[0]) \
         if config.balance_negatives else None  # in the negatives' order
+    if config.moved_copies:  # training positives only, as the recoloured copies (which recolour these too)
+        pos_train = torch.cat([pos_train, move(vae, pos_train, config.moved_copies, config.seed)])
+        if blur_train is not None:
+            blur_train = blur_train.repeat(config.moved_copies + 1)
     if config.recolored_copies:  # training positives only: the held-out rate stays measured on real ones
         pos_train = torch.cat([pos_train, recolor(vae, pos_train, config.recolored_copies, config.seed)])
         if blur_train is not None:
