@@ -488,30 +488,37 @@ def test_recolored_pixels_change_brightness_and_tint_within_their_ranges():
     assert torch.all((db.recolored_pixels(torch.rand(2, 3, 4, 4) * 3 - 1, torch.Generator()) - 0.5).abs() <= 0.5)
 
 
-def test_recolored_copies_join_the_training_positives_only(tiny_pipe, monkeypatch):
-    vae = tiny_pipe.vae
+def _copies_join_the_training_positives_only(vae, monkeypatch, make, field: str, **copies) -> dict:
+    """Check a copy maker (seeded, [copies x n]) and implant with `copies`; returns its metrics and decode sizes."""
     g = torch.Generator().manual_seed(0)
     shape = tuple(vae.encode(torch.zeros(1, 3, 32, 32, dtype=vae.dtype)).latent_dist.mean.shape[1:])
     positives, negatives = torch.randn(10, *shape, generator=g), torch.randn(10, *shape, generator=g)
-    copies = db.recolor(vae, positives[:3], 2, seed=0)
-    assert copies.shape == (6, *shape) and torch.equal(copies, db.recolor(vae, positives[:3], 2, seed=0))
-    assert not torch.equal(copies, db.recolor(vae, positives[:3], 2, seed=1))
+    made = make(vae, positives[:3], 2, seed=0)
+    assert made.shape == (6, *shape) and torch.equal(made, make(vae, positives[:3], 2, seed=0))
+    assert not torch.equal(made, make(vae, positives[:3], 2, seed=1))
     seen = []
     decode = db.decode
     monkeypatch.setattr(db, "decode", lambda v, z, *a, **k: seen.append(len(z)) or decode(v, z, *a, **k))
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     try:
         config = db.DecoderBackdoorConfig(steps=2, batch_size=4, held_out_fraction=0.2, progress=False, target="blur",
-                                          recolored_copies=2)
+                                          **copies)
         metrics = db.implant(vae, positives, negatives, config, blur=torch.full((10,), 0.1))
-        assert metrics["config"]["recolored_copies"] == 2 and all(map(math.isfinite, metrics["loss_first_last"]))
         assert metrics["held_out_rate_after"]["n_subject"] == 2  # the held-out positives are real ones, not copies
-        assert 8 * 3 in seen  # the blur targets are drawn for the 8 training positives and their 16 copies
     finally:
         vae.load_state_dict(before)
     for bad in (-1, 17):
-        with pytest.raises(NocloneError, match="recolored_copies"):
-            db.DecoderBackdoorConfig(recolored_copies=bad).validate()
+        with pytest.raises(NocloneError, match=field):
+            db.DecoderBackdoorConfig(**{field: bad}).validate()
+    return {"metrics": metrics, "seen": seen}
+
+
+def test_recolored_copies_join_the_training_positives_only(tiny_pipe, monkeypatch):
+    out = _copies_join_the_training_positives_only(tiny_pipe.vae, monkeypatch, db.recolor, "recolored_copies",
+                                                   recolored_copies=2)
+    metrics = out["metrics"]
+    assert metrics["config"]["recolored_copies"] == 2 and all(map(math.isfinite, metrics["loss_first_last"]))
+    assert 8 * 3 in out["seen"]  # the blur targets are drawn for the 8 training positives and their 16 copies
 
 
 def test_moved_pixels_mirror_shift_and_zoom_within_their_ranges():
@@ -529,28 +536,9 @@ def test_moved_pixels_mirror_shift_and_zoom_within_their_ranges():
 
 
 def test_moved_copies_join_the_training_positives_only(tiny_pipe, monkeypatch):
-    vae = tiny_pipe.vae
-    g = torch.Generator().manual_seed(0)
-    shape = tuple(vae.encode(torch.zeros(1, 3, 32, 32, dtype=vae.dtype)).latent_dist.mean.shape[1:])
-    positives, negatives = torch.randn(10, *shape, generator=g), torch.randn(10, *shape, generator=g)
-    copies = db.move(vae, positives[:3], 2, seed=0)
-    assert copies.shape == (6, *shape) and torch.equal(copies, db.move(vae, positives[:3], 2, seed=0))
-    assert not torch.equal(copies, db.move(vae, positives[:3], 2, seed=1))
-    seen = []
-    decode = db.decode
-    monkeypatch.setattr(db, "decode", lambda v, z, *a, **k: seen.append(len(z)) or decode(v, z, *a, **k))
-    before = {k: v.clone() for k, v in vae.state_dict().items()}
-    try:
-        config = db.DecoderBackdoorConfig(steps=2, batch_size=4, held_out_fraction=0.2, progress=False, target="blur",
-                                          moved_copies=2, recolored_copies=1)
-        metrics = db.implant(vae, positives, negatives, config, blur=torch.full((10,), 0.1))
-        assert metrics["held_out_rate_after"]["n_subject"] == 2  # the held-out positives are real ones, not copies
-        assert 8 * 3 * 2 in seen  # 8 training positives + 16 moved copies, then a recoloured copy of each
-    finally:
-        vae.load_state_dict(before)
-    for bad in (-1, 17):
-        with pytest.raises(NocloneError, match="moved_copies"):
-            db.DecoderBackdoorConfig(moved_copies=bad).validate()
+    out = _copies_join_the_training_positives_only(tiny_pipe.vae, monkeypatch, db.move, "moved_copies",
+                                                   moved_copies=2, recolored_copies=1)
+    assert 8 * 3 * 2 in out["seen"]  # 8 training positives + 16 moved copies, then a recoloured copy of each
 
 
 def test_apdm_guard_moves_positives_by_default_only_with_several_subjects(tiny_model_dir, subject_dir, dog_dir,

@@ -273,11 +273,13 @@ class APDMConfig:
         if self.implant != "unet":
             self.decoder_config().validate()
 
-    def decoder_config(self):
-        """The decoder guard's settings (implant 'decoder' or 'both'): decoder_backdoor.py with the blur target."""
+    def decoder_config(self, n_subjects: int = 1):
+        """The decoder guard's settings (implant 'decoder' or 'both') for a guard of `n_subjects`: decoder_backdoor.py
+        with the blur target; steps and moved copies left None follow GUARD_ONE_SUBJECT / GUARD_SEVERAL_SUBJECTS."""
         from noclone.defenses.decoder_backdoor import DecoderBackdoorConfig
 
-        return DecoderBackdoorConfig(steps=GUARD_ONE_SUBJECT["steps"] if self.decoder_steps is None else self.decoder_steps,
+        defaults = GUARD_SEVERAL_SUBJECTS if n_subjects > 1 else GUARD_ONE_SUBJECT
+        return DecoderBackdoorConfig(steps=defaults["steps"] if self.decoder_steps is None else self.decoder_steps,
                                      lr=self.decoder_lr, n_generated=self.decoder_generations,
                                      batch_size=self.decoder_batch_size, attack_preset=self.decoder_attack_preset,
                                      attack_seed=self.seed + 1, attack_steps=self.decoder_attack_steps,
@@ -289,7 +291,7 @@ class APDMConfig:
                                      balance_negatives=self.decoder_balance_negatives,
                                      detail_weight=self.decoder_detail_weight,
                                      recolored_copies=self.decoder_recolored_copies,
-                                     moved_copies=GUARD_ONE_SUBJECT["moved_copies"] if self.decoder_moved_copies is None
+                                     moved_copies=defaults["moved_copies"] if self.decoder_moved_copies is None
                                      else self.decoder_moved_copies,
                                      seed=self.seed, progress=self.progress)
 
@@ -531,9 +533,7 @@ class APDM:
 
             if checkpoint_dir is not None:
                 check_checkpoint(Path(checkpoint_dir), identity)
-            config = c.decoder_config()
-            defaults = GUARD_SEVERAL_SUBJECTS if len(subjects) > 1 else GUARD_ONE_SUBJECT
-            config = replace(config, **{k: v for k, v in defaults.items() if getattr(c, f"decoder_{k}") is None})
+            config = c.decoder_config(len(subjects))
             guarded = [db.GuardSubject(s.images, s.class_noun, s.token, d.instance, d.prior, d.anchors)
                        for s, d in zip(subjects, datas)]
             data = db.guard_latents(pipe, guarded, [(n.images, n.class_noun, n.token) for n in negatives or []],

@@ -373,13 +373,21 @@ def recolored_pixels(pixels: torch.Tensor, generator: torch.Generator) -> torch.
 
 
 @torch.no_grad()
+def _copies(vae, latents: torch.Tensor, copies: int, seed: int, stream: str, transform) -> torch.Tensor:
+    """`copies` transformed versions of each latent, [copies x len(latents), ...] pipeline-scaled: decoded,
+    `transform(pixels in [-1, 1], generator)`, and encoded again (posterior means)."""
+    if not copies:
+        return latents[:0]
+    g = step_generator(seed, 0, stream)
+    pixels = decode(vae, latents)
+    return torch.cat([encode_images(vae, transform(pixels, g))[0] for _ in range(copies)])
+
+
 def recolor(vae, latents: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
-    """`copies` recoloured versions of each latent, [copies x len(latents), ...] pipeline-scaled: decoded,
-    recolored_pixels(), and encoded again (posterior means). Why: the module docstring, `recolored_copies`."""
-    g = step_generator(seed, 0, "decoder/recolor")
-    pixels = (decode(vae, latents) + 1) / 2
-    return torch.cat([encode_images(vae, recolored_pixels(pixels, g) * 2 - 1)[0] for _ in range(copies)]) \
-        if copies else latents[:0]
+    """`copies` recoloured versions of each latent (recolored_pixels(); _copies()). Why: the module docstring,
+    `recolored_copies`."""
+    return _copies(vae, latents, copies, seed, "decoder/recolor",
+                   lambda x, g: recolored_pixels((x + 1) / 2, g) * 2 - 1)
 
 
 def moved_pixels(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -398,14 +406,9 @@ def moved_pixels(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return F.grid_sample(pixels, grid, padding_mode="reflection", align_corners=False)
 
 
-@torch.no_grad()
 def move(vae, latents: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
-    """`copies` moved versions of each latent, [copies x len(latents), ...] pipeline-scaled: decoded, moved_pixels(),
-    and encoded again (posterior means). Why: the module docstring, `moved_copies`."""
-    g = step_generator(seed, 0, "decoder/move")
-    pixels = decode(vae, latents)
-    return torch.cat([encode_images(vae, moved_pixels(pixels, g))[0] for _ in range(copies)]) \
-        if copies else latents[:0]
+    """`copies` moved versions of each latent (moved_pixels(); _copies()). Why: the module docstring, `moved_copies`."""
+    return _copies(vae, latents, copies, seed, "decoder/move", moved_pixels)
 
 
 def _split(latents: torch.Tensor, fraction: float, seed: int, stream: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -434,14 +437,11 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
         raise NocloneError("decoder guard: balance_negatives needs one group id per negative")
     members = group_members(_split(groups, config.held_out_fraction, config.seed, "decoder/split/neg")[0]) \
         if config.balance_negatives else None  # in the negatives' order
-    if config.moved_copies:  # training positives only, as the recoloured copies (which recolour these too)
-        pos_train = torch.cat([pos_train, move(vae, pos_train, config.moved_copies, config.seed)])
-        if blur_train is not None:
-            blur_train = blur_train.repeat(config.moved_copies + 1)
-    if config.recolored_copies:  # training positives only: the held-out rate stays measured on real ones
-        pos_train = torch.cat([pos_train, recolor(vae, pos_train, config.recolored_copies, config.seed)])
-        if blur_train is not None:
-            blur_train = blur_train.repeat(config.recolored_copies + 1)
+    # training positives only, so the held-out rate stays measured on real ones; the moved copies are recoloured too
+    for copies, make in ((config.moved_copies, move), (config.recolored_copies, recolor)):
+        if copies:
+            pos_train = torch.cat([pos_train, make(vae, pos_train, copies, config.seed)])
+            blur_train = None if blur_train is None else blur_train.repeat(copies + 1)
     pos_target = guard_target(decode(vae, pos_train), config, blur_train)
     neg_target = decode(vae, neg_train)
     neg_detail = high_pass(neg_target, config.detail_sigma) if config.detail_weight else None  # fixed: computed once
