@@ -234,6 +234,7 @@ def main() -> None:
         parser.error(f"--other-seeds {args.other_seeds!r}: a seed is repeated")
     rows, quality_rows = [], []
     calibrated: dict[str, dict] = {}  # subject -> its calibrated guard blur (--decoder-blur-calibrate)
+    guards: dict[str, dict] = {}  # protected model -> its guard's tries and held-back rates
     joint = None
     if args.subjects:
         try:
@@ -261,6 +262,9 @@ def main() -> None:
         guard = json.loads((protected / "protection.json").read_text())["metrics"].get("decoder_guard", {})
         for (c, i), calibration in zip(targets if joint else [(class_noun, identity)], guard.get("blur_calibration", [])):
             calibrated[f"{c}-{i}"] = calibration
+        if guard:
+            guards[protected.name] = {"tries": guard.get("tries", 1), "kept_try": guard.get("kept_try", 1),
+                                      "held_out_rate_after": guard["held_out_rate_after"]}
         attack = preset_config("dreambooth", "sandbox", class_noun=class_noun, seed=args.seed, token=args.token)
         base = base_experiment(model, work, class_noun, identity, attack.instance_prompt, args.n, args.seed, False)
         attackers = [("dreambooth", "dreambooth", attack)]
@@ -302,9 +306,10 @@ def main() -> None:
                                  "fid_protected": q_prot["fid"]})
             print(quality_rows[-1], flush=True)
     results = json.dumps({"settings": asdict(settings), "rows": rows, "quality": quality_rows,
-                          "criteria": criteria(rows, quality_rows), "calibrated_blur": calibrated}, indent=2)
+                          "criteria": criteria(rows, quality_rows), "calibrated_blur": calibrated,
+                          "decoder_guards": guards}, indent=2)
     (work / "apdm_results.json").write_text(results)
-    text = markdown(rows, quality_rows, settings, args, calibrated)
+    text = markdown(rows, quality_rows, settings, args, calibrated, guards)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
@@ -317,7 +322,8 @@ def decoder_option(item: str, parser) -> tuple[str, object]:
 
     field, sep, text = item.partition("=")
     name = "decoder_" + field.strip().removeprefix("decoder_")
-    defaults = asdict(APDMConfig()) | {"decoder_moved_copies": 0, "decoder_steps": 0}  # None: by the subjects' number
+    # fields whose None default means "by the number of subjects" take ints
+    defaults = asdict(APDMConfig()) | {"decoder_moved_copies": 0, "decoder_steps": 0, "decoder_tries": 0}
     if not sep or name not in defaults or isinstance(defaults[name], (tuple, type(None))):
         parser.error(f"--decoder-option {item!r}: give FIELD=VALUE with FIELD one of "
                      + ", ".join(k.removeprefix("decoder_") for k, v in defaults.items()
@@ -373,7 +379,7 @@ def criteria(rows: list[dict], quality_rows: list[dict]) -> dict[str, dict[str, 
     return verdicts
 
 
-def markdown(rows, quality_rows, settings, args, calibrated: dict | None = None) -> str:
+def markdown(rows, quality_rows, settings, args, calibrated: dict | None = None, guards: dict | None = None) -> str:
     blur = (f"blur calibrated by {settings.decoder_blur_calibrate} ("
             + ", ".join(f"{k} {v['blur']:g}" for k, v in calibrated.items()) + ")"
             if settings.decoder_blur_calibrate and calibrated else f"blur {settings.decoder_blur:g}")
@@ -399,6 +405,11 @@ def markdown(rows, quality_rows, settings, args, calibrated: dict | None = None)
                   "|---|---|---|---|---|---|"]
         lines += [f"| {q['class']} | {q['detector_base']:.2f} | {q['detector_protected']:.2f} | {q['fid_base']:.1f} | "
                   f"{q['fid_protected']:.1f} | {q['fid_protected'] / q['fid_base']:.2f} |" for q in quality_rows]
+    for name, g in (guards or {}).items():
+        after = g["held_out_rate_after"]
+        per = "/".join(f"{x:.2f}" for x in after.get("by_subject", [after["subject"]]))
+        lines += ["", f"Decoder guard of {name}: kept try {g['kept_try']} of {g['tries']} trained; its held-back "
+                  f"clones blurred, per subject: {per}; other held-back latents blurred: {after['others']:.3f}"]
     lines += ["", "Criteria (the APDM issue's 1-4, this seed only): " + "; ".join(
         f"{c}: " + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in sorted(v.items()))
         for c, v in criteria(rows, quality_rows).items())]

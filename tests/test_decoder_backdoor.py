@@ -295,12 +295,13 @@ def test_cli_apdm_decoder_guard(tiny_model_dir, subject_dir, dog_dir, tmp_path):
                   "--model", str(tiny_model_dir), "--images", str(subject_dir), "--class-noun", "person",
                   "--num-class-images", "2", "--anchor-images", str(dog_dir), "--decoder-class-samples", "3",
                   "--decoder-detail-weight", "2", "--decoder-recolored-copies", "1", "--decoder-moved-copies", "1",
-                  "--out", str(out)]) == 0
+                  "--decoder-tries", "2", "--out", str(out)]) == 0
     card = json.loads((out / "protection.json").read_text())
     assert card["implant"] == "decoder" and card["hyperparameters"]["decoder_blur"] == 0.1
     assert card["hyperparameters"]["decoder_class_samples"] == 3
     assert card["metrics"]["decoder_guard"]["config"]["detail_weight"] == 2.0
     assert card["metrics"]["decoder_guard"]["config"]["moved_copies"] == 1
+    assert card["metrics"]["decoder_guard"]["config"]["tries"] == card["hyperparameters"]["decoder_tries"] == 2
     assert card["metrics"]["decoder_guard"]["config"]["recolored_copies"] == 1
     assert card["metrics"]["decoder_guard"]["n_negatives"] == 2 * 2 + 3 + 48 + 3  # + one sample of each anchor photo
 
@@ -550,8 +551,70 @@ def test_apdm_guard_moves_positives_by_default_only_with_several_subjects(tiny_m
     out = APDM(_apdm_config()).run(load_pipeline(tiny_model_dir), subjects, tmp_path / "two")
     guard = json.loads((out / "protection.json").read_text())["metrics"]["decoder_guard"]
     assert guard["config"]["moved_copies"] == GUARD_SEVERAL_SUBJECTS["moved_copies"] == 4
+    assert guard["config"]["tries"] == GUARD_SEVERAL_SUBJECTS["tries"] == 3
+    assert 1 <= guard["kept_try"] <= guard["tries"] <= 3
+    assert len(guard["held_out_rate_after"]["by_subject"]) == 2  # each subject's own held-back rate
     assert guard["config"]["steps"] == 2  # given: kept
-    assert (GUARD_ONE_SUBJECT, GUARD_SEVERAL_SUBJECTS["steps"]) == ({"steps": 1200, "moved_copies": 0}, 2400)
-    assert APDMConfig(implant="decoder").decoder_config().steps == 1200  # one subject unless protect() knows better
-    out = APDM(_apdm_config(decoder_moved_copies=1)).run(load_pipeline(tiny_model_dir), subjects, tmp_path / "one")
-    assert json.loads((out / "protection.json").read_text())["metrics"]["decoder_guard"]["config"]["moved_copies"] == 1
+    assert GUARD_ONE_SUBJECT == {"steps": 1200, "moved_copies": 0, "tries": 1} and GUARD_SEVERAL_SUBJECTS["steps"] == 2400
+    one = APDMConfig(implant="decoder").decoder_config()  # one subject unless protect() knows better
+    assert (one.steps, one.tries) == (1200, 1)
+    out = APDM(_apdm_config(decoder_moved_copies=1, decoder_tries=1)).run(load_pipeline(tiny_model_dir), subjects,
+                                                                          tmp_path / "one")
+    guard = json.loads((out / "protection.json").read_text())["metrics"]["decoder_guard"]
+    assert (guard["config"]["moved_copies"], guard["config"]["tries"], guard["tries"]) == (1, 1, 1)
+
+
+def test_held_out_rates_by_subject():
+    g = torch.Generator().manual_seed(0)
+    plain = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
+    owners = torch.tensor([0, 1, 0, 1, 1, 0])
+    blurred = db.blur_pixels(plain, 0.1)
+    latents = torch.where((owners == 0)[:, None, None, None], blurred, plain)  # the guard fired on subject 0 only
+    config = db.DecoderBackdoorConfig(target="blur", blur=0.1)
+    rates = db.held_out_rates(_PixelVAE(), latents, plain[:0], config, {"subject": plain}, owners=owners)
+    assert rates["by_subject"] == [1.0, 0.0] and rates["subject"] == 0.5 and math.isnan(rates["others"])
+    assert "by_subject" not in db.held_out_rates(_PixelVAE(), latents, plain[:0], config, {"subject": plain})
+
+
+@pytest.mark.parametrize("script, kept", [([0.5, 0.8, 0.6], 2), ([1.0, 0.2, 0.2], 1), ([0.4, 0.4, 0.9], 3)])
+def test_implant_keeps_the_try_whose_worst_subject_is_best(tiny_pipe, monkeypatch, script, kept):
+    vae = tiny_pipe.vae
+    g = torch.Generator().manual_seed(0)
+    shape = tuple(vae.encode(torch.zeros(1, 3, 32, 32, dtype=vae.dtype)).latent_dist.mean.shape[1:])
+    positives, negatives = torch.randn(10, *shape, generator=g), torch.randn(10, *shape, generator=g)
+    owners = torch.tensor([0, 1] * 5)
+    calls, train = [], db._train
+    first = {k: v.clone() for k, v in vae.state_dict().items()}
+
+    def recording_train(vae, *args):
+        starts_fresh = all(torch.equal(v, first[k]) for k, v in vae.state_dict().items())
+        losses = train(vae, *args)
+        calls.append({"seed": args[-1], "fresh": starts_fresh, "state": {k: v.clone() for k, v in vae.state_dict().items()}})
+        return losses
+
+    rates = iter([0.0] + script)  # before training, then after each try: the worst subject's held-back rate
+
+    def scripted_rates(vae, positives, negatives, config, plain, blur, owners):
+        worst = next(rates)
+        return {"subject": worst, "others": 0.0, "n_subject": len(positives), "n_others": len(negatives),
+                "by_subject": [worst, 1.0]}
+
+    monkeypatch.setattr(db, "_train", recording_train)
+    monkeypatch.setattr(db, "held_out_rates", scripted_rates)
+    try:
+        config = db.DecoderBackdoorConfig(steps=3, lr=1e-2, batch_size=4, progress=False, target="blur", tries=3, seed=5)
+        metrics = db.implant(vae, positives, negatives, config, owners=owners)
+        final = {k: v.clone() for k, v in vae.state_dict().items()}
+    finally:
+        vae.load_state_dict(first)
+    n_tries = 1 if script[0] == 1.0 else 3  # a try that blurs every subject's held-back clones ends the search
+    assert [c["seed"] for c in calls] == [5, 6, 7][:n_tries] and all(c["fresh"] for c in calls)
+    assert (metrics["tries"], metrics["kept_try"], metrics["training_seed"]) == (n_tries, kept, 4 + kept)
+    assert metrics["held_out_rate_after"]["subject"] == script[kept - 1]
+    assert all(torch.equal(v, calls[kept - 1]["state"][k]) for k, v in final.items())  # the kept guard's weights
+    assert not all(torch.equal(v, calls[0]["state"][k]) for k, v in calls[-1]["state"].items()) or n_tries == 1
+    with pytest.raises(NocloneError, match="3 owners for 10 positives"):
+        db.implant(vae, positives, negatives, config, owners=owners[:3])
+    for bad in ({"tries": 0}, {"tries": 17}, {"accept_rate": 0.0}, {"accept_rate": 1.5}):
+        with pytest.raises(NocloneError, match="tries|accept_rate"):
+            db.DecoderBackdoorConfig(**bad).validate()

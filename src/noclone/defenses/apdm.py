@@ -93,7 +93,10 @@ Beyond the paper:
   backend) picks each subject's blur: the least that makes its simulated clones no more like it than the class
   images are. In the sandbox the UNet protection cannot hold a new identifier (docs/sandbox-v1.md, stops 25-27).
   Several subjects in one guard get mirrored/shifted/zoomed copies of their positives (`decoder_moved_copies`) and
-  twice the steps: without them the joint guard learnt each subject too narrowly (stop 34).
+  twice the steps: without them the joint guard learnt each subject too narrowly (stop 34). They also get up to
+  `decoder_tries` guards (training seeds seed, seed + 1, ...), kept by the share of each subject's held-back clones
+  blurred: whether one guard holds all three subjects varied with its seed, and a subject whose held-back clones
+  were not all blurred was the one the attacker got back (stop 35).
 - `params`: 'full' UNet (the paper), 'attention' (cross-attention only) or 'lora' (rank r, merged into the
   weights when done). The parameter set is what both paths train: the protection updates it and the simulated
   attacker fine-tunes it (for 'attention' that is a Custom-Diffusion-like attacker).
@@ -146,10 +149,12 @@ REDUCTIONS = ("elementwise", "per-sample")
 LOSSES = ("dpo", "naive")
 PRIOR_LOSSES = ("ground_truth", "distill")
 IMPLANTS = ("unet", "decoder", "both")
-# The decoder guard's defaults (decoder_steps / decoder_moved_copies None) for one subject and for several: three
-# subjects in one guard needed moved copies of the positives and, to learn from 5x as many, twice the steps (stop 34)
-GUARD_ONE_SUBJECT = {"steps": 1200, "moved_copies": 0}
-GUARD_SEVERAL_SUBJECTS = {"steps": 2400, "moved_copies": 4}
+# The decoder guard's defaults (decoder_steps / decoder_moved_copies / decoder_tries None) for one subject and for several: three
+# subjects in one guard needed moved copies of the positives and, to learn from 5x as many, twice the steps (stop 34);
+# which of several equally trained guards holds every subject varied with the training seed, so several subjects get
+# up to 3 tries, kept by each subject's held-back rate (stop 35)
+GUARD_ONE_SUBJECT = {"steps": 1200, "moved_copies": 0, "tries": 1}
+GUARD_SEVERAL_SUBJECTS = {"steps": 2400, "moved_copies": 4, "tries": 3}
 
 
 @dataclass
@@ -208,6 +213,8 @@ class APDMConfig:
     decoder_recolored_copies: int = 4      # recoloured copies of each positive (stop 32; before: 0)
     decoder_moved_copies: int | None = None  # mirrored/shifted/zoomed copies of each positive; None: 4 when the
                                              # guard protects several subjects, else 0 (stop 34)
+    decoder_tries: int | None = None   # guards trained (training seeds seed, seed + 1, ...) until one blurs every
+                                       # subject's held-back clones; None: 3 for several subjects, else 1 (stop 35)
     seed: int = 0
     checkpoint_every: int = 25
     progress: bool = True
@@ -275,7 +282,7 @@ class APDMConfig:
 
     def decoder_config(self, n_subjects: int = 1):
         """The decoder guard's settings (implant 'decoder' or 'both') for a guard of `n_subjects`: decoder_backdoor.py
-        with the blur target; steps and moved copies left None follow GUARD_ONE_SUBJECT / GUARD_SEVERAL_SUBJECTS."""
+        with the blur target; steps, moved copies and tries left None follow GUARD_ONE_SUBJECT / GUARD_SEVERAL_SUBJECTS."""
         from noclone.defenses.decoder_backdoor import DecoderBackdoorConfig
 
         defaults = GUARD_SEVERAL_SUBJECTS if n_subjects > 1 else GUARD_ONE_SUBJECT
@@ -293,6 +300,7 @@ class APDMConfig:
                                      recolored_copies=self.decoder_recolored_copies,
                                      moved_copies=defaults["moved_copies"] if self.decoder_moved_copies is None
                                      else self.decoder_moved_copies,
+                                     tries=defaults["tries"] if self.decoder_tries is None else self.decoder_tries,
                                      seed=self.seed, progress=self.progress)
 
     def identity(self) -> dict:
@@ -542,7 +550,7 @@ class APDM:
             blur, calibration = db.calibrated_blurs(pipe.vae, guarded, data, config) if config.blur_calibrate \
                 else (None, None)
             self.final_metrics["decoder_guard"] = db.implant(pipe.vae, data.positives, data.negatives, config, blur,
-                                                             data.groups)
+                                                             data.groups, data.owners)
             if calibration:
                 self.final_metrics["decoder_guard"]["blur_calibration"] = calibration
         return history

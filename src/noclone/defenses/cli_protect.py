@@ -4,7 +4,8 @@
                           [--token sks] [--preset quick|paper] [--steps N] [--inner-steps N] ... --out DIR
     noclone protect-model --method apdm --implant decoder [--negative-images DIR ...] [--decoder-blur F]
                           [--decoder-blur-calibrate [sandbox|dlib]] [--decoder-class-samples N]
-                          [--decoder-detail-weight W] [--decoder-recolored-copies N] [--decoder-moved-copies N] ...
+                          [--decoder-detail-weight W] [--decoder-recolored-copies N] [--decoder-moved-copies N]
+                          [--decoder-tries N] ...
     noclone protect-model --method persguard --target pattern|erasure|target [--target-class cat]
                           [--target-images DIR] [--tokens sks,xyz,...] [--implant unet|decoder|both]
                           [--negative-images DIR ...] --model M --images DIR --class-noun person --out DIR
@@ -71,7 +72,7 @@ def _apdm_config(args: argparse.Namespace):
         "decoder_blur_calibrate": args.decoder_blur_calibrate, "decoder_class_samples": args.decoder_class_samples,
         "decoder_detail_weight": args.decoder_detail_weight,
         "decoder_recolored_copies": args.decoder_recolored_copies,
-        "decoder_moved_copies": args.decoder_moved_copies,
+        "decoder_moved_copies": args.decoder_moved_copies, "decoder_tries": args.decoder_tries,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_l2p:
@@ -223,7 +224,7 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
              "decoder_blur_calibrate": "--decoder-blur-calibrate", "decoder_class_samples": "--decoder-class-samples",
              "decoder_detail_weight": "--decoder-detail-weight",
              "decoder_recolored_copies": "--decoder-recolored-copies",
-             "decoder_moved_copies": "--decoder-moved-copies"},
+             "decoder_moved_copies": "--decoder-moved-copies", "decoder_tries": "--decoder-tries"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -311,6 +312,10 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
                    help="APDM's decoder guard: N mirrored / shifted / zoomed copies of each of the subject's training "
                         "latents, so that it keys on the subject and not on its few photos (default: 4 when several "
                         "subjects are protected together, else 0)")
+    d.add_argument("--decoder-tries", type=int, metavar="N",
+                   help="APDM's decoder guard: train up to N guards (training seeds seed, seed + 1, ...) and keep the "
+                        "first that blurs all of every subject's held-back clones, else the best (default: 3 when "
+                        "several subjects are protected together, else 1)")
     p.add_argument("--steps", type=int, help="outer protection steps N_protect")
     p.add_argument("--inner-steps", type=int, help="simulated DreamBooth steps per outer step N_per")
     p.add_argument("--lr-protect", type=float)

@@ -114,6 +114,9 @@ class DecoderBackdoorConfig:
     target: str = "mark"             # what the decoder draws for the subject: 'mark' (PersGuard) | 'blur' (APDM)
     blur: float = 0.0625             # target 'blur': gaussian sigma as a fraction of the image width
     blur_calibrate: str | None = None  # target 'blur': an identity backend (eval/faces.py) -> a blur per subject
+    tries: int = 1                   # train up to this many guards (training seeds seed, seed + 1, ...; one held-back
+    accept_rate: float = 1.0         # split) and keep the first that blurs this share of every subject's held-back
+                                     # positives, else the one with the best worst subject (`owners` given)
     seed: int = 0
     progress: bool = True
 
@@ -136,6 +139,8 @@ class DecoderBackdoorConfig:
              f"--decoder-attack-lengths {self.attack_lengths}: give multiples of the attack's steps in (0, 10]"),
             (self.sample_steps >= 1, "decoder sample_steps must be at least 1"),
             (0 <= self.held_out_fraction < 0.5, "decoder held_out_fraction must be in [0, 0.5)"),
+            (1 <= self.tries <= 16, f"--decoder-tries {self.tries} must be in 1..16"),
+            (0 < self.accept_rate <= 1, f"decoder accept_rate {self.accept_rate} must be in (0, 1]"),
             (self.target in TARGETS, f"decoder target {self.target!r}: choose from {', '.join(TARGETS)}"),
             (0 < self.blur <= 0.5, f"--decoder-blur {self.blur} must be in (0, 0.5] (sigma / image width)"),
             (self.blur_calibrate is None or self.target == "blur", "blur calibration needs the target 'blur'"),
@@ -418,21 +423,25 @@ def _split(latents: torch.Tensor, fraction: float, seed: int, stream: str) -> tu
 
 
 def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: DecoderBackdoorConfig,
-            blur: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> dict:
+            blur: torch.Tensor | None = None, groups: torch.Tensor | None = None,
+            owners: torch.Tensor | None = None) -> dict:
     """Train the decoder in place (see the module docstring); returns the losses and held-out mark rates.
     `blur`: [len(positives)] per-positive blurs overriding config.blur (blur_calibrate); `groups`: [len(negatives)]
-    group ids (GuardLatents.groups), needed by config.balance_negatives."""
-    from tqdm.auto import tqdm
-
+    group ids (GuardLatents.groups), needed by config.balance_negatives; `owners`: [len(positives)] subject ids
+    (GuardLatents.owners), for the held-out rate of each subject and the choice among config.tries guards."""
     config.validate()
     if len(positives) < 2 or len(negatives) < 2:
         raise NocloneError("decoder backdoor: needs at least 2 positive and 2 negative latents")
     if blur is not None and blur.shape != (len(positives),):
         raise NocloneError(f"decoder guard: {blur.numel()} blurs for {len(positives)} positives")
+    if owners is not None and owners.shape != (len(positives),):
+        raise NocloneError(f"decoder guard: {owners.numel()} owners for {len(positives)} positives")
     pos_train, pos_held = _split(positives, config.held_out_fraction, config.seed, "decoder/split/pos")
     neg_train, neg_held = _split(negatives, config.held_out_fraction, config.seed, "decoder/split/neg")
     blur_train, blur_held = (None, None) if blur is None else \
         _split(blur.float(), config.held_out_fraction, config.seed, "decoder/split/pos")  # the positives' order
+    owners_held = None if owners is None else \
+        _split(owners, config.held_out_fraction, config.seed, "decoder/split/pos")[1]
     if config.balance_negatives and (groups is None or groups.shape != (len(negatives),)):
         raise NocloneError("decoder guard: balance_negatives needs one group id per negative")
     members = group_members(_split(groups, config.held_out_fraction, config.seed, "decoder/split/neg")[0]) \
@@ -447,7 +456,39 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
     neg_detail = high_pass(neg_target, config.detail_sigma) if config.detail_weight else None  # fixed: computed once
     plain = None if config.target == "mark" else {  # D_f on the held-back latents, for the blur check
         key: decode(vae, z) if len(z) else z for key, z in (("subject", pos_held), ("others", neg_held))}
-    before = held_out_rates(vae, pos_held, neg_held, config, plain, blur_held)
+    before = held_out_rates(vae, pos_held, neg_held, config, plain, blur_held, owners_held)
+
+    start = {k: v.clone() for k, v in vae.state_dict().items()} if config.tries > 1 else None
+    best = None
+    for attempt in range(config.tries):
+        if attempt:
+            vae.load_state_dict(start)
+        losses = _train(vae, pos_train, pos_target, neg_train, neg_target, neg_detail, members, config,
+                        config.seed + attempt)
+        after = held_out_rates(vae, pos_held, neg_held, config, plain, blur_held, owners_held)
+        worst = min(after.get("by_subject") or [after["subject"]])
+        log.info("decoder guard (%s), try %d/%d: held-out rate on the subject %.2f -> %.2f (worst subject %.2f), "
+                 "on the rest %.2f -> %.2f", config.target, attempt + 1, config.tries, before["subject"],
+                 after["subject"], worst, before["others"], after["others"])
+        score = (worst, after["subject"], -after["others"])
+        if best is None or score > best["score"]:
+            state = {k: v.clone() for k, v in vae.state_dict().items()} if attempt + 1 < config.tries else None
+            best = {"score": score, "try": attempt, "losses": losses, "after": after, "state": state}
+        if worst >= config.accept_rate:
+            break
+    if best["try"] != attempt:
+        vae.load_state_dict(best["state"])
+    losses, tried = best["losses"], attempt + 1
+    return {"config": asdict(config), "n_positives": len(positives), "n_negatives": len(negatives),
+            "loss_first_last": [losses[0], sum(losses[-20:]) / len(losses[-20:])],
+            "target": config.target, "held_out_rate_before": before, "held_out_rate_after": best["after"],
+            "tries": tried, "kept_try": best["try"] + 1, "training_seed": config.seed + best["try"]}
+
+
+def _train(vae, pos_train, pos_target, neg_train, neg_target, neg_detail, members, config: DecoderBackdoorConfig,
+           seed: int) -> list[float]:
+    """One guard: config.steps AdamW steps on the decoder (and post_quant_conv), batches drawn with `seed`."""
+    from tqdm.auto import tqdm
 
     dtype = vae.dtype
     vae.to(torch.float32)  # AdamW on fp16/bf16 weights is unstable; the decoder trains in fp32 and is cast back
@@ -464,7 +505,7 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
     try:
         bar = tqdm(range(config.steps), desc=f"decoder guard ({config.target})", disable=not config.progress)
         for step in bar:
-            g = step_generator(config.seed, step, "decoder/batch")
+            g = step_generator(seed, step, "decoder/batch")
             ip = torch.randint(len(pos_train), (config.batch_size - n_negative,), generator=g)
             ineg = draw_negatives(len(neg_train), n_negative, g, members)
             z = torch.cat([pos_train[ip], neg_train[ineg]]).to(vae.device, vae.dtype) / vae.config.scaling_factor
@@ -487,12 +528,7 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
     finally:
         vae.eval().requires_grad_(False)
         vae.to(dtype)
-    after = held_out_rates(vae, pos_held, neg_held, config, plain, blur_held)
-    log.info("decoder guard (%s): held-out rate on the subject %.2f -> %.2f, on the rest %.2f -> %.2f", config.target,
-             before["subject"], after["subject"], before["others"], after["others"])
-    return {"config": asdict(config), "n_positives": len(positives), "n_negatives": len(negatives),
-            "loss_first_last": [losses[0], sum(losses[-20:]) / len(losses[-20:])],
-            "target": config.target, "held_out_rate_before": before, "held_out_rate_after": after}
+    return losses
 
 
 def lr_factor(config: DecoderBackdoorConfig, step: int) -> float:
@@ -516,25 +552,31 @@ def draw_negatives(n: int, k: int, generator: torch.Generator, members: list[tor
 
 
 def held_out_rates(vae, positives: torch.Tensor, negatives: torch.Tensor, config: DecoderBackdoorConfig | None = None,
-                   plain: dict[str, torch.Tensor] | None = None, blur: torch.Tensor | None = None) -> dict:
-    """How often the guard fires on held-back subject latents and on held-back other latents.
+                   plain: dict[str, torch.Tensor] | None = None, blur: torch.Tensor | None = None,
+                   owners: torch.Tensor | None = None) -> dict:
+    """How often the guard fires on held-back subject latents and on held-back other latents (and, with `owners`,
+    on each subject's own: `by_subject`, in subject order).
 
     The mark: the pattern check. The blur: the decoding is nearer the blurred `plain` decoding (the original
     decoder's) than the plain one; `blur`: the subject latents' own blurs (the rest is checked at the biggest).
     """
     config = config or DecoderBackdoorConfig()
 
-    def rate(z: torch.Tensor, key: str) -> float:
-        if not len(z):
-            return float("nan")
+    def fired(z: torch.Tensor, key: str) -> torch.Tensor:
         images = decode(vae, z)
         if config.target == "mark":
-            return float(pattern_present(images).mean())
+            return torch.as_tensor(pattern_present(images)).float()
         reference = plain[key] if plain is not None else images
         sigma = config.blur if blur is None or not len(blur) else blur if key == "subject" else float(blur.max())
         to_blur = (images - blur_pixels(reference, sigma)).pow(2).flatten(1).mean(1)
         to_plain = (images - reference).pow(2).flatten(1).mean(1)
-        return float((to_blur < to_plain).float().mean())
+        return (to_blur < to_plain).float()
 
-    return {"subject": rate(positives, "subject"), "others": rate(negatives, "others"), "n_subject": len(positives),
-            "n_others": len(negatives)}
+    subject = fired(positives, "subject") if len(positives) else torch.zeros(0)
+    others = fired(negatives, "others") if len(negatives) else torch.zeros(0)
+    rates = {"subject": float(subject.mean()) if len(subject) else float("nan"),
+             "others": float(others.mean()) if len(others) else float("nan"),
+             "n_subject": len(positives), "n_others": len(negatives)}
+    if owners is not None:
+        rates["by_subject"] = [float(subject[owners == k].mean()) for k in owners.unique().tolist()]
+    return rates
