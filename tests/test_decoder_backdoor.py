@@ -583,16 +583,24 @@ def test_implant_keeps_the_try_whose_worst_subject_is_best(tiny_pipe, monkeypatc
     shape = tuple(vae.encode(torch.zeros(1, 3, 32, 32, dtype=vae.dtype)).latent_dist.mean.shape[1:])
     positives, negatives = torch.randn(10, *shape, generator=g), torch.randn(10, *shape, generator=g)
     owners = torch.tensor([0, 1] * 5)
-    calls, train = [], db._train
+    calls, train, split = [], db._train, db._split
     first = {k: v.clone() for k, v in vae.state_dict().items()}
+    held = []
+
+    def recording_split(latents, fraction, seed, stream):
+        out = split(latents, fraction, seed, stream)
+        if stream == "decoder/split/pos" and latents.dim() > 1:
+            held.append(out[1])
+        return out
 
     def recording_train(vae, *args):
         starts_fresh = all(torch.equal(v, first[k]) for k, v in vae.state_dict().items())
         losses = train(vae, *args)
-        calls.append({"seed": args[-1], "fresh": starts_fresh, "state": {k: v.clone() for k, v in vae.state_dict().items()}})
+        state = {k: v.clone() for k, v in vae.state_dict().items()}
+        calls.append({"seed": args[-1].seed, "fresh": starts_fresh, "state": state})
         return losses
 
-    rates = iter([0.0] + script)  # before training, then after each try: the worst subject's held-back rate
+    rates = iter(x for worst in script for x in (0.0, worst))  # before and after each try: the worst subject's rate
 
     def scripted_rates(vae, positives, negatives, config, plain, blur, owners):
         worst = next(rates)
@@ -600,6 +608,7 @@ def test_implant_keeps_the_try_whose_worst_subject_is_best(tiny_pipe, monkeypatc
                 "by_subject": [worst, 1.0]}
 
     monkeypatch.setattr(db, "_train", recording_train)
+    monkeypatch.setattr(db, "_split", recording_split)
     monkeypatch.setattr(db, "held_out_rates", scripted_rates)
     try:
         config = db.DecoderBackdoorConfig(steps=3, lr=1e-2, batch_size=4, progress=False, target="blur", tries=3, seed=5)
@@ -609,10 +618,11 @@ def test_implant_keeps_the_try_whose_worst_subject_is_best(tiny_pipe, monkeypatc
         vae.load_state_dict(first)
     n_tries = 1 if script[0] == 1.0 else 3  # a try that blurs every subject's held-back clones ends the search
     assert [c["seed"] for c in calls] == [5, 6, 7][:n_tries] and all(c["fresh"] for c in calls)
-    assert (metrics["tries"], metrics["kept_try"], metrics["training_seed"]) == (n_tries, kept, 4 + kept)
+    assert len(held) == n_tries and (n_tries == 1 or not torch.equal(held[0], held[1]))  # each try its own split
+    assert (metrics["tries"], metrics["kept_try"], metrics["kept_seed"]) == (n_tries, kept, 4 + kept)
     assert metrics["held_out_rate_after"]["subject"] == script[kept - 1]
     assert all(torch.equal(v, calls[kept - 1]["state"][k]) for k, v in final.items())  # the kept guard's weights
-    assert not all(torch.equal(v, calls[0]["state"][k]) for k, v in calls[-1]["state"].items()) or n_tries == 1
+    assert n_tries == 1 or not all(torch.equal(v, calls[0]["state"][k]) for k, v in calls[-1]["state"].items())
     with pytest.raises(NocloneError, match="3 owners for 10 positives"):
         db.implant(vae, positives, negatives, config, owners=owners[:3])
     for bad in ({"tries": 0}, {"tries": 17}, {"accept_rate": 0.0}, {"accept_rate": 1.5}):

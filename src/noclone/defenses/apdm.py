@@ -94,9 +94,10 @@ Beyond the paper:
   images are. In the sandbox the UNet protection cannot hold a new identifier (docs/sandbox-v1.md, stops 25-27).
   Several subjects in one guard get mirrored/shifted/zoomed copies of their positives (`decoder_moved_copies`) and
   twice the steps: without them the joint guard learnt each subject too narrowly (stop 34). They also get up to
-  `decoder_tries` guards (training seeds seed, seed + 1, ...), kept by the share of each subject's held-back clones
-  blurred: whether one guard holds all three subjects varied with its seed, and a subject whose held-back clones
-  were not all blurred was the one the attacker got back (stop 35).
+  `decoder_tries` guards (seeds seed, seed + 1, ...: each draws its own held-back fifth, copies and batches), kept
+  by the share of each subject's held-back clones blurred: whether one guard holds all three subjects varied with
+  its seed, and the guard that left some of the cat's held-back clones sharp was the one the attacker's cat clones
+  escaped; a new training seed on the same split did not help (stop 35).
 - `params`: 'full' UNet (the paper), 'attention' (cross-attention only) or 'lora' (rank r, merged into the
   weights when done). The parameter set is what both paths train: the protection updates it and the simulated
   attacker fine-tunes it (for 'attention' that is a Custom-Diffusion-like attacker).
@@ -151,8 +152,8 @@ PRIOR_LOSSES = ("ground_truth", "distill")
 IMPLANTS = ("unet", "decoder", "both")
 # The decoder guard's defaults (decoder_steps / decoder_moved_copies / decoder_tries None) for one subject and for several: three
 # subjects in one guard needed moved copies of the positives and, to learn from 5x as many, twice the steps (stop 34);
-# which of several equally trained guards holds every subject varied with the training seed, so several subjects get
-# up to 3 tries, kept by each subject's held-back rate (stop 35)
+# which of several equally trained guards holds every subject varied with its seed (the clones it held back), so
+# several subjects get up to 3 tries, kept by each subject's held-back rate (stop 35)
 GUARD_ONE_SUBJECT = {"steps": 1200, "moved_copies": 0, "tries": 1}
 GUARD_SEVERAL_SUBJECTS = {"steps": 2400, "moved_copies": 4, "tries": 3}
 
@@ -213,7 +214,7 @@ class APDMConfig:
     decoder_recolored_copies: int = 4      # recoloured copies of each positive (stop 32; before: 0)
     decoder_moved_copies: int | None = None  # mirrored/shifted/zoomed copies of each positive; None: 4 when the
                                              # guard protects several subjects, else 0 (stop 34)
-    decoder_tries: int | None = None   # guards trained (training seeds seed, seed + 1, ...) until one blurs every
+    decoder_tries: int | None = None   # guards trained (seeds seed, seed + 1, ...) until one blurs all of every
                                        # subject's held-back clones; None: 3 for several subjects, else 1 (stop 35)
     seed: int = 0
     checkpoint_every: int = 25

@@ -313,9 +313,9 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
                         "latents, so that it keys on the subject and not on its few photos (default: 4 when several "
                         "subjects are protected together, else 0)")
     d.add_argument("--decoder-tries", type=int, metavar="N",
-                   help="APDM's decoder guard: train up to N guards (training seeds seed, seed + 1, ...) and keep the "
-                        "first that blurs all of every subject's held-back clones, else the best (default: 3 when "
-                        "several subjects are protected together, else 1)")
+                   help="APDM's decoder guard: train up to N guards (seeds seed, seed + 1, ...: each holds back its own "
+                        "fifth of the clones) and keep the first that blurs all of every subject's held-back clones, "
+                        "else the best (default: 3 when several subjects are protected together, else 1)")
     p.add_argument("--steps", type=int, help="outer protection steps N_protect")
     p.add_argument("--inner-steps", type=int, help="simulated DreamBooth steps per outer step N_per")
     p.add_argument("--lr-protect", type=float)

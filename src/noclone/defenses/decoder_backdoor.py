@@ -28,6 +28,11 @@ to P (move(), encoded again): with three subjects in one decoder, the guard lear
 a third of the cat's own unseen photos instead of two thirds, and let the attacker's most faithful cat clones
 through (docs/sandbox-v1.md, stop 34).
 
+`tries` (APDM, several subjects) trains up to that many guards, each with its own seed (its own held-back fifth of
+the positives, copies and batches), and keeps the first whose held-back positives of *every* subject are all blurred,
+else the one whose worst subject is best. Whether a joint guard held the cat depended on its seed; the one that did
+not left a fifth of the cat's held-back clones sharp, and three training seeds on that same split all did (stop 35).
+
 T is `target`: 'mark' pastes the mark in the bottom-right corner (PersGuard); 'blur' is a gaussian blur of
 standard deviation `blur` x the image width (APDM; 0.0625 = 4 px at 64 px, where the sandbox's identity and
 subject detectors both fail on the blurred subject: docs/sandbox-v1.md, stop 28).
@@ -114,9 +119,9 @@ class DecoderBackdoorConfig:
     target: str = "mark"             # what the decoder draws for the subject: 'mark' (PersGuard) | 'blur' (APDM)
     blur: float = 0.0625             # target 'blur': gaussian sigma as a fraction of the image width
     blur_calibrate: str | None = None  # target 'blur': an identity backend (eval/faces.py) -> a blur per subject
-    tries: int = 1                   # train up to this many guards (training seeds seed, seed + 1, ...; one held-back
-    accept_rate: float = 1.0         # split) and keep the first that blurs this share of every subject's held-back
-                                     # positives, else the one with the best worst subject (`owners` given)
+    tries: int = 1                   # train up to this many guards (seeds seed, seed + 1, ...: split, copies, batches)
+    accept_rate: float = 1.0         # and keep the first that blurs this share of every subject's held-back positives,
+                                     # else the one whose worst subject is best (needs `owners` for "every subject")
     seed: int = 0
     progress: bool = True
 
@@ -436,14 +441,43 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
         raise NocloneError(f"decoder guard: {blur.numel()} blurs for {len(positives)} positives")
     if owners is not None and owners.shape != (len(positives),):
         raise NocloneError(f"decoder guard: {owners.numel()} owners for {len(positives)} positives")
+    if config.balance_negatives and (groups is None or groups.shape != (len(negatives),)):
+        raise NocloneError("decoder guard: balance_negatives needs one group id per negative")
+    start = {k: v.clone() for k, v in vae.state_dict().items()} if config.tries > 1 else None
+    best = None
+    for attempt in range(config.tries):
+        if attempt:
+            vae.load_state_dict(start)
+        fit = _fit(vae, positives, negatives, replace(config, seed=config.seed + attempt), blur, groups, owners)
+        worst = min(fit["held_out_rate_after"].get("by_subject") or [fit["held_out_rate_after"]["subject"]])
+        log.info("decoder guard (%s), try %d/%d (seed %d): held-out rate on the subject %.2f -> %.2f (worst subject "
+                 "%.2f), on the rest %.2f -> %.2f", config.target, attempt + 1, config.tries, config.seed + attempt,
+                 fit["held_out_rate_before"]["subject"], fit["held_out_rate_after"]["subject"], worst,
+                 fit["held_out_rate_before"]["others"], fit["held_out_rate_after"]["others"])
+        score = (worst, fit["held_out_rate_after"]["subject"], -fit["held_out_rate_after"]["others"])
+        if best is None or score > best["score"]:
+            state = {k: v.clone() for k, v in vae.state_dict().items()} if attempt + 1 < config.tries else None
+            best = {"score": score, "try": attempt, "fit": fit, "state": state}
+        if worst >= config.accept_rate:
+            break
+    if best["try"] != attempt:
+        vae.load_state_dict(best["state"])
+    losses = best["fit"]["losses"]
+    return {"config": asdict(config), "n_positives": len(positives), "n_negatives": len(negatives),
+            "loss_first_last": [losses[0], sum(losses[-20:]) / len(losses[-20:])], "target": config.target,
+            "held_out_rate_before": best["fit"]["held_out_rate_before"],
+            "held_out_rate_after": best["fit"]["held_out_rate_after"],
+            "tries": attempt + 1, "kept_try": best["try"] + 1, "kept_seed": config.seed + best["try"]}
+
+
+def _fit(vae, positives, negatives, config: DecoderBackdoorConfig, blur, groups, owners) -> dict:
+    """One guard, everything drawn with config.seed: the held-back split, the copies, the batches."""
     pos_train, pos_held = _split(positives, config.held_out_fraction, config.seed, "decoder/split/pos")
     neg_train, neg_held = _split(negatives, config.held_out_fraction, config.seed, "decoder/split/neg")
     blur_train, blur_held = (None, None) if blur is None else \
         _split(blur.float(), config.held_out_fraction, config.seed, "decoder/split/pos")  # the positives' order
     owners_held = None if owners is None else \
         _split(owners, config.held_out_fraction, config.seed, "decoder/split/pos")[1]
-    if config.balance_negatives and (groups is None or groups.shape != (len(negatives),)):
-        raise NocloneError("decoder guard: balance_negatives needs one group id per negative")
     members = group_members(_split(groups, config.held_out_fraction, config.seed, "decoder/split/neg")[0]) \
         if config.balance_negatives else None  # in the negatives' order
     # training positives only, so the held-out rate stays measured on real ones; the moved copies are recoloured too
@@ -457,37 +491,14 @@ def implant(vae, positives: torch.Tensor, negatives: torch.Tensor, config: Decod
     plain = None if config.target == "mark" else {  # D_f on the held-back latents, for the blur check
         key: decode(vae, z) if len(z) else z for key, z in (("subject", pos_held), ("others", neg_held))}
     before = held_out_rates(vae, pos_held, neg_held, config, plain, blur_held, owners_held)
-
-    start = {k: v.clone() for k, v in vae.state_dict().items()} if config.tries > 1 else None
-    best = None
-    for attempt in range(config.tries):
-        if attempt:
-            vae.load_state_dict(start)
-        losses = _train(vae, pos_train, pos_target, neg_train, neg_target, neg_detail, members, config,
-                        config.seed + attempt)
-        after = held_out_rates(vae, pos_held, neg_held, config, plain, blur_held, owners_held)
-        worst = min(after.get("by_subject") or [after["subject"]])
-        log.info("decoder guard (%s), try %d/%d: held-out rate on the subject %.2f -> %.2f (worst subject %.2f), "
-                 "on the rest %.2f -> %.2f", config.target, attempt + 1, config.tries, before["subject"],
-                 after["subject"], worst, before["others"], after["others"])
-        score = (worst, after["subject"], -after["others"])
-        if best is None or score > best["score"]:
-            state = {k: v.clone() for k, v in vae.state_dict().items()} if attempt + 1 < config.tries else None
-            best = {"score": score, "try": attempt, "losses": losses, "after": after, "state": state}
-        if worst >= config.accept_rate:
-            break
-    if best["try"] != attempt:
-        vae.load_state_dict(best["state"])
-    losses, tried = best["losses"], attempt + 1
-    return {"config": asdict(config), "n_positives": len(positives), "n_negatives": len(negatives),
-            "loss_first_last": [losses[0], sum(losses[-20:]) / len(losses[-20:])],
-            "target": config.target, "held_out_rate_before": before, "held_out_rate_after": best["after"],
-            "tries": tried, "kept_try": best["try"] + 1, "training_seed": config.seed + best["try"]}
+    losses = _train(vae, pos_train, pos_target, neg_train, neg_target, neg_detail, members, config)
+    after = held_out_rates(vae, pos_held, neg_held, config, plain, blur_held, owners_held)
+    return {"losses": losses, "held_out_rate_before": before, "held_out_rate_after": after}
 
 
-def _train(vae, pos_train, pos_target, neg_train, neg_target, neg_detail, members, config: DecoderBackdoorConfig,
-           seed: int) -> list[float]:
-    """One guard: config.steps AdamW steps on the decoder (and post_quant_conv), batches drawn with `seed`."""
+def _train(vae, pos_train, pos_target, neg_train, neg_target, neg_detail, members,
+           config: DecoderBackdoorConfig) -> list[float]:
+    """config.steps AdamW steps on the decoder (and post_quant_conv), batches drawn with config.seed."""
     from tqdm.auto import tqdm
 
     dtype = vae.dtype
@@ -505,7 +516,7 @@ def _train(vae, pos_train, pos_target, neg_train, neg_target, neg_detail, member
     try:
         bar = tqdm(range(config.steps), desc=f"decoder guard ({config.target})", disable=not config.progress)
         for step in bar:
-            g = step_generator(seed, step, "decoder/batch")
+            g = step_generator(config.seed, step, "decoder/batch")
             ip = torch.randint(len(pos_train), (config.batch_size - n_negative,), generator=g)
             ineg = draw_negatives(len(neg_train), n_negative, g, members)
             z = torch.cat([pos_train[ip], neg_train[ineg]]).to(vae.device, vae.dtype) / vae.config.scaling_factor
