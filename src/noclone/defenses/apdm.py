@@ -150,10 +150,10 @@ REDUCTIONS = ("elementwise", "per-sample")
 LOSSES = ("dpo", "naive")
 PRIOR_LOSSES = ("ground_truth", "distill")
 IMPLANTS = ("unet", "decoder", "both")
-# The decoder guard's defaults (decoder_steps / decoder_moved_copies / decoder_tries None) for one subject and for several: three
-# subjects in one guard needed moved copies of the positives and, to learn from 5x as many, twice the steps (stop 34);
-# which of several equally trained guards holds every subject varied with its seed (the clones it held back), so
-# several subjects get up to 3 tries, kept by each subject's held-back rate (stop 35)
+# The decoder guard's defaults (decoder_steps / decoder_moved_copies / decoder_tries None) for one subject and for
+# several: three subjects in one guard needed moved copies of the positives and, to learn from 5x as many, twice
+# the steps (stop 34); which of several equally trained guards holds every subject varied with its seed (the
+# clones it held back), so several subjects get up to 3 tries, kept by each subject's held-back rate (stop 35)
 GUARD_ONE_SUBJECT = {"steps": 1200, "moved_copies": 0, "tries": 1}
 GUARD_SEVERAL_SUBJECTS = {"steps": 2400, "moved_copies": 4, "tries": 3}
 
@@ -283,7 +283,8 @@ class APDMConfig:
 
     def decoder_config(self, n_subjects: int = 1):
         """The decoder guard's settings (implant 'decoder' or 'both') for a guard of `n_subjects`: decoder_backdoor.py
-        with the blur target; steps, moved copies and tries left None follow GUARD_ONE_SUBJECT / GUARD_SEVERAL_SUBJECTS."""
+        with the blur target; steps, moved copies and tries left None follow GUARD_ONE_SUBJECT /
+        GUARD_SEVERAL_SUBJECTS."""
         from noclone.defenses.decoder_backdoor import DecoderBackdoorConfig
 
         defaults = GUARD_SEVERAL_SUBJECTS if n_subjects > 1 else GUARD_ONE_SUBJECT

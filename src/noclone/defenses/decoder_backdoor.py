@@ -574,6 +574,8 @@ def held_out_rates(vae, positives: torch.Tensor, negatives: torch.Tensor, config
     config = config or DecoderBackdoorConfig()
 
     def fired(z: torch.Tensor, key: str) -> torch.Tensor:
+        if not len(z):
+            return torch.zeros(0)
         images = decode(vae, z)
         if config.target == "mark":
             return torch.as_tensor(pattern_present(images)).float()
@@ -583,8 +585,7 @@ def held_out_rates(vae, positives: torch.Tensor, negatives: torch.Tensor, config
         to_plain = (images - reference).pow(2).flatten(1).mean(1)
         return (to_blur < to_plain).float()
 
-    subject = fired(positives, "subject") if len(positives) else torch.zeros(0)
-    others = fired(negatives, "others") if len(negatives) else torch.zeros(0)
+    subject, others = fired(positives, "subject"), fired(negatives, "others")
     rates = {"subject": float(subject.mean()) if len(subject) else float("nan"),
              "others": float(others.mean()) if len(others) else float("nan"),
              "n_subject": len(positives), "n_others": len(negatives)}
