@@ -136,16 +136,44 @@ def save_pipeline(pipe, out: str | Path, *, single_file: str | Path | None = Non
                   extra_files: dict[str, str] | None = None) -> Path:
     """Write a diffusers directory loadable by stock `StableDiffusionPipeline.from_pretrained`, atomically.
 
+    The text encoder is always written in fp32; the UNet and VAE keep the pipeline's dtype. Stock loading with
+    default arguments then gives one dtype: diffusers loads its models in fp32 whatever their stored dtype, while
+    transformers 5 keeps a model's saved dtype (its config's `dtype`), so an fp16 text encoder beside an fp32 UNet
+    fails ("mat1 and mat2 must have the same dtype") and diffusers' DreamBooth script refuses it for
+    --train_text_encoder. The values are the pipeline's own, upcast exactly.
     `extra_files` maps relative names to text written beside it (cards such as protection.json).
     `single_file` also writes one noclone-format `.safetensors` with every component.
     """
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
+        if getattr(pipe, "text_encoder", None) is not None:
+            write_text_encoder_fp32(pipe.text_encoder, tmp / "text_encoder")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     if single_file is not None:
         save_single_file(pipe, single_file)
     return Path(out)
+
+
+def write_text_encoder_fp32(text_encoder, folder: str | Path) -> Path:
+    """(Re)write a transformers text encoder into `folder` with fp32 weights and `"dtype": "float32"` in its config,
+    so `CLIPTextModel.from_pretrained` with default arguments gives fp32 (transformers 5 loads the saved dtype).
+    The model in memory is left as it is; a text encoder already all-fp32 is written unchanged."""
+    folder = Path(folder)
+    state = text_encoder.state_dict()
+    if all(not t.is_floating_point() or t.dtype == torch.float32 for t in state.values()) \
+            and (folder / "config.json").is_file():
+        return folder
+    for stale in folder.glob("model*.safetensors*"):  # a sharded or differently named earlier write
+        stale.unlink()
+    fp32 = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().to("cpu"))
+            for k, v in state.items()}
+    text_encoder.save_pretrained(str(folder), state_dict=fp32, safe_serialization=True)
+    config_file = folder / "config.json"  # save_pretrained records the model's in-memory dtype: say what was written
+    config = json.loads(config_file.read_text())
+    config["dtype"] = "float32"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
 
 
 def save_single_file(pipe, path: str | Path) -> Path:

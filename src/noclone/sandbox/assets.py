@@ -11,7 +11,7 @@ WEIGHTS = Path(__file__).parent / "weights"
 
 
 def model_dir() -> Path:
-    """The shipped sandbox Stable Diffusion pipeline (diffusers layout, fp16 safetensors)."""
+    """The shipped sandbox Stable Diffusion pipeline (diffusers layout; UNet and VAE fp16, text encoder fp32)."""
     path = WEIGHTS / "model"
     if not (path / "model_index.json").is_file():
         raise NocloneError(f"{path}: the shipped sandbox model is missing from this installation")

@@ -272,7 +272,7 @@ def train_identifier_stage(pipe, images: np.ndarray, labels, work: Path, cfg: Sa
 
 def train_sandbox_model(out: str | Path, cfg: SandboxTrainConfig | None = None, work: str | Path | None = None,
                         init_from: str | Path | None = None) -> Path:
-    """Train the sandbox pipeline and write it as an fp16 diffusers directory at `out`.
+    """Train the sandbox pipeline and write it as a diffusers directory at `out` (UNet and VAE fp16, text encoder fp32).
 
     With `init_from` (a sandbox pipeline directory), stage 1 is skipped: its VAE, UNet and text encoder are the start.
     """
