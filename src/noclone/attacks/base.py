@@ -18,6 +18,7 @@ from noclone.errors import NocloneError
 from noclone.training.data import LatentSet, SubjectData, pipeline_resolution
 from noclone.training.diffusion import diffusion_loss, prompt_condition, step_generator, training_scheduler
 from noclone.training.loop import LoopConfig, run_training
+from noclone.training.precision import compute_dtype, settle_pipeline, upcast_trainable
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +194,18 @@ class Personalization(ABC):
 
     # --- the shared run ---
     def train(self, pipe, images, checkpoint_dir: Path | None = None, class_cache: Path | None = None) -> list[dict]:
-        """Fine-tune `pipe` in place on the subject's images; returns the loss history."""
+        """Fine-tune `pipe` in place on the subject's images; returns the loss history. A half pipeline trains fp32
+        master weights under autocast and comes out fp32 (noclone.training.precision; LoRA adapters stay beside
+        the half base)."""
         config = self.config
         torch.manual_seed(config.seed)
+        dtype = compute_dtype(pipe.unet, pipe.vae, pipe.text_encoder)
         pipe.vae.requires_grad_(False)
         pipe.unet.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         data = build_subject_data(pipe, images, config, class_cache)
         params = self.prepare(pipe)
+        upcast_trainable(p for _, p in params)
         optimizer = self.optimizer(params)
         cond_cache: dict = {}
         scheduler = training_scheduler(pipe)
@@ -215,12 +220,14 @@ class Personalization(ABC):
             _check_checkpoint_matches(checkpoint_dir, config)
         history = run_training(
             params, optimizer, step_fn,
-            LoopConfig(config.steps, checkpoint_dir, config.checkpoint_every, f"{self.name}", config.progress),
+            LoopConfig(config.steps, checkpoint_dir, config.checkpoint_every, f"{self.name}", config.progress,
+                       autocast=dtype),
             after_step=lambda step: self.after_step(pipe, step),
         )
         for module in (pipe.unet, pipe.text_encoder):
             module.eval()
             module.requires_grad_(False)
+        settle_pipeline(pipe)
         return history
 
     def run(self, pipe, images_dir: str | Path, out: str | Path, overwrite: bool = False,

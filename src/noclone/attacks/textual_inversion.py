@@ -26,6 +26,10 @@ class TextualInversion(Personalization):
         with torch.no_grad():
             embeddings[self.token_id] = embeddings[init_ids].mean(0)
         self.original = embeddings.detach().clone()
+        # the encoder whole in fp32, as diffusers' textual_inversion.py keeps it: an fp32 embedding feeding half
+        # layer norms is not covered by CPU autocast (noclone.training.precision)
+        torch.nn.Module.to(encoder, torch.float32)
+        embeddings = encoder.get_input_embeddings().weight
         embeddings.requires_grad_(True)
         # keeps dropout off: only the embedding row learns, the encoder is otherwise frozen
         encoder.eval()

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "cloak.json"
 DEFAULT_BUDGET = 8 / 255
+DEFAULT_PRESET = "sandbox"
+NULLABLE_SETTINGS = frozenset({"max_grad_norm"})  # None is a value here (no clipping), not "not given"
 
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -134,11 +136,12 @@ class CloakConfig(PromptTemplates):
 
 def make_config(config_class: type[CloakConfig], presets: dict[str, dict], preset: str = "sandbox",
                 **settings) -> CloakConfig:
-    """`config_class` with the preset's values, then the settings given (None values are ignored)."""
+    """`config_class` with the preset's values, then the settings given (None values are ignored, except
+    `max_grad_norm`, where None means no gradient clipping)."""
     if preset not in presets:
         raise NocloneError(f"unknown preset {preset!r}; choose from {', '.join(presets)}")
     known = {f.name for f in fields(config_class)}
-    given = {k: v for k, v in settings.items() if v is not None}
+    given = {k: v for k, v in settings.items() if v is not None or k in NULLABLE_SETTINGS}
     unknown = sorted(set(given) - known)
     if unknown:
         raise NocloneError(f"unknown setting(s) for this cloak: {', '.join(unknown)}")
@@ -230,11 +233,26 @@ class Cloak(ABC):
             raise NocloneError("give either a config or settings, not both")
         self.config = config if config is not None else make_config(self.config_class, self.PRESETS, preset, **settings)
         self.config.validate()
+        self.preset_name = None if config is not None else preset  # a config given directly has no preset
         self.stats: dict[str, Any] = {}
 
     @classmethod
     def preset_config(cls, preset: str = "sandbox", **settings) -> CloakConfig:
         return make_config(cls.config_class, cls.PRESETS, preset, **settings)
+
+    @classmethod
+    def show(cls, preset: str) -> str:
+        """The `--show` table of a preset: each setting, its value, the default preset's, `*` where they differ."""
+        from noclone.presets import format_table, table_rows
+
+        return format_table(f"{cls.name} preset {preset!r}", table_rows(cls.preset_config(preset),
+                                                                        cls.preset_config(DEFAULT_PRESET)),
+                            DEFAULT_PRESET, cls.preset_notes(preset))
+
+    @classmethod
+    def preset_notes(cls, preset: str) -> list[str]:
+        """Lines printed under a preset's table (what it reproduces, what it needs)."""
+        return []
 
     # --- what a method implements ---
     @property
@@ -275,8 +293,13 @@ class Cloak(ABC):
         """What cloak.json says about the method (settings, model fingerprint): never image data."""
         from noclone.models.pipeline import model_fingerprint
 
+        from noclone.presets import card_entry
+
         info = {"method": self.name, "settings": self.config.manifest(), "seed": self.config.seed,
                 "working_resolution": self.resolution}
+        # `preset` and, under `preset_settings`, the settings that differ from the default preset
+        entry = card_entry(self.preset_name, self.config, self.preset_config(DEFAULT_PRESET), DEFAULT_PRESET)
+        info.update(preset=entry["preset"], preset_settings=entry["settings"])
         if self.pipe is not None:
             info["model_fingerprint"] = model_fingerprint(self.pipe)
         if self.stats:

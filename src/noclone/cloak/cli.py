@@ -1,9 +1,16 @@
 """`noclone protect-images` (cloak a folder of photos) and `noclone rid train` (train a RID generator).
 
     noclone protect-images --method rid|aspl|fsmg|advdm|photoguard [--model M] [--budget 8/255] [--steps N]
-                           [--seed S] [--generator DIR] [--preset sandbox|paper] --images DIR --out DIR [--overwrite]
+                           [--seed S] [--generator DIR] [--preset sandbox|paper|paper-sd21|official|official-sd21]
+                           [--clean-images DIR] [--max-grad-norm none|F] --images DIR --out DIR [--overwrite]
+    noclone protect-images --method rid|aspl --preset NAME --show
     noclone rid train --models M1[,M2,...] [--images DIR ... | --sandbox-identities N] --out DIR [--steps N]
-                      [--arch conv|dit] [--budget 8/255] [--regression-subjects N]
+                      [--preset NAME] [--arch conv|dit|dit-paper] [--budget 8/255] [--regression-subjects N]
+                      [--weight-decay W] [--warmup-steps N] [--max-grad-norm none|F]
+    noclone rid train --preset NAME --show
+
+`--show` prints the preset's settings table (setting, value, the default preset's value, * where different) and
+exits without needing the other arguments.
 
 Budgets and step sizes are L_inf values in [0, 1] pixel units, written as a fraction (8/255) or a number (0.03).
 Wire into the main parser with `add_protect_images_parser(sub)` and `add_rid_parser(sub)`.
@@ -22,13 +29,44 @@ log = logging.getLogger("noclone")
 METHODS = ("rid", "aspl", "fsmg", "advdm", "photoguard")
 
 
-def cmd_protect_images(args: argparse.Namespace) -> Path:
+def _require(args: argparse.Namespace, *flags: str) -> None:
+    """The flags argparse no longer requires (so that --show needs none): exit 2 as argparse would."""
+    missing = [flag for flag in flags if getattr(args, flag[2:].replace("-", "_"), None) in (None, [])]
+    if not missing:
+        return
+    if getattr(args, "parser", None) is not None:
+        args.parser.error(f"the following arguments are required: {', '.join(missing)}")
+    raise NocloneError(f"the following arguments are required: {', '.join(missing)}")
+
+
+def show_cloak_preset(method: str, preset: str) -> str:
+    """The --show table of a protect-images preset (rid: the generator's training recipe)."""
+    from noclone.cloak.base import cloak_methods
+
+    if method == "rid":
+        from noclone.cloak.rid import RIDRecipe
+
+        if preset not in RIDRecipe.PRESETS:
+            raise NocloneError(f"unknown RID preset {preset!r}; choose from {', '.join(RIDRecipe.PRESETS)}")
+        return RIDRecipe.show(preset) + ("\nnote: protect-images runs a trained generator once per photo; the "
+                                         "preset is how that generator is trained (noclone rid train --preset)")
+    return cloak_methods()[method].show(preset)
+
+
+def cmd_protect_images(args: argparse.Namespace) -> Path | None:
     from noclone.attacks.base import load_subject_images
     from noclone.cli import load_model
     from noclone.cloak.base import check_output_dir, parse_budget, parse_step_size, protect_folder
+    from noclone.presets import parse_max_grad_norm
 
     if args.method not in METHODS:
         raise NocloneError(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
+    if getattr(args, "show", False):
+        print(show_cloak_preset(args.method, args.preset))
+        return None
+    _require(args, "--images", "--out")
+    if args.clean_images is not None and args.method != "aspl":
+        raise NocloneError("--clean-images only applies to --method aspl")
     budget = parse_budget(args.budget) if args.budget is not None else None
     step_size = parse_step_size(args.step_size)
     if args.steps is not None and args.steps < 1:
@@ -45,10 +83,31 @@ def cmd_protect_images(args: argparse.Namespace) -> Path:
         if args.model is not None:
             log.info("--model is not used by rid (the generator was trained against its own models)")
         model = None
-        settings.update(generator=args.generator, steps=args.steps, step_size=step_size)
+        settings.update(generator=args.generator, steps=args.steps, step_size=step_size, preset=args.preset)
     else:
-        model = load_model(args)
+        from noclone.cloak.base import cloak_methods
+
         settings.update(preset=args.preset, steps=args.steps, step_size=step_size)
+        if args.max_grad_norm is not None:
+            settings["max_grad_norm"] = parse_max_grad_norm(args.max_grad_norm)
+        if args.train_text_encoder is not None:
+            settings["train_text_encoder"] = args.train_text_encoder
+        if args.clean_images is not None:
+            load_subject_images(args.clean_images)  # bad photos fail before any model loads
+            settings["clean_images"] = args.clean_images
+        checked = {k: v for k, v in settings.items() if k not in ("clean_images",)}
+        config = cloak_methods()[args.method].preset_config(**checked)  # settings fail before the model loads
+        wanted = getattr(config, "dtype", "auto")
+        if wanted != "auto" and args.dtype == "auto":
+            args.dtype = wanted
+        elif wanted != "auto" and args.dtype != wanted:
+            log.warning("preset %s runs in %s; --dtype %s given instead", args.preset, wanted, args.dtype)
+        if hasattr(config, "dtype") and args.dtype != "auto":
+            settings["dtype"] = args.dtype
+        if getattr(config, "clean_set", False) and args.clean_images is None:
+            raise NocloneError(f"--preset {args.preset} fine-tunes the surrogate on a separate clean set of the "
+                               "subject (the official script's set A): give --clean-images DIR")
+        model = load_model(args)
     out = protect_folder(args.method, args.images, args.out, model, overwrite=args.overwrite, **settings)
     log.info("protected photos written to %s (manifest: %s/cloak.json)", out, out)
     return out
@@ -63,29 +122,47 @@ def add_protect_images_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(model=None)  # required by the optimization methods, unused by rid
     _set_help(p, "model", "diffusers directory, .safetensors file, or 'sandbox' (required by every method but rid)")
     p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)}")
-    p.add_argument("--images", required=True, help="folder of the subject's photos (never modified)")
-    p.add_argument("--out", required=True, help="output folder: protected PNGs + cloak.json")
+    p.add_argument("--images", help="folder of the subject's photos (never modified; required)")
+    p.add_argument("--out", help="output folder: protected PNGs + cloak.json (required)")
     p.add_argument("--budget", help="L_inf budget in [0, 1] pixels, e.g. 8/255 or 0.03 (default: the preset's)")
     p.add_argument("--step-size", help="PGD step in [0, 1] pixels, e.g. 1/255 (default: the preset's)")
     p.add_argument("--steps", type=int, help="PGD steps (aspl: outer rounds) (default: the preset's)")
-    p.add_argument("--preset", default="sandbox", help="sandbox (64 px, seconds per photo, default) or paper (SD1.5 at 512 px)")
+    p.add_argument("--preset", default="sandbox",
+                   help="sandbox (64 px, seconds per photo, default), paper (SD1.5 at 512 px), official (rid, aspl: "
+                        "the released code's quirks), paper-sd21, official-sd21")
+    p.add_argument("--show", action="store_true", help="print the preset's settings table and exit")
+    p.add_argument("--clean-images",
+                   help="aspl: a folder of other clean photos of the same subject (set A): the surrogate fine-tunes "
+                        "on them while PGD perturbs --images, as the official script (default: --images)")
+    p.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="aspl: the surrogate also fine-tunes the text encoder (default: the preset's; official: on)")
+    p.add_argument("--max-grad-norm", metavar="none|FLOAT",
+                   help="aspl, fsmg: gradient clipping of the surrogate's DreamBooth steps (default 1.0; none: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--generator", help="rid: a generator directory (default: the shipped sandbox generator)")
     p.add_argument("--class-noun", default="person", help="the attacker's class noun in the instance prompt")
     p.add_argument("--token", default="sks", help="the attacker's identifier token in the instance prompt")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_protect_images)
+    p.set_defaults(func=cmd_protect_images, parser=p)
     return p
 
 
-def cmd_rid_train(args: argparse.Namespace) -> Path:
+def cmd_rid_train(args: argparse.Namespace) -> Path | None:
     from noclone.cli import _refuse_existing, load_model
     from noclone.cloak.base import parse_budget
-    from noclone.cloak.rid import RIDTrainConfig, train_rid_generator
+    from noclone.cloak.rid import RIDRecipe, train_rid_generator
+    from noclone.cloak.rid_nets import ARCHS
+    from noclone.presets import parse_max_grad_norm
 
-    if args.arch not in ("conv", "dit"):
-        raise NocloneError(f"unknown --arch {args.arch!r}; choose conv or dit")
-    budget = parse_budget(args.budget)
+    if args.preset not in RIDRecipe.PRESETS:
+        raise NocloneError(f"unknown RID preset {args.preset!r}; choose from {', '.join(RIDRecipe.PRESETS)}")
+    if getattr(args, "show", False):
+        print(RIDRecipe.show(args.preset))
+        return None
+    _require(args, "--out")
+    if args.arch is not None and args.arch not in ARCHS:
+        raise NocloneError(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
+    budget = parse_budget(args.budget) if args.budget is not None else None
     names = [m.strip() for m in (args.models or "").split(",") if m.strip()]
     if not names:
         raise NocloneError("--models needs at least one model (sandbox, a diffusers directory or a .safetensors file)")
@@ -93,11 +170,20 @@ def cmd_rid_train(args: argparse.Namespace) -> Path:
         raise NocloneError("no training images: give --images DIR or --sandbox-identities N")
     if args.sandbox_identities is not None and args.sandbox_identities < 0:
         raise NocloneError("--sandbox-identities must be >= 0")
-    train = RIDTrainConfig(**{k: v for k, v in dict(
+    overrides = {k: v for k, v in dict(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
-        progress=not getattr(args, "quiet", False)).items() if v is not None})
-    train.validate()
+        max_seconds=None if args.max_minutes is None else args.max_minutes * 60, arch=args.arch, budget=budget,
+        resolution=args.resolution, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        progress=not getattr(args, "quiet", False)).items() if v is not None}
+    if args.max_grad_norm is not None:
+        overrides["max_grad_norm"] = parse_max_grad_norm(args.max_grad_norm)
+    if args.dtype != "auto":
+        overrides["dtype"] = args.dtype
+    recipe = RIDRecipe.preset(args.preset, **overrides)
+    recipe.validate()
+    if recipe.dtype != "auto":
+        args.dtype = recipe.dtype  # the frozen models load in the preset's dtype (official: fp32)
+    train = recipe.train_config()
     _refuse_existing(args.out, args.overwrite)
     if args.images:
         from noclone.data.images import load_image_folder
@@ -109,9 +195,9 @@ def cmd_rid_train(args: argparse.Namespace) -> Path:
         args.model = name
         pipes.append(load_model(args))
     out = train_rid_generator(args.out, pipes, folders=args.images or (), sandbox_identities=args.sandbox_identities or 0,
-                              photos_per_identity=args.photos_per_identity, arch=args.arch, budget=budget,
-                              resolution=args.resolution, train=train, regression_subjects=args.regression_subjects,
-                              overwrite=args.overwrite)
+                              photos_per_identity=args.photos_per_identity, arch=recipe.arch, budget=recipe.budget,
+                              resolution=recipe.resolution, train=train, regression_subjects=args.regression_subjects,
+                              overwrite=args.overwrite, recipe=recipe)
     log.info("RID generator written to %s", out)
     return out
 
@@ -129,10 +215,20 @@ def add_rid_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--images", action="append", help="folder of training photos (repeatable)")
     p.add_argument("--sandbox-identities", type=int, help="train on renders of N sandbox identities (evaluator range)")
     p.add_argument("--photos-per-identity", type=int, default=4)
-    p.add_argument("--out", required=True, help="output folder: config.json + fp16 generator.safetensors")
-    p.add_argument("--arch", default="conv", help="conv (light residual U-Net, default) or dit (the paper's transformer)")
-    p.add_argument("--budget", default="8/255", help="L_inf budget in [0, 1] pixels (eta = 2 * budget in [-1, 1] space)")
-    p.add_argument("--resolution", type=int, help="training/working resolution (default: the first model's)")
+    p.add_argument("--out", help="output folder: config.json + fp16 generator.safetensors (required)")
+    p.add_argument("--preset", default="sandbox",
+                   help="sandbox (default), paper (the paper's DiT at 512 px), official (the released code: weight "
+                        "decay, warm-up, no clipping, fp32), paper-sd21, official-sd21 (768 px)")
+    p.add_argument("--show", action="store_true", help="print the preset's settings table and exit")
+    p.add_argument("--arch", help="conv (light residual U-Net, sandbox default), dit (a small DiT) or dit-paper "
+                                  "(the paper's DiT: patch 16, hidden 1152, depth 14, 8 heads)")
+    p.add_argument("--budget", help="L_inf budget in [0, 1] pixels (eta = 2 * budget in [-1, 1] space; "
+                                    "default: the preset's, sandbox 8/255)")
+    p.add_argument("--resolution", type=int, help="training/working resolution (default: the preset's, sandbox: "
+                                                  "the first model's)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: the preset's)")
+    p.add_argument("--warmup-steps", type=int, help="linear lr warm-up steps (default: the preset's)")
+    p.add_argument("--max-grad-norm", metavar="none|FLOAT", help="gradient clipping (default 1.0; official: none)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -142,7 +238,7 @@ def add_rid_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (keeps the weights reached)")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_rid_train)
+    p.set_defaults(func=cmd_rid_train, parser=p)
     return rid
 
 

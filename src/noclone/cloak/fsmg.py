@@ -30,6 +30,7 @@ from noclone.data.images import tensor_to_images
 from noclone.errors import NocloneError
 from noclone.training.data import SubjectData
 from noclone.training.diffusion import step_generator, training_scheduler
+from noclone.training.precision import autocast, compute_dtype, upcast_trainable
 
 
 @dataclass
@@ -43,9 +44,13 @@ class SurrogateConfig(CloakConfig):
     prior_weight: float = 1.0
     num_class_images: int = 50
     class_image_steps: int = 25
+    max_grad_norm: float | None = 1.0  # gradient clipping of the surrogate's DreamBooth steps; None: none
 
     def validate(self) -> None:
         super().validate()
+        from noclone.presets import check_max_grad_norm
+
+        check_max_grad_norm(self.max_grad_norm)
         if self.surrogate_steps < 1 or self.surrogate_batch_size < 1:
             raise NocloneError("surrogate_steps and surrogate_batch_size must be at least 1")
         if not (0 < self.surrogate_lr < 1):
@@ -66,31 +71,50 @@ def clean_subject_data(cloak: OptimizationCloak, xs: list[torch.Tensor]) -> Subj
     return build_subject_data(cloak.pipe, tensor_to_images(views), cloak.config.personalization())
 
 
-def dreambooth_steps(cloak: OptimizationCloak, unet, data: SubjectData, steps: int, stream: str) -> list[float]:
-    """`steps` AdamW DreamBooth steps on `unet` in place (fresh optimizer each call, as Anti-DreamBooth's code)."""
+def dreambooth_steps(cloak: OptimizationCloak, unet, data: SubjectData, steps: int, stream: str,
+                     text_encoder=None) -> list[float]:
+    """`steps` AdamW DreamBooth steps on `unet` in place (fresh optimizer each call, as Anti-DreamBooth's code).
+
+    With `text_encoder` (a copy owned by the caller) it fine-tunes too, at the same lr, as the official
+    Anti-DreamBooth script does; the pipeline's own text encoder is never changed. Gradients are clipped at
+    the config's `max_grad_norm` (None: not clipped)."""
     c = cloak.config
     unet.train().requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
+    if text_encoder is not None:
+        text_encoder.train().requires_grad_(True)
+        params += list(text_encoder.parameters())
+        cache = None  # the prompts are re-encoded by the learning text encoder at every step
+    else:
+        cache = {data.instance.prompt: cloak.cond(data.instance.prompt)}
+        if data.prior is not None:
+            cache[data.prior.prompt] = cloak.cond(data.prior.prompt)
+    # fp32 master weights (the copies stay fp32 for later rounds), forwards under autocast in the pipeline's dtype
+    upcast_trainable(params)
+    dtype = compute_dtype(cloak.pipe.unet, cloak.pipe.vae, cloak.pipe.text_encoder)
     optimizer = torch.optim.AdamW(params, lr=c.surrogate_lr, weight_decay=1e-2)
     scheduler = training_scheduler(cloak.pipe)
-    cache = {data.instance.prompt: cloak.cond(data.instance.prompt)}
-    if data.prior is not None:
-        cache[data.prior.prompt] = cloak.cond(data.prior.prompt)
     prior_weight = c.prior_weight if c.prior_preservation else 0.0
+    max_grad_norm = getattr(c, "max_grad_norm", 1.0)
     losses = []
     try:
         for i in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            out = dreambooth_loss(unet, cloak.pipe.text_encoder, cloak.pipe.tokenizer, scheduler, data,
-                                  step_generator(c.seed, i, stream), c.surrogate_batch_size, prior_weight, cache)
+            with autocast(dtype, unet.device):
+                out = dreambooth_loss(unet, text_encoder if text_encoder is not None else cloak.pipe.text_encoder,
+                                      cloak.pipe.tokenizer, scheduler, data, step_generator(c.seed, i, stream),
+                                      c.surrogate_batch_size, prior_weight, cache)
             if not torch.isfinite(out["loss"]):
                 raise NocloneError(f"{cloak.name}: surrogate loss became {out['loss'].item()}; lower surrogate_lr")
             out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             losses.append(float(out["loss"].detach()))
     finally:
         unet.eval().requires_grad_(False)
+        if text_encoder is not None:
+            text_encoder.eval().requires_grad_(False)
         for p in params:
             p.grad = None
     return losses

@@ -2,8 +2,16 @@ r"""RID (Real-time Identity Defender, arXiv 2412.09844): a network that outputs 
 
 Generator: delta_phi(x) = eta * tanh(net_phi(x)), x in [-1, 1]. `budget` is in [0, 1] pixel units as everywhere in
 noclone, so eta = 2 * budget in the [-1, 1] space the net works in (RID's code applies eta there: its "12/255" is
-6/255 in pixels). Architectures: a light residual U-Net ('conv', default, CPU-fast) or the paper's DiT ('dit');
-see `noclone.cloak.rid_nets`. The last layer starts at zero, so delta starts at 0.
+6/255 in pixels). Architectures: a light residual U-Net ('conv', default, CPU-fast), a DiT ('dit', small by
+default) or the paper's DiT ('dit-paper': patch 16, hidden 1152, depth 14, 8 heads, 512 px); see
+`noclone.cloak.rid_nets`. The last layer starts at zero, so delta starts at 0.
+
+Training presets (`RIDRecipe.PRESETS`, `noclone rid train --preset NAME --show`): 'sandbox' (default: conv, the
+first model's resolution, 8/255), 'paper' (dit-paper at 512 px, budget 6/255 = the paper's 12/255 in [-1, 1]
+space, AdamW 3e-4; what the paper does not state keeps the sandbox value), 'official' ('paper' plus what the
+released code does: weight decay 1e-2, linear lr warm-up over 500 steps, no gradient clipping, fp32 models) and
+'paper-sd21' / 'official-sd21' (ours: the same at SD2.1's 768 px; the paper trains at 512 with SD2.1-base in its
+ensemble). Warm-up: lr * min(1, step / warmup_steps), then constant (diffusers' constant_with_warmup).
 
 Training (only phi trains; the diffusion models are frozen), for each model k of an ensemble (a list of pipelines):
 
@@ -42,10 +50,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from noclone.cloak.base import Cloak, CloakConfig, parse_budget
-from noclone.cloak.rid_nets import ARCHS, build_net, count_parameters
+from noclone.cloak.rid_nets import ARCHS, DIT_PAPER, DIT_PAPER_RESOLUTION, build_net, count_parameters
 from noclone.errors import NocloneError
 from noclone.training.diffusion import encode_prompts, step_generator, training_scheduler
 from noclone.training.loop import LoopConfig, run_training
+from noclone.training.precision import upcast_trainable
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +62,8 @@ WEIGHTS_NAME = "generator.safetensors"
 CONFIG_NAME = "config.json"
 SHIPPED_GENERATOR = Path(__file__).parent / "weights" / "rid"
 # tiny-but-real defaults per architecture; the paper's DiT is rid_nets.DIT_PAPER
-DEFAULT_NET = {"conv": dict(channels=32, blocks=1), "dit": dict(patch=8, hidden=192, depth=4, heads=4)}
+DEFAULT_NET = {"conv": dict(channels=32, blocks=1), "dit": dict(patch=8, hidden=192, depth=4, heads=4),
+               "dit-paper": dict(DIT_PAPER)}
 
 
 # ------------------------------------------------------------------------------------------------ generator
@@ -157,7 +167,10 @@ class RIDCloak(Cloak):
 
     name: ClassVar[str] = "rid"
     needs_model: ClassVar[bool] = False
-    PRESETS: ClassVar[dict[str, dict]] = {"sandbox": {}, "paper": {}}
+    # inference is one forward pass: a preset changes nothing here (the generator carries its budget); what a RID
+    # preset means is how the generator was trained (`RIDRecipe.PRESETS`)
+    PRESETS: ClassVar[dict[str, dict]] = {"sandbox": {}, "paper": {}, "paper-sd21": {}, "official": {},
+                                          "official-sd21": {}}
 
     def __init__(self, model=None, config: CloakConfig | None = None, preset: str = "sandbox",
                  generator: "str | Path | RIDGenerator | None" = None, **settings):
@@ -223,12 +236,18 @@ class RIDTrainConfig:
     t_max: int | None = None         # None: the model's num_train_timesteps
     seed: int = 0
     checkpoint_every: int = 100
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # None: no gradient clipping
+    warmup_steps: int = 0            # linear lr warm-up: lr * min(1, step / warmup_steps), then constant
     max_seconds: float | None = None  # stop early (keeping the weights reached) when this much time has passed
     progress: bool = True
 
     def validate(self) -> None:
+        from noclone.presets import check_max_grad_norm
+
+        check_max_grad_norm(self.max_grad_norm)
         checks = [
+            (self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps} must be >= 0"),
+            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0"),
             (self.max_seconds is None or self.max_seconds > 0, "the time limit must be positive"),
             (self.steps >= 1, f"--steps {self.steps} must be at least 1"),
             (self.batch_size >= 1 and self.reg_batch_size >= 1, "batch sizes must be at least 1"),
@@ -240,6 +259,71 @@ class RIDTrainConfig:
         for ok, message in checks:
             if not ok:
                 raise NocloneError(message)
+
+
+RID_DTYPES = ("auto", "fp32", "bf16", "fp16")
+# The paper's generator and budget: the DiT of rid_nets.DIT_PAPER at 512 px, eps 12/255 in [-1, 1] space (6/255 in
+# pixels), AdamW lr 3e-4 (the default); batch 1-3 per GPU on 8 GPUs: batch 8 (the default). Steps: not stated.
+RID_PAPER = dict(arch="dit-paper", budget=6 / 255, resolution=DIT_PAPER_RESOLUTION)
+# What the released code (Guohanzhong/RID) does that the paper does not state
+RID_OFFICIAL_QUIRKS = dict(weight_decay=1e-2, warmup_steps=500, max_grad_norm=None, dtype="fp32")
+
+
+@dataclass
+class RIDRecipe(RIDTrainConfig):
+    """A RID training run as one preset: the generator (arch, budget, resolution), the dtype the frozen models
+    load in, and the training settings (`train_config()`). `noclone rid train --preset NAME [--show]`."""
+
+    arch: str = "conv"
+    budget: float = 8 / 255
+    resolution: int | None = None    # None: the first model's
+    dtype: str = "auto"              # 'auto': --dtype as given
+    preset_name: str | None = None
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "sandbox": {},
+        "paper": RID_PAPER,
+        "paper-sd21": {**RID_PAPER, "resolution": 768},
+        "official": {**RID_PAPER, **RID_OFFICIAL_QUIRKS},
+        "official-sd21": {**RID_PAPER, **RID_OFFICIAL_QUIRKS, "resolution": 768},
+    }
+    DEFAULT_PRESET: ClassVar[str] = "sandbox"
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "RIDRecipe":
+        from noclone.defenses.base import config_from_preset
+
+        return replace(config_from_preset(cls, name, "RID", overrides), preset_name=name)
+
+    @classmethod
+    def show(cls, name: str) -> str:
+        from noclone.presets import format_table, table_rows
+
+        notes = ["'official' mirrors the released code (weight decay, warm-up, no clipping, fp32), not the paper"
+                 ] if name.startswith("official") else []
+        if name.endswith("sd21"):
+            notes.append("the sd21 variants are ours: the same recipe at SD2.1's 768 px")
+        return format_table(f"RID preset {name!r} (generator training)",
+                            table_rows(cls.preset(name), cls.preset(cls.DEFAULT_PRESET)), cls.DEFAULT_PRESET, notes)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.arch not in ARCHS:
+            raise NocloneError(f"unknown --arch {self.arch!r}; choose from {', '.join(ARCHS)}")
+        if self.dtype not in RID_DTYPES:
+            raise NocloneError(f"dtype {self.dtype!r}: choose from {', '.join(RID_DTYPES)}")
+        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
+            raise NocloneError(f"--resolution {self.resolution!r} must be an integer of at least 8")
+        parse_budget(self.budget)
+
+    def train_config(self) -> RIDTrainConfig:
+        return RIDTrainConfig(**{f.name: getattr(self, f.name) for f in fields(RIDTrainConfig)})
+
+    def card_entry(self) -> dict:
+        """`preset` and `settings` (what differs from the default preset) for the generator's config.json."""
+        from noclone.presets import card_entry
+
+        return card_entry(self.preset_name, self, RIDRecipe.preset(self.DEFAULT_PRESET), self.DEFAULT_PRESET)
 
 
 @dataclass
@@ -308,6 +392,7 @@ def train_rid(generator: RIDGenerator, pipes: Sequence, images: torch.Tensor, co
         _freeze(pipe)
     device = pipes[0].unet.device
     generator.to(device).train().requires_grad_(True)
+    upcast_trainable(generator)  # fp32 master weights whatever the frozen pipelines' dtype (their inputs are cast)
     conds = []
     with torch.no_grad():
         for pipe in pipes:
@@ -316,6 +401,9 @@ def train_rid(generator: RIDGenerator, pipes: Sequence, images: torch.Tensor, co
     optimizer = torch.optim.AdamW(generator.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
+        if config.warmup_steps:  # set from the step index, so a resumed run has the same schedule
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * min(1.0, step / config.warmup_steps)
         g = step_generator(config.seed, step, "rid/data")
         x = images[torch.randint(0, len(images), (config.batch_size,), generator=g)].to(device)
         x_def = (x + generator(x)).clamp(-1, 1)
@@ -426,13 +514,15 @@ def train_rid_generator(out: str | Path, models: Sequence, *, folders: Sequence[
                         sandbox_identities: int = 0, photos_per_identity: int = 4, arch: str = "conv",
                         budget: float = 8 / 255, resolution: int | None = None, net: dict | None = None,
                         train: RIDTrainConfig | None = None, regression_subjects: int = 0,
-                        overwrite: bool = False, checkpoint_dir: str | Path | None = None) -> Path:
+                        overwrite: bool = False, checkpoint_dir: str | Path | None = None,
+                        recipe: "RIDRecipe | None" = None) -> Path:
     """Train a RID generator against `models` (pipelines, paths or 'sandbox') and save it to `out` (fp16).
 
     Data: the photos of `folders` and/or `sandbox_identities` x `photos_per_identity` sandbox renders
     (evaluator-range identities). `regression_subjects` > 0 adds L_reg toward ASPL perturbations (sandbox preset,
     against the first model) of that many groups of `photos_per_identity` images. Checkpoints go beside `out`
-    and a rerun resumes; they are removed once the generator is written.
+    and a rerun resumes; they are removed once the generator is written. `recipe`: the preset the settings came
+    from, recorded in config.json (`info.preset`, `info.settings`).
     """
     import shutil
 
@@ -455,7 +545,7 @@ def train_rid_generator(out: str | Path, models: Sequence, *, folders: Sequence[
         raise NocloneError("RID training needs at least one diffusion model (--models)")
     budget = parse_budget(budget)
     pipes = [resolve_model(m) for m in models]
-    resolution = resolution or pipeline_resolution(pipes[0])
+    resolution = resolution or (DIT_PAPER_RESOLUTION if arch == "dit-paper" else pipeline_resolution(pipes[0]))
     parts = []
     if sandbox_identities:
         parts.append(sandbox_training_images(sandbox_identities, photos_per_identity, resolution))
@@ -472,7 +562,10 @@ def train_rid_generator(out: str | Path, models: Sequence, *, folders: Sequence[
     fingerprints = [model_fingerprint(p) for p in pipes]
     ckpt = Path(checkpoint_dir) if checkpoint_dir else out.parent / f".{out.name}.checkpoint"
     transient = ("steps", "progress", "checkpoint_every", "max_seconds")
-    identity = {"generator": asdict(config), "train": {k: v for k, v in asdict(train).items() if k not in transient},
+    train_identity = {k: v for k, v in asdict(train).items() if k not in transient}
+    if not train.warmup_steps:  # added with the presets: older checkpoints lack it
+        train_identity.pop("warmup_steps")
+    identity = {"generator": asdict(config), "train": train_identity,
                 "models": fingerprints, "images": len(images), "folders": [str(f) for f in folders],
                 "sandbox_identities": sandbox_identities, "regression_subjects": regression_subjects}
     check_checkpoint(ckpt, identity)
@@ -484,6 +577,8 @@ def train_rid_generator(out: str | Path, models: Sequence, *, folders: Sequence[
         "regression_subjects": regression_subjects, "seed": train.seed,
         "denoising_mse_first_last": [mse_first, mse_last], "seconds": round(time.perf_counter() - started, 1),
     }
+    if recipe is not None:
+        generator.config.info.update(recipe.card_entry())
     generator.save_pretrained(out, overwrite=overwrite)
     shutil.rmtree(ckpt, ignore_errors=True)
     log.info("RID generator written to %s (denoising mse on protected images %.4f -> %.4f)", out, mse_first, mse_last)

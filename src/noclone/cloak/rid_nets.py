@@ -10,6 +10,8 @@ RID applies delta = eta * tanh(net(x)); both nets end in a zero-initialised laye
   bias: we store those per-block modulation vectors directly (same function; the paper's 342 M-parameter shape
   becomes ~232 M because the MLP weights that only ever multiply zero are dropped). 2D sin-cos position embeddings
   are computed for the input's patch grid, so any size works (padded to a multiple of p).
+- 'dit-paper': the DiT with the paper's shape `DIT_PAPER` (patch 16, hidden 1152, depth 14, 8 heads; trained at
+  512 px), selectable by name (`noclone rid train --arch dit-paper`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import torch.nn.functional as F
 
 from noclone.errors import NocloneError
 
-ARCHS = ("conv", "dit")
-# the paper's generator: DiT with patch 16, hidden 1152, depth 14 (16 heads, MLP ratio 4) at 512 px
-DIT_PAPER = dict(patch=16, hidden=1152, depth=14, heads=16, mlp_ratio=4.0)
+ARCHS = ("conv", "dit", "dit-paper")
+# the paper's generator: DiT with patch 16, hidden 1152, depth 14, 8 heads, MLP ratio 4, at 512 px
+DIT_PAPER = dict(patch=16, hidden=1152, depth=14, heads=8, mlp_ratio=4.0)
+DIT_PAPER_RESOLUTION = 512
 
 
 def _pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -147,11 +150,14 @@ class DiT(nn.Module):
 
 
 def build_net(arch: str, **kwargs) -> nn.Module:
-    """A generator body by architecture name ('conv' or 'dit') and its keyword arguments."""
+    """A generator body by architecture name ('conv', 'dit' or 'dit-paper': the DiT, by default of the paper's
+    shape) and its keyword arguments."""
     if arch == "conv":
         return ConvNet(**kwargs)
     if arch == "dit":
         return DiT(**kwargs)
+    if arch == "dit-paper":
+        return DiT(**{**DIT_PAPER, **kwargs})
     raise NocloneError(f"unknown RID architecture {arch!r}; choose from {', '.join(ARCHS)}")
 
 
@@ -167,4 +173,4 @@ def paper_dit_parameters() -> int:
     return (3 * p * p * d + d) + DIT_PAPER["depth"] * block + 2 * d + (d * p * p * 3 + p * p * 3)
 
 
-__all__ = ["ARCHS", "DIT_PAPER", "ConvNet", "DiT", "build_net", "count_parameters", "paper_dit_parameters"]
+__all__ = ["ARCHS", "DIT_PAPER", "DIT_PAPER_RESOLUTION", "ConvNet", "DiT", "build_net", "count_parameters", "paper_dit_parameters"]

@@ -74,6 +74,16 @@ original one every real attack starts from), so it is off by default.
 before the protection backward: g = sum_i [grad L_per(theta'_i) + grad L_protect(theta'_{i+1})].
 `l2p=False` takes the protection gradient at theta_j only (the ablation).
 
+Presets say what they reproduce (`APDMConfig.PRESETS`, printed by `noclone protect-model --preset NAME --show`):
+'quick' (the 64 px sandbox, default), 'paper' (Algorithm 1 with the paper's settings; SD1.5 at 512 px),
+'paper-sd21' (the same: the paper uses N_per 20 for SD2.1 too), 'official' (the released code: 'paper' plus the
+grad quirk above, no gradient clipping on either path (`max_grad_norm=None`; ours clips at 1.0 otherwise), the
+official prompt style below, the model in fp32) and 'official-sd21' ('official' with N_per 10, as the released
+code runs SD2.1). `prompt_style='official'` mirrors how the released code's prompts reach CLIP: the identifier
+phrase "{token} {class_noun}" of the instance prompt is joined with underscores and wrapped in literal double
+quotes, 'a photo of sks person' -> 'a photo of "sks_person"' (a class noun of several words is joined too:
+'"sks_teddy_bear"'); the class prompt is left as it is (`styled_subject`).
+
 Beyond the paper:
 - Several subjects in one model: `multi_subject='cycle'` protects subject (j mod S) at outer step j (same cost per
   step as one subject); 'sum' runs one inner path per subject every outer step and sums the gradients (S times
@@ -143,6 +153,7 @@ from noclone.training.diffusion import (
     training_scheduler,
 )
 from noclone.training.loop import LoopConfig, run_training, smoothed
+from noclone.training.precision import compute_dtype, settle_pipeline, upcast_trainable
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +167,19 @@ IMPLANTS = ("unet", "decoder", "both")
 # clones it held back), so several subjects get up to 3 tries, kept by each subject's held-back rate (stop 35)
 GUARD_ONE_SUBJECT = {"steps": 1200, "moved_copies": 0, "tries": 1}
 GUARD_SEVERAL_SUBJECTS = {"steps": 2400, "moved_copies": 4, "tries": 3}
+
+
+# The paper (SD1.5 / SD2.1, 512 px): AdamW 5e-6 both paths, beta 1, N_per 20, N_protect 800, batch 1, 200 class
+# images. The decoder guard's simulated attacks use the sd15 DreamBooth preset; its batch of 2 at 512 px is a guess
+# for a 24 GB GPU (not run here).
+PAPER_SETTINGS = dict(outer_steps=800, inner_steps=20, lr_protect=5e-6, lr_per=5e-6, beta=1.0, batch_size=1,
+                      num_class_images=200, class_image_steps=50, checkpoint_every=50,
+                      decoder_attack_preset="sd15", decoder_generations=64, decoder_batch_size=2)
+# What the released code does that Algorithm 1 does not (review of KU-VGI/APDM): the inner DreamBooth gradient
+# is added to the outer one, gradients are never clipped, prompts reach CLIP with underscores and quotes, fp32.
+OFFICIAL_QUIRKS = dict(official_grad_quirk=True, max_grad_norm=None, prompt_style="official", dtype="fp32")
+PROMPT_STYLES = ("plain", "official")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -216,10 +240,13 @@ class APDMConfig:
                                              # guard protects several subjects, else 0 (stop 34)
     decoder_tries: int | None = None   # guards trained (seeds seed, seed + 1, ...) until one blurs all of every
                                        # subject's held-back clones; None: 3 for several subjects, else 1 (stop 35)
+    prompt_style: str = "plain"        # 'plain' | 'official' (the released code's prompts, see `styled_subject`)
+    dtype: str = "auto"                # the model's dtype the run needs: 'auto' (--dtype as given) | fp32 | bf16 | fp16
     seed: int = 0
     checkpoint_every: int = 25
     progress: bool = True
     extra: dict = field(default_factory=dict)
+    preset_name: str | None = None     # the preset these settings came from (set by `APDMConfig.preset`)
 
     PRESETS: ClassVar[dict[str, dict]] = {
         # The 64 px sandbox model, scaled from the paper by the attack it simulates (`noclone personalize --method
@@ -228,18 +255,37 @@ class APDMConfig:
         # CPU run near 7 min (4.2 s per outer step with one thread). The simulated attacker trains the UNet
         # only, though the sandbox DreamBooth also trains the text encoder: simulating that measured worse.
         "quick": {},
-        # The paper (SD1.5 / SD2.1, 512 px): AdamW 5e-6 both paths, beta 1, N_per 20, N_protect 800, batch 1,
-        # 200 class images.
-        # The decoder guard's simulated attacks use the sd15 DreamBooth preset; its batch of 2 at 512 px is a guess
-        # for a 24 GB GPU (not run here).
-        "paper": dict(outer_steps=800, inner_steps=20, lr_protect=5e-6, lr_per=5e-6, beta=1.0, batch_size=1,
-                      num_class_images=200, class_image_steps=50, checkpoint_every=50,
-                      decoder_attack_preset="sd15", decoder_generations=64, decoder_batch_size=2),
+        # The paper's Algorithm 1 and settings (see PAPER_SETTINGS).
+        "paper": PAPER_SETTINGS,
+        # SD2.1 (512 px): the paper runs it with the same settings as SD1.5 (N_per 20).
+        "paper-sd21": PAPER_SETTINGS,
+        # The released code (KU-VGI/APDM), not Algorithm 1: 'paper' plus OFFICIAL_QUIRKS.
+        "official": {**PAPER_SETTINGS, **OFFICIAL_QUIRKS},
+        # ... and on SD2.1 the released code runs N_per 10.
+        "official-sd21": {**PAPER_SETTINGS, **OFFICIAL_QUIRKS, "inner_steps": 10},
     }
+    DEFAULT_PRESET: ClassVar[str] = "quick"
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "APDMConfig":
-        return config_from_preset(cls, name, "APDM", overrides)
+        return replace(config_from_preset(cls, name, "APDM", overrides), preset_name=name)
+
+    @classmethod
+    def show(cls, name: str) -> str:
+        """The `--show` table of a preset: each setting, its value, the default preset's, `*` where they differ."""
+        from noclone.presets import format_table, table_rows
+
+        config = cls.preset(name)
+        notes = ["'official' settings mirror the released code (grad quirk, no clipping, prompt style, fp32), "
+                 "not the paper's Algorithm 1"] if name.startswith("official") else []
+        return format_table(f"APDM preset {name!r}", table_rows(config, cls.preset(cls.DEFAULT_PRESET)),
+                            cls.DEFAULT_PRESET, notes)
+
+    def card_entry(self) -> dict:
+        """`preset` and `settings` (those differing from the default preset) for protection.json."""
+        from noclone.presets import card_entry
+
+        return card_entry(self.preset_name, self, APDMConfig.preset(self.DEFAULT_PRESET), self.DEFAULT_PRESET)
 
     def validate(self) -> None:
         checks = [
@@ -272,10 +318,16 @@ class APDMConfig:
             (self.optimizer in ("adamw", "adamw8bit"), f"--optimizer {self.optimizer!r}: choose adamw or adamw8bit"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
             (self.implant in IMPLANTS, f"--implant {self.implant!r}: choose from {', '.join(IMPLANTS)}"),
+            (self.prompt_style in PROMPT_STYLES,
+             f"--prompt-style {self.prompt_style!r}: choose from {', '.join(PROMPT_STYLES)}"),
+            (self.dtype in DTYPES, f"dtype {self.dtype!r}: choose from {', '.join(DTYPES)}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise NocloneError(message)
+        from noclone.presets import check_max_grad_norm
+
+        check_max_grad_norm(self.max_grad_norm)
         if self.optimizer == "adamw8bit":
             _bitsandbytes()
         if self.implant != "unet":
@@ -307,13 +359,37 @@ class APDMConfig:
 
     def identity(self) -> dict:
         """The settings that define the result (what a checkpoint must match to be resumed)."""
-        skip = {"progress", "checkpoint_every", "outer_steps"}
+        skip = {"progress", "checkpoint_every", "outer_steps", "preset_name"}
         if self.implant == "unet":  # the decoder settings play no part (and older checkpoints lack them)
             skip |= {"implant", *(k for k in asdict(self) if k.startswith("decoder_"))}
+        # settings added with the presets count only when set, so that older checkpoints still resume
+        skip |= {k for k, default in (("prompt_style", "plain"), ("dtype", "auto")) if getattr(self, k) == default}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 _DTYPES = {"same": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IDENTIFIER_PHRASE = "{token} {class_noun}"
+
+
+def styled_subject(subject: ProtectionSubject, style: str = "plain") -> ProtectionSubject:
+    """The subject with its instance prompt written in `style` ('plain': the subject itself, unchanged).
+
+    'official' mirrors the strings the released APDM code hands to CLIP: in the instance template the identifier
+    phrase "{token} {class_noun}" becomes the token and the class noun joined by underscores (every space of the
+    phrase becomes '_') inside literal double quotes: 'a photo of {token} {class_noun}' with sks / person gives
+    'a photo of "sks_person"', with sks / teddy bear 'a photo of "sks_teddy_bear"'. The class prompt ('a photo of
+    a person') is not changed. Photos, hashes and fingerprint stay the subject's.
+    """
+    if style == "plain":
+        return subject
+    if style != "official":
+        raise NocloneError(f"--prompt-style {style!r}: choose from {', '.join(PROMPT_STYLES)}")
+    if IDENTIFIER_PHRASE not in subject.template:
+        raise NocloneError(f"prompt style 'official' needs {IDENTIFIER_PHRASE!r} in the instance template "
+                           f"{subject.template!r}")
+    phrase = '"' + f"{subject.token} {subject.class_noun}".replace(" ", "_") + '"'
+    literal = phrase.replace("{", "{{").replace("}", "}}")  # the template is formatted again later
+    return replace(subject, template=subject.template.replace(IDENTIFIER_PHRASE, literal))
 
 
 def _bitsandbytes():
@@ -361,7 +437,8 @@ class Reference:
 
     def __init__(self, unet, trainable: dict[str, torch.nn.Parameter], full: bool, dtype: torch.dtype | None = None):
         self.unet = frozen_copy(unet, dtype) if full else unet
-        self.overrides = None if full else {n: p.detach().clone() for n, p in trainable.items()}
+        # fp32, like the trainable weights they stand in for (master weights: noclone.training.precision)
+        self.overrides = None if full else {n: p.detach().to(torch.float32, copy=True) for n, p in trainable.items()}
 
     @property
     def device(self):
@@ -503,6 +580,7 @@ class APDM:
         self.reference: Reference | None = None
         self.subjects: list[_Subject] = []
         self.final_metrics: dict = {}
+        self.autocast_dtype = torch.float32  # the pipeline's half dtype while training one (noclone.training.precision)
 
     def after_step(self, step: int) -> None:
         """Hook called after each outer step (tests interrupt here)."""
@@ -511,6 +589,7 @@ class APDM:
     def subject_data(self, pipe, subject: ProtectionSubject, class_cache: Path | None = None) -> SubjectData:
         """Subject latents under the instance prompt + class images generated by the (frozen) input model."""
         c = self.config
+        subject = styled_subject(subject, c.prompt_style)
         settings = subject.personalization_config(seed=c.seed, num_class_images=c.num_class_images,
                                                   class_image_steps=c.class_image_steps, progress=c.progress)
         data = build_subject_data(pipe, subject.images, settings, class_cache)
@@ -567,8 +646,10 @@ class APDM:
             repair_timesteps(c, scheduler)  # a bad range fails now, not after L2P
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False).eval()
+        self.autocast_dtype = compute_dtype(unet, pipe.vae, pipe.text_encoder)
         params = select_parameters(unet, c.params, c.lora_rank)
         self.reference = reference = Reference(unet, params, full=c.params == "full", dtype=_DTYPES[c.reference_dtype])
+        upcast_trainable(params.values())  # after the reference: a full copy stays in the pipeline's dtype
         self.subjects = subjects = [self._prepare_subject(pipe, d) for d in datas]
         optimizer = make_optimizer(list(params.values()), c.lr_protect, c.weight_decay, c.optimizer)
         unet.train()
@@ -591,19 +672,22 @@ class APDM:
             history = run_training(
                 list(params.items()), optimizer, step_fn,
                 LoopConfig(c.outer_steps, Path(checkpoint_dir) if checkpoint_dir else None, c.checkpoint_every,
-                           self.name, c.progress, c.max_grad_norm, manual_backward=True),
+                           self.name, c.progress, c.max_grad_norm, manual_backward=True,
+                           autocast=self.autocast_dtype),
                 after_step=self.after_step,
             )
             repaired = (self._repair(unet, scheduler, params, Path(checkpoint_dir) / "repair" if checkpoint_dir else None)
                         if c.repair_steps else None)
         finally:
             unet.eval().requires_grad_(False)
+            settle_pipeline(pipe)  # trained in half: the pipeline comes out fp32 (LoRA adapters aside, merged below)
         self.final_metrics = {"repair_first_last": list(smoothed(repaired))} if repaired else {}
         if c.loss == "dpo":
             self.final_metrics["subject_dpo_after"] = [
                 subject_dpo(unet, reference, scheduler, s, c)["loss"] for s in subjects]
         if c.params == "lora":
             merge_lora(unet)
+            settle_pipeline(pipe)
             self.reference = None  # its overrides named the adapter, which is now folded into the weights
         return history
 
@@ -621,7 +705,7 @@ class APDM:
 
         return run_training(list(params.items()), optimizer, step_fn,
                             LoopConfig(c.repair_steps, checkpoint_dir, c.checkpoint_every, f"{self.name} repair",
-                                       c.progress, c.max_grad_norm))
+                                       c.progress, c.max_grad_norm, autocast=self.autocast_dtype))
 
     def repair(self, pipe, original_unet, datas: list[SubjectData], checkpoint_dir: Path | None = None) -> list[dict]:
         """Apply the release repair alone to an already protected pipeline (in place), phi = `original_unet`."""
@@ -631,7 +715,9 @@ class APDM:
         unet, scheduler = pipe.unet, training_scheduler(pipe)
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False).eval()
+        self.autocast_dtype = compute_dtype(unet, pipe.vae, pipe.text_encoder)
         params = select_parameters(unet, "full" if c.params == "lora" else c.params, c.lora_rank)
+        upcast_trainable(params.values())
         self.reference = original_unet.eval().requires_grad_(False)
         self.subjects = [self._prepare_subject(pipe, d) for d in datas]
         unet.train()
@@ -639,6 +725,7 @@ class APDM:
             return self._repair(unet, scheduler, params, checkpoint_dir)
         finally:
             unet.eval().requires_grad_(False)
+            settle_pipeline(pipe)
 
     def _prepare_subject(self, pipe, data: SubjectData) -> _Subject:
         if data.prior is None:
@@ -714,8 +801,10 @@ class APDM:
                 "(with or without fine-tuning) and is removed by swapping in another VAE")
         if previous_card:
             extra["earlier_subjects_not_renewed"] = [s.get("fingerprint") for s in dropped]
+        extra.update(self.config.card_entry())  # `preset` and `settings` (what differs from the default preset)
         card = protection_card(
-            self.name, subjects, asdict(self.config), self.config.seed, base_fingerprint, model_fingerprint(pipe),
+            self.name, [styled_subject(s, self.config.prompt_style) for s in subjects], asdict(self.config),
+            self.config.seed, base_fingerprint, model_fingerprint(pipe),
             metrics=run_metrics, previous=previous_card, extra=extra,
         )
         save_pipeline(pipe, out, single_file=single_file, overwrite=overwrite,

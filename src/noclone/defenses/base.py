@@ -24,6 +24,7 @@ from PIL import Image
 
 from noclone.attacks.base import PersonalizationConfig, PromptTemplates, load_subject_images, subject_fingerprint
 from noclone.errors import NocloneError
+from noclone.training.precision import cast_parameters, upcast_trainable
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,11 @@ def select_parameters(unet, params: str, lora_rank: int = 4) -> dict[str, torch.
 
 
 def merge_lora(unet) -> None:
-    """Fold a LoRA adapter into the UNet weights and remove it: the result saves as a stock UNet."""
+    """Fold a LoRA adapter into the UNet weights and remove it: the result saves as a stock UNet. Adapters trained
+    as fp32 master weights beside a half UNet are folded into it in fp32 (settle the pipeline afterwards)."""
     if getattr(unet, "peft_config", None):
+        if any(p.dtype == torch.float32 for n, p in unet.named_parameters() if "lora_" in n):
+            torch.nn.Module.to(unet, torch.float32)  # rounding the merged weights to half would undo small steps
         unet.fuse_lora()
         unet.unload_lora()
 
@@ -198,7 +202,8 @@ def simulate_personalization(
     then `on_step(i)` runs: a defence computes its loss there, calls backward() and reads each parameter's `.grad`.
     Before `on_step` the personalization gradients are cleared, unless `keep_personalization_grads` (APDM's
     official-code behaviour: `.grad` then holds grad L_per(theta'_i) + what on_step adds).
-    Returns the personalization losses. The parameters' `.grad` are None afterwards.
+    Returns the personalization losses. The parameters' `.grad` are None afterwards. The path trains fp32 master
+    weights (half ones are upcast for it and cast back after; noclone.training.precision).
     """
     named = list(params.items())
     text_named = list(text_encoder.named_parameters()) if text_encoder is not None else []
@@ -209,6 +214,8 @@ def simulate_personalization(
         text_encoder.train().requires_grad_(True)
         groups.append({"params": [p for _, p in text_named], "lr": text_lr or lr})
     everything = [p for group in groups for p in group["params"]]
+    dtypes = [p.dtype for p in everything]
+    upcast_trainable(everything)
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     losses: list[float] = []
     try:
@@ -236,6 +243,8 @@ def simulate_personalization(
             for (_, p), value in zip(text_named, text_snapshot):
                 p.copy_(value)
                 p.grad = None
+        for p, dtype in zip(everything, dtypes):
+            cast_parameters([p], dtype)
         if text_encoder is not None:
             text_encoder.eval().requires_grad_(False)
         del optimizer

@@ -81,9 +81,34 @@ def _apdm_config(args: argparse.Namespace):
         overrides["paired"] = False
     if args.official_grad_quirk:
         overrides["official_grad_quirk"] = True
+    if args.prompt_style is not None:
+        overrides["prompt_style"] = args.prompt_style
+    overrides.update(_common_overrides(args))
     config = APDMConfig.preset(args.preset, progress=not getattr(args, "quiet", False), **overrides)
     config.validate()
     return config
+
+
+def _common_overrides(args: argparse.Namespace) -> dict:
+    """--max-grad-norm none|FLOAT (None: no clipping) and an explicit --dtype, when given."""
+    from noclone.presets import parse_max_grad_norm
+
+    out = {}
+    if getattr(args, "max_grad_norm", None) is not None:
+        out["max_grad_norm"] = parse_max_grad_norm(args.max_grad_norm)
+    return out
+
+
+def _model_dtype(args: argparse.Namespace, config) -> None:
+    """Load the model in the dtype the preset needs (e.g. 'official': fp32) unless --dtype says otherwise; the
+    config then records the dtype used."""
+    wanted = getattr(config, "dtype", "auto")
+    if args.dtype == "auto" and wanted != "auto":
+        args.dtype = wanted
+    elif args.dtype != "auto" and wanted != args.dtype and hasattr(config, "dtype"):
+        if wanted != "auto":
+            log.warning("preset %s runs in %s; --dtype %s given instead", config.preset_name, wanted, args.dtype)
+        config.dtype = args.dtype
 
 
 def _lengths(text: str | None) -> tuple[float, ...] | None:
@@ -113,6 +138,8 @@ def cmd_apdm(args: argparse.Namespace) -> Path:
     from noclone.defenses.base import ProtectionSubject, read_protection_card
 
     config = _apdm_config(args)
+    _model_dtype(args, config)
+    config.validate()
     _check_outputs(args)
     subjects = _subjects(args)
     if args.negative_images and config.implant == "unet":
@@ -174,6 +201,7 @@ def _persguard_setup(args: argparse.Namespace, n_subjects: int):
         "decoder_steps": args.decoder_steps, "decoder_attack_steps": args.decoder_attack_steps, "tokens": tokens or None, "templates": tuple(args.templates.split("|")) if args.templates else None,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides.update(_common_overrides(args))
     config = PersGuardConfig.preset(args.preset, progress=not getattr(args, "quiet", False),
                                     target=backdoors[0].kind, target_class=backdoors[0].target_class, **overrides)
     config.validate()
@@ -224,7 +252,8 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
              "decoder_blur_calibrate": "--decoder-blur-calibrate", "decoder_class_samples": "--decoder-class-samples",
              "decoder_detail_weight": "--decoder-detail-weight",
              "decoder_recolored_copies": "--decoder-recolored-copies",
-             "decoder_moved_copies": "--decoder-moved-copies", "decoder_tries": "--decoder-tries"},
+             "decoder_moved_copies": "--decoder-moved-copies", "decoder_tries": "--decoder-tries",
+             "prompt_style": "--prompt-style"},
     "persguard": {"target": "--target", "target_class": "--target-class", "target_images": "--target-images",
                   "tokens": "--tokens", "templates": "--templates", "bb_weight": "--bb-weight",
                   "pp_weight": "--pp-weight", "br_weight": "--br-weight", "br_every": "--br-every",
@@ -233,9 +262,37 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
 }
 
 
+# each method's config class (with PRESETS, `preset(name)`) and its default preset, for --show
+PRESET_CONFIGS: dict[str, tuple[str, str]] = {"apdm": ("noclone.defenses.apdm:APDMConfig", "quick"),
+                                              "persguard": ("noclone.defenses.persguard:PersGuardConfig", "quick")}
+
+
+def show_preset(method: str, name: str) -> str:
+    """The --show table of a method's preset (every setting, its value, the default preset's, * where different)."""
+    import importlib
+
+    from noclone.presets import format_table, table_rows
+
+    module, _, cls_name = PRESET_CONFIGS[method][0].partition(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    if hasattr(cls, "show"):
+        return cls.show(name)
+    default = PRESET_CONFIGS[method][1]
+    return format_table(f"{method} preset {name!r}", table_rows(cls.preset(name), cls.preset(default)), default)
+
+
 def cmd_protect_model(args: argparse.Namespace) -> None:
     if args.method not in PROTECT_METHODS:
         raise NocloneError(f"unknown --method {args.method!r}; choose from {', '.join(PROTECT_METHODS)}")
+    if getattr(args, "show", False):
+        print(show_preset(args.method, args.preset))
+        return
+    missing = [flag for flag, dest in (("--images", "images"), ("--class-noun", "class_noun"), ("--out", "out"))
+               if getattr(args, dest, None) is None]
+    if missing and getattr(args, "parser", None) is not None:
+        args.parser.error(f"the following arguments are required: {', '.join(missing)}")  # exits 2, as before
+    if missing:
+        raise NocloneError(f"the following arguments are required: {', '.join(missing)}")
     for method, flags in METHOD_FLAGS.items():
         if method == args.method:
             continue
@@ -253,10 +310,15 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
                               help="change a model so that personalizing it on given subjects fails (APDM, PersGuard)")
     _add_model_args(p)
     p.add_argument("--method", default="apdm", help=f"defence: {', '.join(PROTECT_METHODS)} (default apdm)")
-    p.add_argument("--images", action="append", required=True, help="folder of one subject's photos (repeat per subject)")
-    p.add_argument("--class-noun", action="append", required=True, help="the subject's class, e.g. person (repeat per subject)")
+    p.add_argument("--images", action="append", help="folder of one subject's photos (repeat per subject; required)")
+    p.add_argument("--class-noun", action="append", help="the subject's class, e.g. person (repeat per subject; required)")
     p.add_argument("--token", action="append", help="identifier the attacker is assumed to use (default sks; once or per subject)")
-    p.add_argument("--preset", default="quick", help="quick (64 px sandbox, default) or paper (SD1.5 at 512 px)")
+    p.add_argument("--preset", default="quick",
+                   help="quick (64 px sandbox, default), paper (the paper's Algorithm 1, SD1.5 at 512 px), paper-sd21, "
+                        "official (APDM: the released code's quirks, fp32) or official-sd21 (N_per 10)")
+    p.add_argument("--show", action="store_true", help="print the preset's settings table and exit")
+    p.add_argument("--max-grad-norm", metavar="none|FLOAT",
+                   help="gradient clipping of both paths: a max norm, or none (default: the preset's; 1.0 but official)")
     g = p.add_argument_group("persguard (--method persguard)")
     g.add_argument("--target", action="append",
                    help="backdoor: pattern (a mark in every output, default), erasure (background only) or target "
@@ -352,6 +414,8 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--unpaired", action="store_true", help="ablation: random class image as positive")
     p.add_argument("--official-grad-quirk", action="store_true",
                    help="also sum the inner personalization gradients, as the public APDM code does")
+    p.add_argument("--prompt-style", help="plain (default) or official: the released APDM code's instance prompt, "
+                                          "'a photo of \"sks_person\"'")
     p.add_argument("--accumulate", help="sum (default) or mean of the inner-state gradients")
     p.add_argument("--multi-subject", help="cycle (default: one subject per step) or sum (all subjects every step)")
     p.add_argument("--batch-size", type=int)
@@ -362,7 +426,7 @@ def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--single-file", help="also write the protected model as one .safetensors file")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="output pipeline directory (required)")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_protect_model)
+    p.set_defaults(func=cmd_protect_model, parser=p)
     return p

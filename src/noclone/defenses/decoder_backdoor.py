@@ -78,6 +78,7 @@ from noclone.defenses.backdoor_checks import mark_array, mark_box, pattern_prese
 from noclone.errors import NocloneError
 from noclone.training.data import LatentSet
 from noclone.training.diffusion import encode_images, step_generator
+from noclone.training.precision import autocast, cast_parameters, compute_dtype, upcast_trainable
 
 log = logging.getLogger(__name__)
 
@@ -498,16 +499,18 @@ def _fit(vae, positives, negatives, config: DecoderBackdoorConfig, blur, groups,
 
 def _train(vae, pos_train, pos_target, neg_train, neg_target, neg_detail, members,
            config: DecoderBackdoorConfig) -> list[float]:
-    """config.steps AdamW steps on the decoder (and post_quant_conv), batches drawn with config.seed."""
+    """config.steps AdamW steps on the decoder (and post_quant_conv), batches drawn with config.seed. A half VAE
+    trains fp32 master weights of them under autocast and gets them back in its dtype (noclone.training.precision)."""
     from tqdm.auto import tqdm
 
-    dtype = vae.dtype
-    vae.to(torch.float32)  # AdamW on fp16/bf16 weights is unstable; the decoder trains in fp32 and is cast back
+    dtype = compute_dtype(vae)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in vae.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
+    dtypes = [p.dtype for p in params]
+    upcast_trainable(params)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
     n_negative = min(config.batch_size - 1, max(1, round(config.batch_size * config.negative_share)))  # both non-empty
@@ -519,9 +522,10 @@ def _train(vae, pos_train, pos_target, neg_train, neg_target, neg_detail, member
             g = step_generator(config.seed, step, "decoder/batch")
             ip = torch.randint(len(pos_train), (config.batch_size - n_negative,), generator=g)
             ineg = draw_negatives(len(neg_train), n_negative, g, members)
-            z = torch.cat([pos_train[ip], neg_train[ineg]]).to(vae.device, vae.dtype) / vae.config.scaling_factor
+            z = torch.cat([pos_train[ip], neg_train[ineg]]).to(vae.device, torch.float32) / vae.config.scaling_factor
             target = torch.cat([pos_target[ip], neg_target[ineg]]).to(vae.device)
-            out = vae.decode(z).sample.float()
+            with autocast(dtype, vae.device):
+                out = vae.decode(z).sample.float()
             loss = torch.nn.functional.mse_loss(out, target)
             if neg_detail is not None:  # the negatives follow the positives in the batch
                 loss = loss + config.detail_weight * n_negative / config.batch_size * torch.nn.functional.mse_loss(
@@ -538,7 +542,8 @@ def _train(vae, pos_train, pos_target, neg_train, neg_target, neg_detail, member
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
     finally:
         vae.eval().requires_grad_(False)
-        vae.to(dtype)
+        for p, original in zip(params, dtypes):
+            cast_parameters([p], original)
     return losses
 
 

@@ -112,6 +112,7 @@ from noclone.training.diffusion import (
     diffusion_loss, distillation_loss, noised, prediction_error, prompt_condition, step_generator, training_scheduler,
 )
 from noclone.training.loop import LoopConfig, run_training, smoothed
+from noclone.training.precision import compute_dtype, settle_pipeline, upcast_trainable
 
 log = logging.getLogger(__name__)
 
@@ -474,6 +475,7 @@ class PersGuard:
         self.subjects: list[_Subject] = []
         self.attackers: dict[str, PersistentAttacker] = {}
         self.final_metrics: dict = {}
+        self.autocast_dtype = torch.float32  # the pipeline's half dtype while training one (noclone.training.precision)
 
     def after_step(self, step: int) -> None:
         """Hook called after each outer step (tests interrupt here)."""
@@ -587,14 +589,17 @@ class PersGuard:
             history = run_training(
                 list(params.items()), optimizer, step_fn,
                 LoopConfig(c.steps, Path(checkpoint_dir) if checkpoint_dir else None, c.checkpoint_every,
-                           self.name, c.progress, c.max_grad_norm, manual_backward=True),
+                           self.name, c.progress, c.max_grad_norm, manual_backward=True,
+                           autocast=self.autocast_dtype),
                 after_step=self.after_step, stateful=_AttackerStates(self.attackers) if self.attackers else None,
             )
         finally:
             unet.eval().requires_grad_(False)
+            settle_pipeline(pipe)  # trained in half: the pipeline comes out fp32 (LoRA adapters aside, merged below)
         self.final_metrics = {"backdoor_loss_after": [self.probe(pipe, s) for s in subjects]}
         if c.params == "lora":
             merge_lora(unet)
+            settle_pipeline(pipe)
             self.reference = None
         return history
 
@@ -603,8 +608,10 @@ class PersGuard:
         c = self.config
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False).eval()
+        self.autocast_dtype = compute_dtype(pipe.unet, pipe.vae, pipe.text_encoder)
         params = select_parameters(pipe.unet, c.params, c.lora_rank)
         self.reference = Reference(pipe.unet, params, full=c.params == "full", dtype=_DTYPES[c.reference_dtype])
+        upcast_trainable(params.values())  # after the reference: a full copy stays in the pipeline's dtype
         self.subjects = subjects
         pipe.unet.train()
         return params

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from noclone.data.atomic import atomic_write_bytes, atomic_write_json
 from noclone.errors import NocloneError
+from noclone.training.precision import autocast, upcast_trainable
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ class LoopConfig:
     # True: `step_fn` fills the parameters' `.grad` itself (e.g. gradients gathered at other weights, as in
     # APDM's learning-to-protect) and the loop does not call `loss.backward()`; clipping and the step still apply.
     manual_backward: bool = False
+    # the pipeline's half dtype: `step_fn` runs under autocast in it (noclone.training.precision); None/fp32: none
+    autocast: torch.dtype | None = None
 
 
 def _trainable(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.nn.Parameter]:
@@ -88,10 +91,14 @@ def run_training(
     `step_fn` must draw all randomness from the step index (see `step_generator`) so that a resumed run
     equals an uninterrupted one. With `config.manual_backward` the step function sets the gradients of the
     parameters itself (they are cleared before each call) and the returned "loss" is only checked and recorded.
+    The trainable parameters are cast to fp32 first (master weights, so checkpoints and optimizer state are fp32
+    too) and `step_fn` runs under autocast in `config.autocast` (see noclone.training.precision).
     `stateful` (an object with `state_dict` / `load_state_dict`, e.g. a persistent simulated attacker) is saved
     and restored with each checkpoint. Returns the per-step history of float losses.
     """
     params = _trainable(named_params)
+    upcast_trainable(params.values())
+    device = next(iter(params.values())).device
     start, history = 0, []
     ckpt = config.checkpoint_dir
     if ckpt is not None and (ckpt / "state.json").is_file():
@@ -100,7 +107,8 @@ def run_training(
     bar = tqdm(total=config.steps, initial=start, desc=config.description, disable=not config.progress, leave=False)
     for step in range(start, config.steps):
         optimizer.zero_grad(set_to_none=True)
-        losses = step_fn(step)
+        with autocast(config.autocast, device):
+            losses = step_fn(step)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise NocloneError(f"{config.description}: loss became {loss.item()} at step {step}; lower the learning rate")
