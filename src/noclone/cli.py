@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identities", type=int, default=200)
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=cmd_sandbox_validate)
+    from noclone.fidelity.cli import add_fidelity_parser
+
+    add_fidelity_parser(sandbox)
     return parser
 
 

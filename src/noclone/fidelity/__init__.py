@@ -1,0 +1,1 @@
+"""The fidelity card: does a sandbox model reproduce the effects this field reports on Stable Diffusion?"""
