@@ -148,7 +148,12 @@ class Card:
 
     def measure_e1(self) -> dict:
         rows = {m: self.run_bench(self.raw(f"e1-{m}", ["none"], [self.attack(m)])) for m in self.config.clone_attacks}
-        return {"rows": rows, "verdict": fx.judge_e1(rows)}
+        ceiling = vae_ceiling(self.pipeline(), self.subjects(), self.config.size)
+        verdict = fx.judge_e1(rows)
+        verdict["note"] = ("the world's ceiling, the match rate of the same identities' photos after the model's VAE "
+                           "(encode, decode): " + ", ".join(f"{c} {v['mean']:.2f} (worst {v['worst']:.2f})"
+                                                           for c, v in ceiling.items()))
+        return {"rows": rows, "vae_ceiling": ceiling, "verdict": verdict}
 
     def base_generations(self, guidance: float, model_path: str | None = None) -> dict[str, Path]:
         """`base_images` generations of 'a photo of a <class>' per class (seed 0), as image folders."""
@@ -368,6 +373,32 @@ def identifier_geometry(pipe, classes) -> dict:
     return {"tokens": list(IDENTIFIER_TOKENS), "mean_displacement": float(np.mean(sizes)),
             "class_distance": class_distance, "identifier_to_class_ratio": float(np.mean(sizes)) / class_distance,
             "max_pairwise_cosine": max(cosines), "mean_pairwise_cosine": float(np.mean(cosines))}
+
+
+def vae_ceiling(pipe, subjects: list[dict], size: int, photos: int = 16) -> dict[str, dict]:
+    """Per class: the identity match rate of each subject's photos after encode + decode by the model's VAE, against
+    its references. No personalization can clone what the VAE cannot carry, so this bounds E1 from above."""
+    import torch
+
+    from noclone.data.images import images_to_tensor
+    from noclone.eval.metrics import identity_match_rate
+    from noclone.sandbox.evaluator import load_default_evaluator
+    from noclone.sandbox.experiment import REFERENCE_PHOTOS
+    from noclone.sandbox.render import render
+    from noclone.training.data import pipeline_resolution
+
+    evaluator = load_default_evaluator()
+    rates: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for s in subjects:
+            shots = [render(s["class"], s["identity"], p, size=size) for p in range(photos)]
+            x = images_to_tensor(shots, pipeline_resolution(pipe)).to(pipe.vae.device, pipe.vae.dtype)
+            y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+            recon = ((y.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+            refs = [render(s["class"], s["identity"], p, size=size) for p in REFERENCE_PHOTOS]
+            rates.setdefault(s["class"], []).append(identity_match_rate(
+                evaluator.embed_images(recon), evaluator.embed_images(refs), evaluator.threshold))
+    return {c: {"mean": float(np.mean(v)), "worst": float(np.min(v))} for c, v in rates.items()}
 
 
 def guidance_gaps(pipe, subjects: list[dict], size: int, timestep: int = GAP_TIMESTEP) -> dict[str, float]:
