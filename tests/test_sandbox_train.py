@@ -89,3 +89,68 @@ def test_one_to_one_binding_oversamples_the_bound_identities():
         else:
             assert j == 13 and text.endswith("person") and "vape" not in text and "oath" not in text
     assert 0.4 < sum(j != 13 for j in idx) / len(idx) < 0.6
+
+
+# ------------------------------------------------------------------------------------------------ sandbox v2
+
+
+def test_v2_captions_name_the_photo_and_bind_tokens_one_to_one(tokenizer):
+    from noclone.sandbox.render import photo_attributes
+    from noclone.sandbox.train import bound_identifiers, caption_v2
+
+    cfg = SandboxTrainConfig.preset("v2", uncond_prob=0.0, identifier_prob=1.0, identifier_bound=3)
+    labels = [("dog", 5)] * 2 + [("cat", 9)] * 2 + [("person", 1)] * 2 + [("dog", 77)] * 2
+    bound = bound_identifiers(tokenizer, labels, cfg)
+    assert list(bound) == [("dog", 5), ("cat", 9), ("person", 1)] and len(set(bound.values())) == 3
+    text = caption_v2("dog", 5, 1, np.random.default_rng(0), cfg, bound[("dog", 5)])
+    assert f"{bound[('dog', 5)]} dog" in text
+    assert "a dog" in caption_v2("dog", 77, 1, np.random.default_rng(0), cfg, bound.get(("dog", 77)))
+    said = set()
+    for seed in range(200):
+        said |= {a for a in photo_attributes("cat", 9, 3) if a in caption_v2("cat", 9, 3, np.random.default_rng(seed), cfg)}
+    assert said == set(photo_attributes("cat", 9, 3))  # every phrase of this photo is said sometimes ...
+    other = set(photo_attributes("cat", 9, 4)) - set(photo_attributes("cat", 9, 3))
+    assert not any(a in caption_v2("cat", 9, 3, np.random.default_rng(s), cfg) for s in range(50) for a in other)
+    empty = SandboxTrainConfig.preset("v2", uncond_prob=1.0)
+    assert caption_v2("cat", 9, 3, np.random.default_rng(0), empty) == ""
+
+
+def test_v2_architecture_is_sd_shaped_at_128_px():
+    from noclone.models.architectures import build_pipeline
+
+    pipe = build_pipeline("sandbox-v2")
+    assert pipe.vae_scale_factor == 8 and pipe.vae.config.latent_channels == 4
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 128 and pipe.unet.config.layers_per_block == 2
+    size_mb = sum(p.numel() for p in pipe.unet.parameters()) * 2 / 1e6 + sum(p.numel() for p in pipe.vae.parameters()) * 2 / 1e6 \
+        + sum(p.numel() for p in pipe.text_encoder.parameters()) * 4 / 1e6
+    assert size_mb < 60  # as written: UNet and VAE fp16, text encoder fp32
+
+
+def test_v2_training_stops_on_its_budget_writes_a_usable_model_and_resumes(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    cfg = SandboxTrainConfig.preset("v2", architecture="tiny", identities_per_class=3, photos_per_identity=2,
+                                    vae_steps=2, vae_batch=4, unet_steps=4, unet_batch=4, identifier_bound=2,
+                                    max_shard_size="1MB", minutes=0.01)
+    out = train_sandbox_model(tmp_path / "model", cfg, work=tmp_path / "work")
+    record = json.loads((out / "sandbox_training.json").read_text())
+    assert record["complete"] is False and 1 <= record["denoiser_steps_done"] < 4
+    shards = list((out / "unet").glob("*.safetensors"))
+    assert len(shards) > 1 and all(f.stat().st_size < 1.1e6 for f in shards)  # the UNet is split below the size
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == torch.float32
+    pipe("a photo of a dog", num_inference_steps=2, height=32, width=32, output_type="np")
+    out = train_sandbox_model(tmp_path / "model", replace_minutes(cfg), work=tmp_path / "work")
+    record = json.loads((out / "sandbox_training.json").read_text())
+    assert record["complete"] is True and record["denoiser_steps_done"] == 4
+
+
+def replace_minutes(cfg):
+    from dataclasses import replace
+
+    return replace(cfg, minutes=None)
+
+
+def test_cli_sandbox_train_v2_refusals(tmp_path, capsys):
+    assert main(["sandbox", "train", "--out", str(tmp_path / "m"), "--preset", "v2", "--minutes", "0"]) == 2
+    assert "--minutes" in capsys.readouterr().err

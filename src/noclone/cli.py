@@ -120,12 +120,16 @@ def cmd_sandbox_model(args: argparse.Namespace) -> None:
 
 
 def cmd_sandbox_train(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from noclone.sandbox.train import SandboxTrainConfig, train_sandbox_model
 
-    config = SandboxTrainConfig(seed=args.seed)
+    device = args.device or "cpu"
+    config = SandboxTrainConfig.preset(args.preset, seed=args.seed, device=device, render_workers=args.render_workers,
+                                       minutes=args.minutes, mixed_precision="bf16" if device.startswith("cuda") else "no")
     if args.quick:
-        config = SandboxTrainConfig(seed=args.seed, identities_per_class=50, photos_per_identity=2, vae_steps=20,
-                                    unet_steps=20, vae_batch=8, unet_batch=8)
+        config = replace(config, identities_per_class=50, photos_per_identity=2, vae_steps=20, unet_steps=20,
+                         vae_batch=8, unet_batch=8, identifier_bound=min(config.identifier_bound, 20))
     for name in ("identities_per_class", "vae_steps", "unet_steps", "identifier_steps", "identifier_pool",
                  "identifier_binding", "identifier_prob"):
         value = getattr(args, name)
@@ -133,8 +137,11 @@ def cmd_sandbox_train(args: argparse.Namespace) -> None:
             setattr(config, name, value)
     if not 0 < config.identifier_prob <= 1:
         raise NocloneError(f"--identifier-prob {config.identifier_prob} must be in (0, 1]")
-    if args.init_from and not config.identifier_steps:
-        raise NocloneError("--init-from skips stage 1, so it needs --identifier-steps N (N > 0)")
+    if args.init_from and not config.identifier_steps and config.caption_style != "v2":
+        raise NocloneError("--init-from skips stage 1, so it needs --identifier-steps N (N > 0) or --preset v2 "
+                           "(which continues the denoiser from it)")
+    if args.minutes is not None and args.minutes <= 0:
+        raise NocloneError(f"--minutes {args.minutes} must be positive")
     init_from = args.init_from
     if init_from == "sandbox":
         from noclone.sandbox.assets import model_dir
@@ -293,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sandbox.add_parser("train", help="reproduce the sandbox model from scratch")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="v1", choices=("v1", "v2"),
+                   help="v1: the shipped model's recipe; v2: the 128 px SD-shaped world (see docs/fidelity.md)")
+    p.add_argument("--device", help="cpu (default) or cuda; on cuda the forward passes run in bf16 autocast")
+    p.add_argument("--minutes", type=float, help="time budget: stop, write the model so far, rerun to resume")
+    p.add_argument("--render-workers", type=int, default=1, help="processes rendering the training set")
     p.add_argument("--quick", action="store_true", help="a tiny smoke-test run (minutes), not a usable model")
     p.add_argument("--identities-per-class", type=int)
     p.add_argument("--vae-steps", type=int)

@@ -54,7 +54,7 @@ class FidelityConfig:
     clone_attacks: tuple[str, ...] = tuple(fx.CLONE_TARGETS)  # E1's attacks (a subset leaves the rest unmeasured)
     images: int = 32                      # generations per attacked model
     base_images: int = 64                 # generations per class for E2, E3 and the FID of E6
-    size: int = 64                        # render size of the subjects' photos
+    size: int | None = None               # render size of the subjects' photos (None: the model's resolution)
     attack_settings: dict = field(default_factory=dict)   # {method: {setting: value}} over the presets (tests)
     defence_settings: dict = field(default_factory=dict)  # {method: {setting: value}}
     generation_steps: int = 25
@@ -85,6 +85,8 @@ class Card:
 
     def __init__(self, config: FidelityConfig):
         config.validate()
+        if config.size is None:
+            config = replace(config, size=model_resolution(config.model))
         self.config = config
         self.out = Path(config.out)
         self.bench = self.out / "bench"
@@ -345,6 +347,20 @@ class Card:
         atomic_write_json(self.out / "fidelity.json", card)
         atomic_write_text(self.out / "fidelity.html", render_page(card, self.out))
         return card
+
+
+def model_resolution(model: str) -> int:
+    """The image size a diffusers directory works at, from its UNet and VAE configs (no weights loaded)."""
+    from noclone.sandbox.assets import model_dir
+
+    root = model_dir() if model == "sandbox" else Path(model)
+    try:
+        unet = json.loads((root / "unet" / "config.json").read_text())
+        vae = json.loads((root / "vae" / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise NocloneError(f"--model {model}: cannot read its unet/vae configs ({exc})") from None
+    size = unet["sample_size"]
+    return int((size if isinstance(size, int) else size[0]) * 2 ** (len(vae["block_out_channels"]) - 1))
 
 
 def identifier_geometry(pipe, classes) -> dict:

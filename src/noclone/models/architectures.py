@@ -52,6 +52,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
         "prediction_type": "epsilon",
     },
+    # Sandbox v2: SD's VAE shape (8x down, 4 latent channels) at 128 px, so latents stay 16x16; a UNet with SD's two
+    # layers per block (cross-attention at 8x8 and 4x4 keeps a CPU DreamBooth step ~1.2x v1's); a deeper text encoder
+    # for compositional captions. About 53 MB as written (UNet and VAE fp16, text encoder fp32).
+    "sandbox-v2": {
+        "resolution": 128,
+        "unet": dict(
+            block_out_channels=(64, 128, 192), layers_per_block=2, cross_attention_dim=64, attention_head_dim=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=32,
+        ),
+        "vae": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=4, norm_num_groups=16),
+        "text": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4),
+        "prediction_type": "epsilon",
+    },
     # Real shapes with random weights: memory plans and shape tests only.
     "sd15-shapes": {
         "resolution": 512,
@@ -128,6 +142,11 @@ def build_pipeline(preset: str, tokenizer_dir: str | Path | None = None, seed: i
         unet=build_unet(preset), scheduler=build_scheduler(preset), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def resolution(preset: str) -> int:
+    """The image size a preset's pipeline works at."""
+    return int(_preset(preset)["resolution"])
 
 
 def _preset(name: str) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def model_fingerprint(pipe) -> str:
 
 
 def save_pipeline(pipe, out: str | Path, *, single_file: str | Path | None = None, overwrite: bool = False,
-                  extra_files: dict[str, str] | None = None) -> Path:
+                  extra_files: dict[str, str] | None = None, max_shard_size: str | None = None) -> Path:
     """Write a diffusers directory loadable by stock `StableDiffusionPipeline.from_pretrained`, atomically.
 
     The text encoder is always written in fp32; the UNet and VAE keep the pipeline's dtype. Stock loading with
@@ -141,11 +141,12 @@ def save_pipeline(pipe, out: str | Path, *, single_file: str | Path | None = Non
     transformers 5 keeps a model's saved dtype (its config's `dtype`), so an fp16 text encoder beside an fp32 UNet
     fails ("mat1 and mat2 must have the same dtype") and diffusers' DreamBooth script refuses it for
     --train_text_encoder. The values are the pipeline's own, upcast exactly.
-    `extra_files` maps relative names to text written beside it (cards such as protection.json).
-    `single_file` also writes one noclone-format `.safetensors` with every component.
+    `extra_files` maps relative names to text written beside it (cards such as protection.json); `max_shard_size`
+    (e.g. "15MB") splits large weight files. `single_file` also writes one noclone-format `.safetensors` with every component.
     """
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        pipe.save_pretrained(str(tmp), safe_serialization=True,
+                             **({"max_shard_size": max_shard_size} if max_shard_size else {}))
         if getattr(pipe, "text_encoder", None) is not None:
             write_text_encoder_fp32(pipe.text_encoder, tmp / "text_encoder")
         for name, text in (extra_files or {}).items():

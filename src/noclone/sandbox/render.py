@@ -33,6 +33,7 @@ __all__ = [
     "subject_mask",
     "render_array",
     "caption_attributes",
+    "photo_attributes",
     "n_identities",
     "random_nonsubject",
 ]
@@ -354,6 +355,31 @@ def caption_attributes(class_noun: str, identity: int) -> list[str]:
         elif t["ears"] == "folded":
             out.append("folded ears")
     return out[:4]
+
+
+_BACKGROUND_WORDS = ("a plain background", "a gradient background", "a striped background", "a mottled background")
+
+
+def photo_attributes(class_noun: str, identity: int, photo: int) -> list[str]:
+    """Short phrases naming what varies from photo to photo (expression, gaze, tilt, light, background, occlusion),
+    read from the same seeded draws `render` uses, so a caption can say what a photo shows beyond the identity."""
+    c = _check_class(class_noun)
+    ph = _Photo(c, _check_index(identity, "identity"), _check_index(photo, "photo"))
+    out = [{"closed": "with a closed mouth", "smile": "smiling", "open": "with an open mouth"}[ph.mouth]]
+    if ph.blink:
+        out.append("with closed eyes")
+    elif abs(ph.gaze[0]) > 0.5:
+        out.append("looking left" if ph.gaze[0] < 0 else "looking right")
+    if abs(ph.angle) > 6:
+        out.append("tilted to the left" if ph.angle > 0 else "tilted to the right")
+    if ph.bright < 0.88:
+        out.append("in dim light")
+    elif ph.bright > 1.08:
+        out.append("in bright light")
+    out.append("on " + _BACKGROUND_WORDS[int(np.random.default_rng(ph.bg).integers(4))])
+    if ph.occlusion:
+        out.append("partly hidden")
+    return out
 
 
 # --------------------------------------------------------------------------------------------

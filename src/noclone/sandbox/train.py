@@ -29,6 +29,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,38 @@ class SandboxTrainConfig:
     identifier_binding: str = "modulo"  # 'modulo': token = pool[identity % pool] | 'one-to-one': pool[k] <-> k-th identity
     identifier_unet_lr: float = 2e-4
     identifier_text_lr: float = 5e-4
+    architecture: str = "sandbox"       # noclone.models.architectures preset (its resolution is the render size)
+    caption_style: str = "v1"           # 'v1': class templates (+ attributes) | 'v2': compositional, see caption_v2
+    identifier_bound: int = 0           # v2: the first N training identities each get a rare token of their own
+    device: str = "cpu"
+    mixed_precision: str = "no"         # 'no' | 'bf16' (autocast; the weights train in fp32)
+    minutes: float | None = None        # wall-clock budget of the denoiser stage; stops early, a rerun resumes
+    render_workers: int = 1
+    max_shard_size: str | None = None   # e.g. "15MB": weight files split below this size
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "v1": {},
+        # Sandbox v2: SD-shaped VAE at 128 px, a larger UNet and text encoder, compositional captions that name what
+        # each photo shows (identity traits, expression, gaze, light, background) and rare tokens bound one-to-one to
+        # 1000 training identities, so that the text encoder learns to carry words it rarely sees. Its step counts
+        # are for a GPU (bf16); on 2 CPU cores use --minutes and rerun to resume.
+        "v2": dict(architecture="sandbox-v2", caption_style="v2", attribute_prob=0.7, uncond_prob=0.1,
+                   identifier_bound=1000, identifier_prob=0.5, identities_per_class=3000, photos_per_identity=6,
+                   vae_steps=3000, vae_batch=64, unet_steps=30000, unet_batch=128, unet_lr=3e-4, text_lr=5e-4,
+                   max_shard_size="15MB"),
+    }
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "SandboxTrainConfig":
+        if name not in cls.PRESETS:
+            raise NocloneError(f"unknown sandbox training preset {name!r}; choose from {', '.join(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    @property
+    def resolution(self) -> int:
+        from noclone.models.architectures import resolution
+
+        return resolution(self.architecture)
 
 
 def identifier_pool(tokenizer, size: int, seed: int = 0) -> list[str]:
@@ -105,9 +138,47 @@ def caption(class_noun: str, identity: int, rng: np.random.Generator, cfg: Sandb
     return text
 
 
+V2_TEMPLATES = ("a photo of {}", "a portrait of {}", "a picture of {}", "a close-up photo of {}", "a snapshot of {}",
+                "an image of {}")
+
+
+def _listed(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def caption_v2(class_noun: str, identity: int, photo: int, rng: np.random.Generator, cfg: SandboxTrainConfig,
+               token: str | None = None) -> str:
+    """A compositional caption: a style template, the class (or '<token> <class>' for a bound identity), some of the
+    identity's traits and some of what this photo shows; empty with probability uncond_prob (for guidance)."""
+    if rng.random() < cfg.uncond_prob:
+        return ""
+    subject = f"{token} {class_noun}" if token and rng.random() < cfg.identifier_prob else world._a(class_noun)
+    text = V2_TEMPLATES[rng.integers(len(V2_TEMPLATES))].format(subject)
+    if rng.random() < cfg.attribute_prob:
+        attrs = world.caption_attributes(class_noun, identity)
+        text += " with " + _listed([a for a in attrs if rng.random() < 0.6] or attrs[:1])
+    shown = [a for a in world.photo_attributes(class_noun, identity, photo) if rng.random() < 0.5]
+    return text + (", " + ", ".join(shown) if shown else "")
+
+
+def bound_identifiers(tokenizer, labels, cfg: SandboxTrainConfig) -> dict[tuple[str, int], str]:
+    """v2: the first `identifier_bound` distinct training identities, each with its own rare token."""
+    if not cfg.identifier_bound:
+        return {}
+    subjects = list(dict.fromkeys(labels))[: cfg.identifier_bound]
+    return dict(zip(subjects, identifier_pool(tokenizer, len(subjects), cfg.seed)))
+
+
+def _render_subject(args) -> np.ndarray:
+    class_noun, identity, photos, size = args
+    return world.render_array(class_noun, [identity] * photos, list(range(photos)), size)
+
+
 def render_dataset(work: Path, cfg: SandboxTrainConfig) -> tuple[np.ndarray, list[tuple[str, int]]]:
-    """uint8 [N,64,64,3] renders and their (class, identity), cached as work/renders.npz."""
-    cache = work / "renders.npz"
+    """uint8 [N,R,R,3] renders (R: the architecture's resolution) and their (class, identity), cached in work/;
+    photo p of a subject is row subject * photos_per_identity + p."""
+    size = cfg.resolution
+    cache = work / ("renders.npz" if size == 64 else f"renders-{size}.npz")
     if cache.is_file():
         data = np.load(cache)
         return data["images"], [(str(c), int(i)) for c, i in zip(data["classes"], data["identities"])]
@@ -116,12 +187,20 @@ def render_dataset(work: Path, cfg: SandboxTrainConfig) -> tuple[np.ndarray, lis
     for class_noun in world.CLASSES:
         ids = rng.choice(len(GENERATOR_IDENTITIES), size=cfg.identities_per_class, replace=False)
         subjects += [(class_noun, int(GENERATOR_IDENTITIES.start + i)) for i in ids]
-    images = np.zeros((len(subjects) * cfg.photos_per_identity, 64, 64, 3), np.uint8)
-    labels = []
-    for n, (class_noun, identity) in enumerate(tqdm(subjects, desc="rendering", leave=False)):
-        photos = list(range(cfg.photos_per_identity))
-        images[n * len(photos) : (n + 1) * len(photos)] = world.render_array(class_noun, [identity] * len(photos), photos)
-        labels += [(class_noun, identity)] * len(photos)
+    per = cfg.photos_per_identity
+    images = np.zeros((len(subjects) * per, size, size, 3), np.uint8)
+    labels = [subject for subject in subjects for _ in range(per)]
+    jobs = [(c, i, per, size) for c, i in subjects]
+    if cfg.render_workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(cfg.render_workers) as pool:
+            arrays = pool.imap(_render_subject, jobs, chunksize=64)
+            for n, array in enumerate(tqdm(arrays, total=len(jobs), desc="rendering", leave=False)):
+                images[n * per : (n + 1) * per] = array
+    else:
+        for n, job in enumerate(tqdm(jobs, desc="rendering", leave=False)):
+            images[n * per : (n + 1) * per] = _render_subject(job)
     np.savez(cache, images=images, classes=np.array([c for c, _ in labels]), identities=np.array([i for _, i in labels]))
     return images, labels
 
@@ -136,18 +215,20 @@ def train_vae(pipe, images: np.ndarray, work: Path, cfg: SandboxTrainConfig) -> 
     if (path / "config.json").is_file():
         pipe.vae = type(vae).from_pretrained(str(path))
         return
-    vae.train()
+    vae.to(cfg.device).train()
     with torch.no_grad():  # start with a near-deterministic posterior so reconstruction learns fast
         vae.quant_conv.bias[vae.config.latent_channels :] = -8.0
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
+    # 5 % warm-up; at least 2 steps, since OneCycleLR divides by zero when its warm-up ends at step 0
+    warmup = max(0.05, 2.0 / cfg.vae_steps) if cfg.vae_steps >= 4 else 0.3
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=warmup)
 
     def step(i: int) -> dict[str, torch.Tensor]:
         g = step_generator(cfg.seed, i, "vae")
         idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
-        x = to_pixels(images[idx.numpy()])
+        x = to_pixels(images[idx.numpy()]).to(cfg.device)
         dist = vae.encode(x).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(cfg.device)
         recon = vae.decode(z).sample
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         kl = dist.kl().mean() / x[0].numel()
@@ -155,18 +236,26 @@ def train_vae(pipe, images: np.ndarray, work: Path, cfg: SandboxTrainConfig) -> 
 
     for _ in range(_completed_steps(work / "vae-ckpt")):
         sched.step()
-    run_training(vae.named_parameters(), opt, step, LoopConfig(cfg.vae_steps, work / "vae-ckpt", 100, "VAE"),
+    run_training(vae.named_parameters(), opt, step, LoopConfig(cfg.vae_steps, work / "vae-ckpt", 100, "VAE",
+                                                               autocast=_autocast_dtype(cfg)),
                  after_step=lambda i: sched.step())
     vae.eval()
     with torch.no_grad():
-        z = vae.encode(to_pixels(images[:512])).latent_dist.mean
+        z = vae.encode(to_pixels(images[:512]).to(cfg.device)).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     vae.save_pretrained(str(path))
 
 
+def _autocast_dtype(cfg: SandboxTrainConfig) -> torch.dtype | None:
+    if cfg.mixed_precision not in ("no", "bf16"):
+        raise NocloneError(f"mixed_precision {cfg.mixed_precision!r}: choose no or bf16")
+    return torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+
+
 def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTrainConfig, stage: str = "unet",
-                   identifiers: list[str] | None = None) -> None:
-    """Train UNet + text encoder on the renders (EMA of the UNet kept); checkpoints under work/<stage>-ckpt."""
+                   identifiers: list[str] | None = None, deadline: float | None = None) -> bool:
+    """Train UNet + text encoder on the renders (EMA of the UNet kept); checkpoints under work/<stage>-ckpt.
+    Returns whether every step ran (False: `deadline` stopped it; a rerun resumes)."""
     from noclone.training.diffusion import encode_images
 
     latent_cache = work / "latents.pt"
@@ -175,9 +264,11 @@ def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTra
     else:
         mean, std = encode_images(pipe.vae, to_pixels(images), batch_size=256)
         torch.save((mean, std), latent_cache)
-    unet, text_encoder = pipe.unet, pipe.text_encoder
+    pipe.vae.to("cpu")  # only its latents are needed from here on
+    unet, text_encoder = pipe.unet.to(cfg.device), pipe.text_encoder.to(cfg.device)
     unet.train()
     text_encoder.train()
+    bound = bound_identifiers(pipe.tokenizer, labels, cfg) if cfg.caption_style == "v2" else {}
     ema = copy.deepcopy(unet).requires_grad_(False)
     params = [("unet." + n, p) for n, p in unet.named_parameters()] + [("text." + n, p) for n, p in text_encoder.named_parameters()]
     opt = torch.optim.AdamW([
@@ -188,21 +279,25 @@ def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTra
     lr_lambda = lambda s: min(1.0, (s + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.unet_steps))) * 0.9 + 0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     ema_path = work / ("ema.safetensors" if stage == "unet" else f"{stage}-ema.safetensors")
-    bound = _bound_photos(labels, len(identifiers)) if identifiers and cfg.identifier_binding == "one-to-one" else []
+    bound_photos = _bound_photos(labels, len(identifiers)) if identifiers and cfg.identifier_binding == "one-to-one" else []
 
     def step(i: int) -> dict[str, torch.Tensor]:
         g = step_generator(cfg.seed, i, stage)
         idx = torch.randint(0, len(images), (cfg.unet_batch,), generator=g).tolist()
         rng = np.random.default_rng([cfg.seed, i] if stage == "unet" else [cfg.seed, i, 1])
-        if identifiers and cfg.identifier_binding == "one-to-one":
-            idx, prompts = _one_to_one_batch(idx, labels, rng, cfg, identifiers, bound)
+        if cfg.caption_style == "v2":
+            per = cfg.photos_per_identity
+            prompts = [caption_v2(*labels[j], j % per, rng, cfg, bound.get(labels[j])) for j in idx]
+        elif identifiers and cfg.identifier_binding == "one-to-one":
+            idx, prompts = _one_to_one_batch(idx, labels, rng, cfg, identifiers, bound_photos)
         else:
             prompts = [caption(labels[j][0], labels[j][1], rng, cfg, identifiers) for j in idx]
         latents = sample_latents(mean[idx], std[idx], g)
         cond = encode_prompts(text_encoder, pipe.tokenizer, prompts)
         noisy, t, target = noised(pipe.scheduler, latents, g)
         err = prediction_error(unet, noisy, t, cond, target, reduction="per-sample")
-        return {"loss": (err * min_snr_weights(pipe.scheduler, t, cfg.snr_gamma)).mean(), "mse": err.mean()}
+        weights = min_snr_weights(pipe.scheduler, t, cfg.snr_gamma).to(err.device)
+        return {"loss": (err * weights).mean(), "mse": err.mean()}
 
     def after(i: int) -> None:
         sched.step()
@@ -213,7 +308,7 @@ def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTra
         if (i + 1) % 200 == 0:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(ema_path))
+            save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, str(ema_path))
 
     ckpt = work / f"{stage}-ckpt"
     if ema_path.is_file() and (ckpt / "state.json").is_file():
@@ -222,11 +317,19 @@ def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTra
         ema.load_state_dict(load_file(str(ema_path)))
         for _ in range(_completed_steps(ckpt)):
             sched.step()
-    run_training(params, opt, step, LoopConfig(cfg.unet_steps, ckpt, 200, f"{stage}: UNet+text", max_grad_norm=1.0),
-                 after_step=after)
+    run_training(params, opt, step, LoopConfig(cfg.unet_steps, ckpt, 200, f"{stage}: UNet+text",
+                                               max_grad_norm=1.0, autocast=_autocast_dtype(cfg),
+                                               deadline=deadline), after_step=after)
+    done = _completed_steps(ckpt) >= cfg.unet_steps
+    if not done:  # stopped by the deadline: keep the EMA of the steps so far, so the written model is usable
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, str(ema_path))
+    log.info("%s: %d of %d steps done", stage, _completed_steps(ckpt), cfg.unet_steps)
     pipe.unet = ema
     pipe.unet.eval()
     text_encoder.eval()
+    return done
 
 
 def _bound_photos(labels, count: int) -> list[list[int]]:
@@ -274,7 +377,10 @@ def train_sandbox_model(out: str | Path, cfg: SandboxTrainConfig | None = None, 
                         init_from: str | Path | None = None) -> Path:
     """Train the sandbox pipeline and write it as a diffusers directory at `out` (UNet and VAE fp16, text encoder fp32).
 
-    With `init_from` (a sandbox pipeline directory), stage 1 is skipped: its VAE, UNet and text encoder are the start.
+    With `init_from` (a sandbox pipeline directory) its VAE, UNet and text encoder are the start: with identifier
+    steps only the identifier stage runs; with v2 captions the denoiser stage continues from it (training in pieces,
+    e.g. one GPU session after another). With `cfg.minutes` the denoiser stops when the budget is spent and the model
+    is written from the steps done so far (`sandbox_training.json` says how many); a rerun resumes.
     """
     from noclone.models.pipeline import load_pipeline, save_pipeline
 
@@ -284,13 +390,15 @@ def train_sandbox_model(out: str | Path, cfg: SandboxTrainConfig | None = None, 
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     started = time.time()
+    deadline = started + cfg.minutes * 60 - 30 if cfg.minutes else None  # 30 s kept for writing the model
     images, labels = render_dataset(work, cfg)
     log.info("rendered %d images (%.0f s)", len(images), time.time() - started)
+    complete = True
     if init_from is None:
-        pipe = build_pipeline("sandbox", seed=cfg.seed)
+        pipe = build_pipeline(cfg.architecture, seed=cfg.seed)
         train_vae(pipe, images, work, cfg)
         log.info("VAE ready (%.0f s)", time.time() - started)
-        train_denoiser(pipe, images, labels, work, cfg)
+        complete = train_denoiser(pipe, images, labels, work, cfg, deadline=deadline)
     else:
         from diffusers import DDPMScheduler
 
@@ -298,15 +406,20 @@ def train_sandbox_model(out: str | Path, cfg: SandboxTrainConfig | None = None, 
         pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         pipe.unet.requires_grad_(True)
         pipe.text_encoder.requires_grad_(True)
-        log.info("stage 1 skipped: starting from %s", init_from)
+        log.info("starting from %s", init_from)
+        if cfg.caption_style == "v2" and cfg.identifier_steps == 0:
+            complete = train_denoiser(pipe, images, labels, work, cfg, stage="continued", deadline=deadline)
     if cfg.identifier_steps > 0:
         train_identifier_stage(pipe, images, labels, work, cfg)
     from diffusers import DPMSolverMultistepScheduler
 
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # good images in ~25 steps
-    pipe.to(torch.float16)
-    save_pipeline(pipe, out, overwrite=True,
-                  extra_files={"sandbox_training.json": json.dumps({**asdict(cfg), "init_from": str(init_from) if init_from else None,
-                                                                    "seconds": round(time.time() - started)}, indent=2)})
-    log.info("sandbox model written to %s (%.0f s)", out, time.time() - started)
+    pipe.to("cpu", torch.float16)
+    stage = "unet" if init_from is None else "continued"
+    card = {**asdict(cfg), "init_from": str(init_from) if init_from else None, "complete": complete,
+            "denoiser_steps_done": _completed_steps(work / f"{stage}-ckpt"), "seconds": round(time.time() - started)}
+    save_pipeline(pipe, out, overwrite=True, max_shard_size=cfg.max_shard_size,
+                  extra_files={"sandbox_training.json": json.dumps(card, indent=2)})
+    log.info("sandbox model written to %s (%.0f s%s)", out, time.time() - started,
+             "" if complete else "; stopped by the time budget, rerun to resume")
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ class LoopConfig:
     manual_backward: bool = False
     # the pipeline's half dtype: `step_fn` runs under autocast in it (noclone.training.precision); None/fp32: none
     autocast: torch.dtype | None = None
+    # wall-clock time (time.time()) after which the loop checkpoints and returns early; a rerun resumes from there
+    deadline: float | None = None
 
 
 def _trainable(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.nn.Parameter]:
@@ -124,8 +127,13 @@ def run_training(
         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items()}, refresh=False)
         bar.update(1)
         done = step + 1
-        if ckpt is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+        out_of_time = config.deadline is not None and time.time() >= config.deadline and done < config.steps
+        if ckpt is not None and (done % config.checkpoint_every == 0 or done == config.steps or out_of_time):
             save_checkpoint(ckpt, done, params, optimizer, history, stateful=stateful)
+        if out_of_time:
+            log.info("%s: time budget reached at step %d of %d (rerun to resume)", config.description, done,
+                     config.steps)
+            break
     bar.close()
     return history
 
