@@ -222,9 +222,10 @@ class Card:
         return {"rows": rows, "verdict": fx.judge_e4(rows)}
 
     def measure_e5(self) -> dict:
-        defences = ["none", self.defence("aspl", budget=PAPER_BUDGET)]
-        rows = self.run_bench(self.raw("e5", defences, [self.attack("dreambooth")],
-                                       transforms=("none",) + PURIFICATIONS))
+        attack = [self.attack("dreambooth")]  # the purified photos of the cloak only, beside E4's clean cell
+        rows = self.run_bench(self.raw("e5-clean", ["none"], attack))
+        rows += self.run_bench(self.raw("e5", [self.defence("aspl", budget=PAPER_BUDGET)], attack,
+                                        transforms=("none",) + PURIFICATIONS))
         return {"rows": rows, "verdict": fx.judge_e5(rows)}
 
     def measure_e6(self) -> dict:
