@@ -65,6 +65,7 @@ def cmd_personalize(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from noclone.generation import GenerationConfig, generate_to_dir
+    from noclone.models.pipeline import load_lora
 
     _refuse_existing(args.out, args.overwrite)
     config = GenerationConfig(n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
@@ -75,21 +76,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     generate_to_dir(pipe, args.prompt, args.out, config, overwrite=args.overwrite,
                     extra_manifest={"model": str(args.model), "lora": args.lora}, progress=not args.quiet)
     log.info("%d images written to %s", config.n * len(args.prompt), args.out)
-
-
-def load_lora(pipe, path: str, allow_pickle: bool = False) -> None:
-    """Load diffusers-format LoRA weights from a local directory or .safetensors file."""
-    lora = Path(path)
-    if not lora.exists():
-        raise NocloneError(f"{lora}: no such LoRA file or directory")
-    files = [lora] if lora.is_file() else sorted(lora.glob("*.safetensors"))
-    if not files:
-        if any(lora.glob("*.bin")) and not allow_pickle:
-            raise NocloneError(f"{lora}/: LoRA weights are pickle files (.bin); refused unless --allow-pickle is given")
-        raise NocloneError(f"{lora}/: no LoRA weights (*.safetensors) found")
-    if files[0].suffix != ".safetensors" and not allow_pickle:
-        raise NocloneError(f"{lora}: pickle LoRA file refused; pass --allow-pickle if you trust it")
-    pipe.load_lora_weights(str(files[0].parent), weight_name=files[0].name)
 
 
 def cmd_sandbox_render(args: argparse.Namespace) -> None:

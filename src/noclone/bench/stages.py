@@ -391,7 +391,7 @@ def generated(cache: Cache, base: Ref, attacked: Ref | None, prompts: list[str],
 
     def build(tmp: Path) -> dict:
         if lora:
-            from noclone.cli import load_lora
+            from noclone.models.pipeline import load_lora
 
             pipe = runtime.load(base.path)
             load_lora(pipe, str(attacked.path))

@@ -107,6 +107,21 @@ def load_pipeline(
     return pipe.to(target)
 
 
+def load_lora(pipe, path: str, allow_pickle: bool = False) -> None:
+    """Load diffusers-format LoRA weights from a local directory or .safetensors file."""
+    lora = Path(path)
+    if not lora.exists():
+        raise NocloneError(f"{lora}: no such LoRA file or directory")
+    files = [lora] if lora.is_file() else sorted(lora.glob("*.safetensors"))
+    if not files:
+        if any(lora.glob("*.bin")) and not allow_pickle:
+            raise NocloneError(f"{lora}/: LoRA weights are pickle files (.bin); refused unless --allow-pickle is given")
+        raise NocloneError(f"{lora}/: no LoRA weights (*.safetensors) found")
+    if files[0].suffix != ".safetensors" and not allow_pickle:
+        raise NocloneError(f"{lora}: pickle LoRA file refused; pass --allow-pickle if you trust it")
+    pipe.load_lora_weights(str(files[0].parent), weight_name=files[0].name)
+
+
 def use_sdpa(pipe) -> None:
     """Route UNet and VAE attention through torch's scaled_dot_product_attention."""
     from diffusers.models.attention_processor import AttnProcessor2_0

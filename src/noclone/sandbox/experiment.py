@@ -63,7 +63,7 @@ def generate_cached(load_pipe, folder: Path, prompt: str, n: int, seed: int, lor
     if not (folder / "manifest.json").is_file():
         pipe = load_pipe()
         if lora is not None:
-            from noclone.cli import load_lora
+            from noclone.models.pipeline import load_lora
 
             load_lora(pipe, str(lora))
         generate_to_dir(pipe, [prompt], folder, GenerationConfig(n=n, seed=seed, guidance=guidance), overwrite=True,
