@@ -104,7 +104,8 @@ def judge_e1(rows_by_attack: dict[str, list[dict]]) -> dict:
             continue
         for class_noun, subjects in sorted(per_class.items()):
             m = mean(subjects.values())
-            checks.append(check(f"{attack}, {class_noun}: mean match ({len(subjects)} identities)", m,
+            n = len(subjects)
+            checks.append(check(f"{attack}, {class_noun}: mean match ({n} identit{'y' if n == 1 else 'ies'})", m,
                                 f">= {mean_target}", m >= mean_target))
             if worst_target is not None:
                 w = min(subjects.values())
