@@ -110,7 +110,7 @@ def test_tiny_card_end_to_end(tmp_path, tiny_model_dir):
     on_disk = json.loads((tmp_path / "card" / "fidelity.json").read_text())
     assert on_disk["effects"] == card["effects"]
     page = (tmp_path / "card" / "fidelity.html").read_text()
-    assert "E7" in page and "data:image/png;base64" in page
+    assert "E7" in page and "data:image/jpeg;base64" in page
     assert 0 <= card["measurements"]["E1"]["vae_ceiling"]["person"]["worst"] <= 1
     e3 = card["measurements"]["E3"]
     assert e3["text"]["class_distance"] > 0 and e3["guidance"]["person"]["guidance_gap"] > 0

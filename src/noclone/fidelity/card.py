@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -191,7 +192,7 @@ class Card:
             images = images_in(folder)
             out[c] = {"detector_rate": 1 - fdfr(evaluator.detect(images, c)),
                       "fid_to_renders": frechet_distance(evaluator.features(images), evaluator.features(renders[c])),
-                      "images": str(folder)}
+                      "images": os.path.relpath(folder, self.out)}
         return out
 
     def measure_e2(self) -> dict:
@@ -285,7 +286,7 @@ class Card:
                                         subject.class_noun, config, defence)
                 other.append({"subject": subject.name, "class_noun": subject.class_noun, "defence": defence.name,
                               "transform": "none", "attack": attack.name, "seed": seed, **scores.meta["metrics"],
-                              "generated": str(images.path)})
+                              "generated": os.path.relpath(images.path, self.bench)})
         return {"protected": protected, "other": other, "other_clean": clean, "protected_models": models,
                 "scaling_rule": SCALING_RULE}
 

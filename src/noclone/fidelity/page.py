@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 from pathlib import Path
 
-from noclone.report import STYLE, image_grid, img_tag
+from noclone.report import STYLE, image_grid
 
 BADGES = {"pass": ("good", "pass"), "fail": ("bad", "fail"), "partly measured": ("", "partly measured"),
           "not measured": ("", "not measured")}
@@ -25,7 +27,12 @@ def _grid(folder: str | None, base: Path, caption: str) -> str:
     images = _images(folder, base)
     if not images:
         return ""
-    return (f"<figure>{img_tag(image_grid(images, columns=8, scale=2), caption)}"
+    grid = image_grid(images, columns=8, scale=1)  # JPEG at 1x, shown at 2x: the page stays a few MB at most
+    buffer = io.BytesIO()
+    grid.save(buffer, format="JPEG", quality=88)
+    tag = (f'<img class="grid" style="width:{2 * grid.width}px" alt="{html.escape(caption)}" '
+           f'src="data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}">')
+    return (f"<figure>{tag}"
             f"<figcaption class='cap'>{html.escape(caption)}</figcaption></figure>")
 
 
@@ -61,8 +68,9 @@ def _pictures(card: dict, out: Path) -> str:
             if r["seed"] != card["config"]["seeds"][0] or tag in shown:
                 continue
             shown.add(tag)
-            if r["defence"] != "none" and key != "E1":
-                parts.append(_grid(r.get("photos"), bench, f"{key}: {r['subject']} photos after {r['defence']}"
+            if key == "E1" or r["defence"] != "none":
+                parts.append(_grid(r.get("photos"), bench, f"{key}: {r['subject']} photos"
+                                   + (f" after {r['defence']}" if r["defence"] != "none" else "")
                                    + (f" + {r['transform']}" if r["transform"] != "none" else "")))
             parts.append(_grid(r.get("generated"), bench,
                                f"{key} {label}: {r['subject']}, {r['attack']} after {r['defence']}"
