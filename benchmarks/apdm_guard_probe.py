@@ -94,7 +94,7 @@ def main() -> None:
         def load(folder=folder, method=method):
             if method == "dreambooth":
                 return load_pipeline(folder)
-            from noclone.cli import load_lora
+            from noclone.models.pipeline import load_lora
 
             pipe = load_pipeline(base)
             load_lora(pipe, str(folder))

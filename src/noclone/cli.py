@@ -8,6 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+from noclone.cli_args import add_model_args as _add_model_args
+from noclone.cli_args import load_model
+from noclone.cli_args import model_arg as _model_arg
+from noclone.cli_args import refuse_existing as _refuse_existing
 from noclone.errors import NocloneError
 
 log = logging.getLogger("noclone")
@@ -20,28 +24,6 @@ def _quiet_third_party() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*torchvision.*")
-
-
-def _model_arg(value: str) -> str:
-    return value
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="sandbox", type=_model_arg,
-                   help="diffusers directory, .safetensors file, or 'sandbox' for the embedded model (default)")
-    p.add_argument("--config", help="local diffusers directory describing an original-layout single-file checkpoint")
-    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt/.bin/.pt)")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
-
-
-def load_model(args: argparse.Namespace, gradient_checkpointing: bool = False):
-    from noclone.models.pipeline import load_pipeline
-    from noclone.sandbox.assets import model_dir
-
-    path = model_dir() if args.model == "sandbox" else Path(args.model)
-    return load_pipeline(path, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                         config=args.config, gradient_checkpointing=gradient_checkpointing)
 
 
 def cmd_personalize(args: argparse.Namespace) -> None:
@@ -172,14 +154,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
                               progress=not args.quiet, protect=not args.no_protect,
                               protect_steps=args.protect_steps))
     print(f"demo report: {out / 'report.html'}")
-
-
-def _refuse_existing(out: str | Path, overwrite: bool) -> None:
-    out = Path(out)
-    if out.is_file():
-        raise NocloneError(f"{out}: exists and is a file, expected an output directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise NocloneError(f"{out}/: output exists and is not empty (pass --overwrite to replace it)")
 
 
 def build_parser() -> argparse.ArgumentParser:

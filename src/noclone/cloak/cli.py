@@ -55,7 +55,7 @@ def show_cloak_preset(method: str, preset: str) -> str:
 
 def cmd_protect_images(args: argparse.Namespace) -> Path | None:
     from noclone.attacks.base import load_subject_images
-    from noclone.cli import load_model
+    from noclone.cli_args import load_model
     from noclone.cloak.base import check_output_dir, parse_budget, parse_step_size, protect_folder
     from noclone.presets import parse_max_grad_norm
 
@@ -115,7 +115,7 @@ def cmd_protect_images(args: argparse.Namespace) -> Path | None:
 
 def add_protect_images_parser(subparsers) -> argparse.ArgumentParser:
     """Register `protect-images` on the main parser's subparsers."""
-    from noclone.cli import _add_model_args
+    from noclone.cli_args import add_model_args as _add_model_args
 
     p = subparsers.add_parser("protect-images", help="cloak a subject's photos before posting (RID, ASPL, FSMG, AdvDM, PhotoGuard)")
     _add_model_args(p)
@@ -148,7 +148,7 @@ def add_protect_images_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_rid_train(args: argparse.Namespace) -> Path | None:
-    from noclone.cli import _refuse_existing, load_model
+    from noclone.cli_args import load_model, refuse_existing as _refuse_existing
     from noclone.cloak.base import parse_budget
     from noclone.cloak.rid import RIDRecipe, train_rid_generator
     from noclone.cloak.rid_nets import ARCHS
@@ -204,7 +204,7 @@ def cmd_rid_train(args: argparse.Namespace) -> Path | None:
 
 def add_rid_parser(subparsers) -> argparse.ArgumentParser:
     """Register `rid train` on the main parser's subparsers."""
-    from noclone.cli import _add_model_args
+    from noclone.cli_args import add_model_args as _add_model_args
 
     rid = subparsers.add_parser("rid", help="RID: train a real-time protective-perturbation generator")
     sub = rid.add_subparsers(dest="rid_command", required=True)

@@ -38,11 +38,11 @@ Release repair (beyond the paper; `repair_steps` > 0, CLI `--repair-steps`): aft
 anchors, alternately, under the class prompt and the empty prompt (guidance's unconditional branch); no DPO, no
 inner path. In the sandbox the protection's damage to the class is shallow and the damage to the subject deep: a
 generic repair brings generic generation back and, after a long enough protection, leaves the subject unlearnable
-(docs/sandbox-v1.md, "Stop 20"). `APDM.repair` applies it to a model protected earlier. With `anchor_weight=0`
+(docs/sandbox-v1.md). `APDM.repair` applies it to a model protected earlier. With `anchor_weight=0`
 (CLI `--anchor-weight 0 --anchor-images DIR`) the anchors join the repair only. `repair_min_timestep` /
 `repair_max_timestep` (CLI `--repair-min-timestep` / `--repair-max-timestep`) bound the repair's timesteps to
 [min, max); measured in the sandbox, neither half of the range beats the full-range repair at every seed
-(docs/sandbox-v1.md, "Stop 24").
+(docs/sandbox-v1.md).
 
 Minimising L_DPO lowers the error on generic class images relative to phi (r+ < 0) and raises it on the subject
 (r- > 0) -- the model learns to denoise "sks person" into a generic person. `reduction='elementwise'` (default, the
@@ -101,13 +101,13 @@ Beyond the paper:
   the guard. Anchor photos (other members of the class) join the guard's negatives, so that it keys on the
   subject's identity rather than on any DreamBooth output of the class. `decoder_blur_calibrate` (an identity
   backend) picks each subject's blur: the least that makes its simulated clones no more like it than the class
-  images are. In the sandbox the UNet protection cannot hold a new identifier (docs/sandbox-v1.md, stops 25-27).
+  images are. In the sandbox the UNet protection cannot hold a new identifier (docs/sandbox-v1.md).
   Several subjects in one guard get mirrored/shifted/zoomed copies of their positives (`decoder_moved_copies`) and
-  twice the steps: without them the joint guard learnt each subject too narrowly (stop 34). They also get up to
+  twice the steps: without them the joint guard learnt each subject too narrowly (docs/sandbox-v1.md). They also get up to
   `decoder_tries` guards (seeds seed, seed + 1, ...: each draws its own held-back fifth, copies and batches), kept
   by the share of each subject's held-back clones blurred: whether one guard holds all three subjects varied with
   its seed, and the guard that left some of the cat's held-back clones sharp was the one the attacker's cat clones
-  escaped; a new training seed on the same split did not help (stop 35).
+  escaped; a new training seed on the same split did not help (docs/sandbox-v1.md).
 - `params`: 'full' UNet (the paper), 'attention' (cross-attention only) or 'lora' (rank r, merged into the
   weights when done). The parameter set is what both paths train: the protection updates it and the simulated
   attacker fine-tunes it (for 'attention' that is a Custom-Diffusion-like attacker).
@@ -163,8 +163,8 @@ PRIOR_LOSSES = ("ground_truth", "distill")
 IMPLANTS = ("unet", "decoder", "both")
 # The decoder guard's defaults (decoder_steps / decoder_moved_copies / decoder_tries None) for one subject and for
 # several: three subjects in one guard needed moved copies of the positives and, to learn from 5x as many, twice
-# the steps (stop 34); which of several equally trained guards holds every subject varied with its seed (the
-# clones it held back), so several subjects get up to 3 tries, kept by each subject's held-back rate (stop 35)
+# the steps (docs/sandbox-v1.md); which of several equally trained guards holds every subject varied with its seed (the
+# clones it held back), so several subjects get up to 3 tries, kept by each subject's held-back rate (docs/sandbox-v1.md)
 GUARD_ONE_SUBJECT = {"steps": 1200, "moved_copies": 0, "tries": 1}
 GUARD_SEVERAL_SUBJECTS = {"steps": 2400, "moved_copies": 4, "tries": 3}
 
@@ -220,7 +220,7 @@ class APDMConfig:
     optimizer: str = "adamw"           # 'adamw' | 'adamw8bit' (bitsandbytes, outer and inner)
     implant: str = "unet"              # 'unet' (the paper) | 'decoder' (a blurring guard in the VAE decoder) | 'both'
     decoder_steps: int | None = None   # implant 'decoder'/'both': see decoder_backdoor.py; None: 1200 for one
-                                       # subject (stop 29: 600), 2400 for several (stop 34)
+                                       # subject, 2400 for several (docs/sandbox-v1.md)
     decoder_lr: float = 3e-4
     decoder_generations: int = 48      # latents drawn from each simulated attack (subject and negatives)
     decoder_batch_size: int = 16       # decoder training batch (decoder_negative_share of it from the rest)
@@ -229,17 +229,17 @@ class APDMConfig:
     decoder_attack_lengths: tuple[float, ...] = (1.0,)  # sample each simulated attack after these multiples of them
     decoder_blur: float = 0.0625       # the blur's sigma as a fraction of the image width
     decoder_blur_calibrate: str | None = None  # an identity backend (sandbox|dlib): a blur per subject
-    # How the guard keeps everything else as it was (docs/sandbox-v1.md, stop 30; stop 29 had constant, 0.5, 0, False)
+    # How the guard keeps everything else as it was (docs/sandbox-v1.md)
     decoder_lr_schedule: str = "cosine"
     decoder_negative_share: float = 0.75   # of each decoder batch
     decoder_class_samples: int = 96        # the input model's own samples of the class prompt, as negatives
     decoder_balance_negatives: bool = True  # each negative group (class images and samples, anchors, others) equally
-    decoder_detail_weight: float = 16.0    # the negatives' fine detail weighs 1 + this (stop 31; before: 0)
-    decoder_recolored_copies: int = 4      # recoloured copies of each positive (stop 32; before: 0)
+    decoder_detail_weight: float = 16.0    # the negatives' fine detail weighs 1 + this
+    decoder_recolored_copies: int = 4      # recoloured copies of each positive
     decoder_moved_copies: int | None = None  # mirrored/shifted/zoomed copies of each positive; None: 4 when the
-                                             # guard protects several subjects, else 0 (stop 34)
+                                             # guard protects several subjects, else 0 (docs/sandbox-v1.md)
     decoder_tries: int | None = None   # guards trained (seeds seed, seed + 1, ...) until one blurs all of every
-                                       # subject's held-back clones; None: 3 for several subjects, else 1 (stop 35)
+                                       # subject's held-back clones; None: 3 for several subjects, else 1 (docs/sandbox-v1.md)
     prompt_style: str = "plain"        # 'plain' | 'official' (the released code's prompts, see `styled_subject`)
     dtype: str = "auto"                # the model's dtype the run needs: 'auto' (--dtype as given) | fp32 | bf16 | fp16
     seed: int = 0

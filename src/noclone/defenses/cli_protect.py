@@ -123,7 +123,7 @@ def _lengths(text: str | None) -> tuple[float, ...] | None:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse a non-empty --out and a bad or existing --single-file before any work starts."""
-    from noclone.cli import _refuse_existing
+    from noclone.cli_args import refuse_existing as _refuse_existing
 
     _refuse_existing(args.out, args.overwrite)
     if args.single_file is not None and Path(args.single_file).suffix != ".safetensors":
@@ -133,7 +133,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def cmd_apdm(args: argparse.Namespace) -> Path:
-    from noclone.cli import load_model
+    from noclone.cli_args import load_model
     from noclone.defenses.apdm import APDM
     from noclone.defenses.base import ProtectionSubject, read_protection_card
 
@@ -210,7 +210,7 @@ def _persguard_setup(args: argparse.Namespace, n_subjects: int):
 
 def cmd_persguard(args: argparse.Namespace) -> Path:
     from noclone.attacks.base import load_subject_images
-    from noclone.cli import load_model
+    from noclone.cli_args import load_model
     from noclone.defenses.base import read_protection_card
     from noclone.defenses.persguard import Backdoor, PersGuard
 
@@ -304,7 +304,7 @@ def cmd_protect_model(args: argparse.Namespace) -> None:
 
 def add_protect_model_parser(subparsers) -> argparse.ArgumentParser:
     """Register `protect-model` on the main parser's subparsers; returns the new parser."""
-    from noclone.cli import _add_model_args
+    from noclone.cli_args import add_model_args as _add_model_args
 
     p = subparsers.add_parser("protect-model",
                               help="change a model so that personalizing it on given subjects fails (APDM, PersGuard)")
