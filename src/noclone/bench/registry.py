@@ -149,7 +149,6 @@ def defence(method: str) -> Defence:
 
 # ------------------------------------------------------------------------------------------------ transforms
 
-MODEL_TRANSFORMS = ("purify",)  # transforms that run the diffusion model (the rest are plain image operations)
 
 
 def _purify_module():
@@ -184,7 +183,8 @@ def _purify_transform(spec: str) -> Transform:
         name, settings = _parsed(s)
         return list(_purify_module().apply_transform(name, images, model=pipe, seed=seed, **settings))
 
-    return Transform(check, apply, needs_model=spec.split(":")[0].strip().lower() in MODEL_TRANSFORMS)
+    model_transforms = getattr(_purify_module(), "MODEL_TRANSFORMS", ("purify",))  # the ones that run the model
+    return Transform(check, apply, needs_model=spec.split(":")[0].strip().lower() in model_transforms)
 
 
 TRANSFORMS: dict[str, Transform] = {
