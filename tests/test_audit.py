@@ -255,7 +255,7 @@ def test_cloak_level_audit_mixes_clean_photos_and_purifies(tmp_path, capsys, mon
     cloaked.mkdir()
     for path, image in load_image_folder(subject_dir):
         apply_transform("noise", [image], seed=3, std=0.1)[0].save(cloaked / f"{path.stem}.png")
-    (cloaked / "cloak.json").write_text(json.dumps({"method": "aspl", "class_noun": "person"}))
+    (cloaked / "cloak.json").write_text(json.dumps({"method": "aspl", "settings": {"class_noun": "person"}}))
     attackers = [{"name": "preset"}, {"name": "clean-mixed-in", "mix_clean": 0.5},
                  {"name": "jpeg", "kind": "purification", "transform": "jpeg:75"},
                  {"name": "vae-swap", "kind": "surgery", "op": "swap_vae", "when": "after"}]

@@ -375,3 +375,46 @@ def test_decoder_backdoor_gets_the_rendered_negatives(tmp_path, tiny_model_dir, 
     # negatives: 2 class images x 2 posterior samples + 5 generations for each of the two rendered identities
     assert card["implant"] == "decoder" and decoder["n_negatives"] == 2 * 2 + 2 * 5
     assert decoder["n_positives"] == 4 * 4 + 5  # the subject's 4 photos x 4 samples + 5 generations
+
+
+@pytest.mark.parametrize("method", ["dreambooth", "lora"])
+def test_shorter_attacks_written_on_the_way_equal_their_own_runs(tmp_path, tiny_model_dir, subject_dir, method):
+    """A relearning curve in one run: the 2-step result written during a 4-step run is bit-identical to a 2-step
+    run of its own, and is found in the cache afterwards."""
+    from safetensors.torch import load_file
+
+    from noclone.bench import stages
+    from noclone.bench.config import AttackSpec
+
+    settings = {"batch_size": 1, "num_class_images": 2, "class_image_steps": 2, "steps": 2}
+    if method == "lora":
+        settings["lora_rank"] = 2
+    two, four = AttackSpec("a", method, settings), AttackSpec("a", method, settings, steps_mult=2)
+    runtime = stages.Runtime("cpu", "fp32", progress=False)
+
+    def weights(ref) -> dict:
+        return {f"{p.parent.name}/{k}": v for p in sorted(ref.path.rglob("*.safetensors")) for k, v in load_file(p).items()}
+
+    shared = stages.Cache(tmp_path / "shared")
+    model = stages.model_ref(shared, str(tiny_model_dir))
+    photos = stages.subject_photos(shared, _subject(subject_dir), "train")
+    long = stages.personalized(shared, model, photos, four, "person", 0, runtime, shorter=(two,))
+    assert shared.computed["personalized"] == 2
+    snap = stages.personalized(shared, model, photos, two, "person", 0, runtime)
+    assert shared.found["personalized"] == 1 and snap.meta.get("snapshot") is True
+
+    alone = stages.Cache(tmp_path / "alone")
+    own = stages.personalized(alone, stages.model_ref(alone, str(tiny_model_dir)),
+                              stages.subject_photos(alone, _subject(subject_dir), "train"), two, "person", 0, runtime)
+    a, b, c = weights(snap), weights(own), weights(long)
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the 4-step result really went on
+
+
+def _subject(folder):
+    from noclone.bench.config import SubjectSpec
+    from noclone.data.images import _image_files
+
+    files = tuple(str(p) for p in _image_files(folder))
+    return SubjectSpec("alice", "person", photos=files, references=files)

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -192,11 +193,19 @@ class Personalization(ABC):
     def after_step(self, pipe, step: int) -> None:
         pass
 
+    def _after_step(self, pipe, step: int, snapshots: dict[int, Callable] | None) -> None:
+        self.after_step(pipe, step)
+        if snapshots and step + 1 in snapshots:
+            snapshots[step + 1](pipe)
+
     # --- the shared run ---
-    def train(self, pipe, images, checkpoint_dir: Path | None = None, class_cache: Path | None = None) -> list[dict]:
+    def train(self, pipe, images, checkpoint_dir: Path | None = None, class_cache: Path | None = None,
+              snapshots: dict[int, Callable] | None = None) -> list[dict]:
         """Fine-tune `pipe` in place on the subject's images; returns the loss history. A half pipeline trains fp32
         master weights under autocast and comes out fp32 (noclone.training.precision; LoRA adapters stay beside
-        the half base)."""
+        the half base). `snapshots` maps a step count k to `callback(pipe)`, called once k steps are done: with no
+        lr schedule and every step's randomness drawn from its index, that state is exactly a k-step run's (a run
+        resumed past k does not call it)."""
         config = self.config
         torch.manual_seed(config.seed)
         dtype = compute_dtype(pipe.unet, pipe.vae, pipe.text_encoder)
@@ -222,7 +231,7 @@ class Personalization(ABC):
             params, optimizer, step_fn,
             LoopConfig(config.steps, checkpoint_dir, config.checkpoint_every, f"{self.name}", config.progress,
                        autocast=dtype),
-            after_step=lambda step: self.after_step(pipe, step),
+            after_step=lambda step: self._after_step(pipe, step, snapshots),
         )
         for module in (pipe.unet, pipe.text_encoder):
             module.eval()
@@ -231,8 +240,10 @@ class Personalization(ABC):
         return history
 
     def run(self, pipe, images_dir: str | Path, out: str | Path, overwrite: bool = False,
-            checkpoint_dir: str | Path | None = None) -> Path:
-        """Load photos, train with checkpoints beside `out`, save atomically, drop the checkpoints."""
+            checkpoint_dir: str | Path | None = None,
+            snapshots: dict[int, Callable[[Callable[[Path], None]], None]] | None = None) -> Path:
+        """Load photos, train with checkpoints beside `out`, save atomically, drop the checkpoints. `snapshots`
+        maps a step count k to `callback(save)`: `save(dir)` writes the k-step result the way `out` is written."""
         from noclone.models.pipeline import model_fingerprint
 
         out = Path(out)
@@ -241,13 +252,18 @@ class Personalization(ABC):
         paths, images = load_subject_images(images_dir)
         base_fingerprint = model_fingerprint(pipe)
         ckpt = Path(checkpoint_dir) if checkpoint_dir else out.parent / f".{out.name}.checkpoint"
-        history = self.train(pipe, images, ckpt)
-        card = {
-            "method": self.name, "config": asdict(self.config), "base_model_fingerprint": base_fingerprint,
-            "subject_sha256": subject_fingerprint(paths), "instance_prompt": self.config.instance_prompt,
-            "loss_first_last": [history[0]["loss"], history[-1]["loss"]],
-        }
-        self.save(pipe, out, card)
+
+        def card(steps: int, history: list[dict] | None) -> dict:
+            return {"method": self.name, "config": {**asdict(self.config), "steps": steps},
+                    "base_model_fingerprint": base_fingerprint, "subject_sha256": subject_fingerprint(paths),
+                    "instance_prompt": self.config.instance_prompt,
+                    **({"loss_first_last": [history[0]["loss"], history[-1]["loss"]]} if history else
+                       {"snapshot_of": self.config.steps})}
+
+        hooks = {k: (lambda pipe, k=k, hook=hook: hook(lambda where: self.save(pipe, Path(where), card(k, None))))
+                 for k, hook in (snapshots or {}).items() if 0 < k < self.config.steps}
+        history = self.train(pipe, images, ckpt, snapshots=hooks)
+        self.save(pipe, out, card(self.config.steps, history))
         shutil.rmtree(ckpt, ignore_errors=True)
         return out
 

@@ -27,7 +27,8 @@ def _class_noun(args: argparse.Namespace, level: str) -> str:
 
     card = _read_card(AuditConfig(level, args.model, "", cloaked=args.cloaked))
     if card:
-        noun = card.get("class_noun") or next((s.get("class_noun") for s in card.get("subjects", [])), None)
+        noun = (card.get("class_noun") or (card.get("settings") or {}).get("class_noun")  # cloak.json
+                or next((s.get("class_noun") for s in card.get("subjects", [])), None))  # protection.json
         if noun:
             return str(noun)
     raise NocloneError("--class-noun is required (the protection's card does not name the subject's class)")
@@ -68,7 +69,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
         generation=GenerationSpec(steps=args.generation_steps), generic_samples=args.generic_samples,
         evaluation=EvaluationSpec(backend=args.evaluation_backend, arcface_models=args.arcface_models),
         progress=not args.quiet)
-    result = run_audit(config, args.out, parse_shard(args.shard) if args.shard else None)
+    result = run_audit(config, args.out, parse_shard(args.shard) if args.shard else None, cache=args.cache)
     worst = result.get("worst")
     verdict = {True: "HOLDS", False: "BROKEN", None: "NOT MEASURED"}[result.get("passed")]
     line = f"audit: {verdict} at threshold {config.threshold:g}"
@@ -107,6 +108,8 @@ def add_audit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", help="output folder: cache/, rows/, audit.json, audit.html, protection.json")
+    p.add_argument("--cache", help="stage cache (default OUT/cache); share one between audits of the same base "
+                                   "model so the unprotected reference is computed once")
     p.add_argument("--shard", metavar="I/N", help="run only every N-th job from I (start all N on the same --out)")
     p.add_argument("--list-batteries", action="store_true")
     p.add_argument("--print-battery", metavar="NAME", help="print the shipped batteries' YAML (to copy and edit)")

@@ -32,6 +32,9 @@ def relearning_plot(result: dict, path: Path) -> Path | None:
     if reach is not None:
         ax.axvline(reach, color="#666", lw=0.8, ls="--", label=f"reaches unprotected at {reach:g}x")
     ax.set_xscale("log", base=2)
+    lengths = sorted({p[0] for points in curves.values() for p in points})
+    ax.set_xticks(lengths, [f"{x:g}x" for x in lengths])
+    ax.minorticks_off()
     ax.set_xlabel("attack length (x the preset's steps)")
     ax.set_ylabel("identity match rate")
     ax.set_ylim(-0.02, 1.02)

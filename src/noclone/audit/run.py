@@ -256,9 +256,9 @@ def surgered(cache: stages.Cache, model: stages.Ref, base: stages.Ref, attacker:
 class Auditor:
     """Runs jobs through the cache; holds the resolved inputs."""
 
-    def __init__(self, config: AuditConfig, battery: Battery, out: Path):
+    def __init__(self, config: AuditConfig, battery: Battery, out: Path, cache: Path | None = None):
         self.config, self.battery, self.out = config, battery, out
-        self.cache = stages.Cache(out / "cache")
+        self.cache = stages.Cache(cache or out / "cache")
         self.runtime = stages.Runtime(config.device, config.dtype, config.progress)
         self.model = stages.model_ref(self.cache, config.model)
         self.base = stages.model_ref(self.cache, config.base) if config.base else None
@@ -303,6 +303,12 @@ class Auditor:
                 model = surgered(self.cache, model, self.base, attacker, cfg.class_noun, job.seed, self.runtime)
         attack_class = self.battery.class_words[cfg.class_noun] if attacker.class_word else cfg.class_noun
         spec = _attack_spec(attacker, self.battery, cfg, job.length)
+        lengths = sorted(self.battery.relearning)
+        if attacker.name == "preset" and job.side in ("protected", "unprotected") and len(lengths) > 1:
+            # the relearning curve in one run: the longest attack, with the shorter ones written on the way
+            stages.personalized(self.cache, model, photos, _attack_spec(attacker, self.battery, cfg, lengths[-1]),
+                                attack_class, job.seed, self.runtime,
+                                shorter=tuple(_attack_spec(attacker, self.battery, cfg, n) for n in lengths[:-1]))
         attacked = stages.personalized(self.cache, model, photos, spec, attack_class, job.seed, self.runtime)
         personalization = spec.personalization(attack_class, job.seed)
         gen_model, gen_attacked = model, attacked
@@ -346,10 +352,10 @@ class Auditor:
 
 
 def _relative(path: Path, out: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(out.resolve()))
-    except ValueError:
-        return str(path)
+    """`path` relative to the audit folder (a shared cache lies beside it)."""
+    import os
+
+    return os.path.relpath(Path(path).resolve(), Path(out).resolve())
 
 
 def _read_card(config: AuditConfig) -> dict | None:
@@ -392,8 +398,11 @@ def prepare_out(out: Path, fingerprint: str) -> Path:
     return out
 
 
-def run_audit(config: AuditConfig, out: str | Path, shard: tuple[int, int] | None = None) -> dict:
-    """Run (or resume) the audit into `out`; returns the verdict (also in OUT/audit.json and OUT/audit.html)."""
+def run_audit(config: AuditConfig, out: str | Path, shard: tuple[int, int] | None = None,
+              cache: str | Path | None = None) -> dict:
+    """Run (or resume) the audit into `out`; returns the verdict (also in OUT/audit.json and OUT/audit.html).
+    `cache` (default OUT/cache) may be shared by several audits: attacks on the same model and photos (such as
+    the unprotected reference) are then computed once."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -406,8 +415,10 @@ def run_audit(config: AuditConfig, out: str | Path, shard: tuple[int, int] | Non
     if shard is not None:
         index, count = shard
         mine = [j for i, j in enumerate(todo) if i % count == index - 1]
-    with locked(out, shard, when_alone=lambda: stages.Cache(out / "cache").clean_temporaries()):
-        auditor = Auditor(config, battery, out)
+    cache_dir = Path(cache) if cache else out / "cache"
+    # temporaries of a killed run are removed only from a private cache: a shared one may hold live work
+    with locked(out, shard, when_alone=None if cache else lambda: stages.Cache(cache_dir).clean_temporaries()):
+        auditor = Auditor(config, battery, out, cache_dir)
         with logging_redirect_tqdm(), tqdm(total=len(mine), desc="audit", unit="job",
                                            disable=not config.progress) as bar:
             for job in mine:

@@ -355,25 +355,57 @@ def _require_images(folder: Path, what: str) -> None:
 # ------------------------------------------------------------------------------------------ attack, generation
 
 
-def personalized(cache: Cache, model: Ref, photos: Ref, attack: AttackSpec, class_noun: str, seed: int,
-                 runtime: Runtime) -> Ref:
-    """The attacker's personalization (DreamBooth, LoRA, TI) of `model` on `photos`: a pipeline or LoRA directory."""
-    from noclone.attacks import METHODS
-
+def _personalized_inputs(model: Ref, photos: Ref, attack: AttackSpec, class_noun: str, seed: int,
+                         runtime: Runtime):
     config = attack.personalization(class_noun, seed, runtime.progress)
     settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "checkpoint_every")}
     inputs = {"model": model.key, "photos": photos.key, "method": attack.method, "config": settings,
               "runtime": runtime.key()}
-    output = "lora" if attack.method == "lora" else "model"
+    return config, inputs, "lora" if attack.method == "lora" else "model"
+
+
+def personalized(cache: Cache, model: Ref, photos: Ref, attack: AttackSpec, class_noun: str, seed: int,
+                 runtime: Runtime, shorter: tuple[AttackSpec, ...] = ()) -> Ref:
+    """The attacker's personalization (DreamBooth, LoRA, TI) of `model` on `photos`: a pipeline or LoRA directory.
+
+    `shorter`: the same attack with fewer steps (a relearning curve). When this run trains, each of them that is
+    not cached yet is written from this run's state at its step count, which is exactly its own result (no lr
+    schedule; every step's randomness is drawn from its index), so the whole curve costs one run.
+    """
+    from noclone.attacks import METHODS
+
+    config, inputs, output = _personalized_inputs(model, photos, attack, class_noun, seed, runtime)
 
     def build(tmp: Path) -> dict:
         key = stage_key("personalized", inputs)
+        snapshots = {}
+        for spec in shorter:
+            short_config, short_inputs, _ = _personalized_inputs(model, photos, spec, class_noun, seed, runtime)
+            same_run = {**asdict(short_config), "steps": config.steps} == asdict(config)
+            if same_run and short_config.steps < config.steps and \
+                    not (cache.path("personalized", stage_key("personalized", short_inputs)) / META).is_file():
+                snapshots[short_config.steps] = _snapshot(cache, short_inputs, output, short_config)
         with _class_image_cache(cache):
             METHODS[attack.method](config).run(runtime.load(model.path), photos.path, tmp / output, overwrite=True,
-                                               checkpoint_dir=cache.checkpoint_dir("personalized", key))
+                                               checkpoint_dir=cache.checkpoint_dir("personalized", key),
+                                               snapshots=snapshots)
         return {"method": attack.method, "instance_prompt": config.instance_prompt, "kind": output}
 
     return cache.run("personalized", inputs, build, output)
+
+
+def _snapshot(cache: Cache, inputs: dict, output: str, config) -> Callable:
+    """A snapshot hook writing the cache entry of `inputs` (a shorter run of the same attack)."""
+
+    def hook(save: Callable[[Path], None]) -> None:
+        def build(tmp: Path) -> dict:
+            save(tmp / output)
+            return {"method": inputs["method"], "instance_prompt": config.instance_prompt, "kind": output,
+                    "snapshot": True}
+
+        cache.run("personalized", inputs, build, output)
+
+    return hook
 
 
 def generated(cache: Cache, base: Ref, attacked: Ref | None, prompts: list[str], config: BenchConfig, seed: int,
