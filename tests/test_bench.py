@@ -418,3 +418,27 @@ def _subject(folder):
 
     files = tuple(str(p) for p in _image_files(folder))
     return SubjectSpec("alice", "person", photos=files, references=files)
+
+
+def test_an_attack_at_several_lengths_trains_once(tmp_path, monkeypatch, tiny_model_dir, subject_dir):
+    """Attacks that differ only in steps_mult share one training run (the longest), with identical results."""
+    from noclone.attacks.base import Personalization
+
+    raw = tiny_raw(tiny_model_dir, subject_dir)
+    raw["defences"] = ["none"]
+    raw["attacks"] = [{"dreambooth": {"steps": 2, "batch_size": 1, "num_class_images": 2, "class_image_steps": 2}},
+                      {"name": "db-2x", "method": "dreambooth", "steps_mult": 2, "steps": 2, "batch_size": 1,
+                       "num_class_images": 2, "class_image_steps": 2},
+                      {"name": "db-3x-lr", "method": "dreambooth", "steps_mult": 3, "lr_mult": 2, "steps": 2,
+                       "batch_size": 1, "num_class_images": 2, "class_image_steps": 2}]
+    calls = []
+    real = Personalization.train
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.config.steps)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Personalization, "train", counting)
+    result = run_bench(validate(raw), tmp_path / "out", progress=False)
+    assert sorted(calls) == [4, 6]  # 2 and 4 steps in one run; another lr is another run
+    assert len(result["rows"]) == 3 and not result["failures"]

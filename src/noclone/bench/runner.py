@@ -150,6 +150,12 @@ def _relative(path: Path, out: Path) -> str:
         return str(path)
 
 
+def lengths_of(attack: AttackSpec, attacks: list[AttackSpec]) -> list[AttackSpec]:
+    """The config's attacks that differ from `attack` only in their number of steps (itself included)."""
+    return [a for a in attacks if (a.method, a.settings, a.lr_mult, a.preset) ==
+            (attack.method, attack.settings, attack.lr_mult, attack.preset)]
+
+
 def run_cell(cell: Cell, config: BenchConfig, cache: stages.Cache, runtime: stages.Runtime, out: Path,
              models: dict) -> dict:
     """All stages of one cell (each found in the cache or computed); returns its results row."""
@@ -170,6 +176,10 @@ def run_cell(cell: Cell, config: BenchConfig, cache: stages.Cache, runtime: stag
                                                                runtime)
     attacked, token = None, "sks"
     if attack.method != "none":
+        lengths = sorted(lengths_of(attack, config.attacks), key=lambda a: a.steps_mult)
+        if len(lengths) > 1:  # the same attack at several lengths: one run of the longest writes the others
+            stages.personalized(cache, attack_model, photos, lengths[-1], subject.class_noun, cell.seed, runtime,
+                                shorter=tuple(lengths[:-1]))
         attacked = done["personalize"] = stages.personalized(cache, attack_model, photos, attack, subject.class_noun,
                                                              cell.seed, runtime)
         token = attack.personalization(subject.class_noun, cell.seed).token

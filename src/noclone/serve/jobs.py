@@ -160,7 +160,7 @@ class JobQueue:
     def retry_after(self) -> int:
         """Seconds a client should wait before retrying a refused job (the mean job time times the queue)."""
         mean = sum(self._durations[-20:]) / len(self._durations[-20:]) if self._durations else 10.0
-        return max(1, int(round(mean * max(1, self.active()) / 1)))
+        return max(1, int(round(mean * max(1, self.active()))))
 
     def held(self) -> int:
         """Jobs held in memory (any state)."""
