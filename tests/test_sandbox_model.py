@@ -57,3 +57,21 @@ def test_base_model_generates_the_prompted_class(class_noun):
     images = sample(pipe, f"a photo of a {class_noun}", list(range(16)), GenerationConfig(n=16, steps=20))
     rate = load_default_evaluator().detect(images, class_noun).mean()
     assert rate >= 0.7, rate
+
+
+def test_sandbox_v1_pins_the_shipped_v1_everywhere(tmp_path, tiny_model_dir):
+    """'sandbox-v1' names the shipped v1 model for every --model (the default 'sandbox' may move on)."""
+    from noclone.bench import stages
+    from noclone.bench.config import validate
+    from noclone.errors import NocloneError
+    from noclone.sandbox.assets import is_shipped, model_dir, model_path
+
+    assert model_path("sandbox-v1") == model_dir("sandbox-v1") and (model_path("sandbox-v1") / "model_index.json").is_file()
+    assert model_path(str(tiny_model_dir)) == tiny_model_dir and not is_shipped(str(tiny_model_dir))
+    with pytest.raises(NocloneError, match="sandbox-v1"):
+        model_dir("sandbox-v9")
+    cache = stages.Cache(tmp_path / "cache")
+    assert stages.model_ref(cache, "sandbox-v1").path == model_dir("sandbox-v1")
+    config = validate({"models": ["sandbox-v1"], "subjects": [{"class": "person", "identity": 3}],
+                       "defences": ["none"], "attacks": ["none"]})
+    assert config.models[0].path == "sandbox-v1" and config.models[0].name == "sandbox-v1"

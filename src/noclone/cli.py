@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     from noclone.audit.cli import add_audit_parser
 
     add_audit_parser(sub)
+    from noclone.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
 
     sandbox = sub.add_parser("sandbox", help="the embedded world: renders, model, evaluator").add_subparsers(dest="sandbox_command", required=True)
     p = sandbox.add_parser("render", help="render photos of one sandbox identity")

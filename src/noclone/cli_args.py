@@ -19,7 +19,8 @@ def model_arg(value: str) -> str:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model, --config, --allow-pickle, --device, --dtype."""
     p.add_argument("--model", default="sandbox", type=model_arg,
-                   help="diffusers directory, .safetensors file, or 'sandbox' for the embedded model (default)")
+                   help="diffusers directory, .safetensors file, or 'sandbox' for the embedded model (default; "
+                        "'sandbox-v1' pins v1)")
     p.add_argument("--config", help="local diffusers directory describing an original-layout single-file checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt/.bin/.pt)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
@@ -29,9 +30,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace, gradient_checkpointing: bool = False):
     """The pipeline named by the model arguments ('sandbox': the shipped model)."""
     from noclone.models.pipeline import load_pipeline
-    from noclone.sandbox.assets import model_dir
+    from noclone.sandbox.assets import model_path
 
-    path = model_dir() if args.model == "sandbox" else Path(args.model)
+    path = model_path(args.model)
     return load_pipeline(path, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
                          config=args.config, gradient_checkpointing=gradient_checkpointing)
 

@@ -119,7 +119,9 @@ def _folder(path: str | None, label: str, min_images: int = 2) -> Path:
 
 
 def _model_path(path: str | None, label: str) -> str:
-    if path == "sandbox":
+    from noclone.sandbox.assets import is_shipped
+
+    if is_shipped(path):
         return path
     if not path:
         raise NocloneError(f"{label} is required")
@@ -362,7 +364,9 @@ def _read_card(config: AuditConfig) -> dict | None:
     if config.level == "model":
         from noclone.defenses.base import read_protection_card
 
-        return read_protection_card(config.model) if config.model != "sandbox" else None
+        from noclone.sandbox.assets import is_shipped
+
+        return None if is_shipped(config.model) else read_protection_card(config.model)
     manifest = Path(config.cloaked) / "cloak.json"
     if manifest.is_file():
         try:

@@ -301,8 +301,10 @@ def _models(raw, base: Path, missing: list[str]) -> list[ModelSpec]:
             missing.append(f"{label}.path (a local diffusers model directory)")
             models.append(ModelSpec(str(name or label), ""))
             continue
-        if str(path) == "sandbox":
-            models.append(ModelSpec(str(name or "sandbox"), "sandbox"))
+        from noclone.sandbox.assets import is_shipped
+
+        if is_shipped(path):
+            models.append(ModelSpec(str(name or path), str(path)))
             continue
         p = _path(path, base)
         if not p.exists():

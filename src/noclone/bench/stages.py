@@ -198,9 +198,9 @@ def _file_digest(path: Path, memo: dict) -> str:
 
 def model_ref(cache: Cache, path_or_sandbox: str) -> Ref:
     """The input model: its path and a content hash of its files (memoised by path, size and mtime)."""
-    from noclone.sandbox.assets import model_dir
+    from noclone.sandbox.assets import model_path
 
-    path = model_dir() if path_or_sandbox == "sandbox" else Path(path_or_sandbox)
+    path = model_path(path_or_sandbox)
     memo_file = cache.root / "file_hashes.json"
     memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
     before = len(memo)

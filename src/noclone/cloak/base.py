@@ -312,9 +312,9 @@ def resolve_model(model):
     if model is None or hasattr(model, "unet"):
         return model
     from noclone.models.pipeline import load_pipeline
-    from noclone.sandbox.assets import model_dir
+    from noclone.sandbox.assets import model_path
 
-    path = model_dir() if str(model) == "sandbox" else Path(model)
+    path = model_path(model)
     return load_pipeline(path, device="cpu")
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from noclone.errors import NocloneError
+from noclone.sandbox.assets import is_shipped
 
 log = logging.getLogger("noclone")
 
@@ -147,7 +148,7 @@ def cmd_apdm(args: argparse.Namespace) -> Path:
     negatives = [ProtectionSubject.from_folder(folder, subjects[0].class_noun, subjects[0].token)
                  for folder in args.negative_images or []]
     method = APDM(config)
-    previous = read_protection_card(None if args.model == "sandbox" else args.model)
+    previous = read_protection_card(None if is_shipped(args.model) else args.model)
     if previous is not None:
         log.info("%s is already protected (%s, %d subjects): protecting again from it", args.model,
                  previous.get("method"), len(previous.get("subjects", [])))
@@ -227,7 +228,7 @@ def cmd_persguard(args: argparse.Namespace) -> Path:
     if args.negative_images and config.implant == "unet":
         raise NocloneError("--negative-images is only used with --implant decoder or both")
     negatives = [load_subject_images(folder)[1] for folder in args.negative_images or []]
-    previous = read_protection_card(None if args.model == "sandbox" else args.model)
+    previous = read_protection_card(None if is_shipped(args.model) else args.model)
     if previous is not None:
         log.info("%s is already protected (%s, %d subjects): protecting again from it", args.model,
                  previous.get("method"), len(previous.get("subjects", [])))

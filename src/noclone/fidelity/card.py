@@ -26,6 +26,7 @@ import numpy as np
 from noclone.data.atomic import atomic_write_json
 from noclone.errors import NocloneError
 from noclone.fidelity import effects as fx
+from noclone.sandbox.assets import is_shipped
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class FidelityConfig:
             raise NocloneError(f"--clone-attacks: choose from {', '.join(fx.CLONE_TARGETS)}")
         if self.images < 2 or self.base_images < 2:
             raise NocloneError("--images and --base-images must be at least 2 (FID needs two samples)")
-        if self.model != "sandbox" and not Path(self.model).exists():
+        if not is_shipped(self.model) and not Path(self.model).exists():
             raise NocloneError(f"--model {self.model}: no such model directory")
 
 
@@ -292,10 +293,10 @@ class Card:
 
     def pipeline(self):
         from noclone.models.pipeline import load_pipeline
-        from noclone.sandbox.assets import model_dir
+        from noclone.sandbox.assets import model_path
 
         if getattr(self, "_pipe", None) is None:
-            self._pipe = load_pipeline(model_dir() if self.config.model == "sandbox" else self.config.model,
+            self._pipe = load_pipeline(model_path(self.config.model),
                                        device="cpu", dtype="fp32")
         return self._pipe
 
@@ -353,9 +354,9 @@ class Card:
 
 def model_resolution(model: str) -> int:
     """The image size a diffusers directory works at, from its UNet and VAE configs (no weights loaded)."""
-    from noclone.sandbox.assets import model_dir
+    from noclone.sandbox.assets import model_path
 
-    root = model_dir() if model == "sandbox" else Path(model)
+    root = model_path(model)
     try:
         unet = json.loads((root / "unet" / "config.json").read_text())
         vae = json.loads((root / "vae" / "config.json").read_text())

@@ -10,12 +10,29 @@ from noclone.errors import NocloneError
 WEIGHTS = Path(__file__).parent / "weights"
 
 
-def model_dir() -> Path:
-    """The shipped sandbox Stable Diffusion pipeline (diffusers layout; UNet and VAE fp16, text encoder fp32)."""
-    path = WEIGHTS / "model"
+# Names of the shipped models. 'sandbox' is the default world; 'sandbox-v1' pins v1, so scripts and published
+# figures keep their model when the default changes.
+SHIPPED_MODELS = {"sandbox": "model", "sandbox-v1": "model"}
+
+
+def model_dir(name: str = "sandbox") -> Path:
+    """A shipped sandbox Stable Diffusion pipeline by name (diffusers layout; UNet and VAE fp16, text encoder fp32)."""
+    if name not in SHIPPED_MODELS:
+        raise NocloneError(f"unknown shipped model {name!r}; choose from {', '.join(SHIPPED_MODELS)}")
+    path = WEIGHTS / SHIPPED_MODELS[name]
     if not (path / "model_index.json").is_file():
         raise NocloneError(f"{path}: the shipped sandbox model is missing from this installation")
     return path
+
+
+def is_shipped(model) -> bool:
+    """Whether a --model value names a shipped model ('sandbox', 'sandbox-v1') rather than a path."""
+    return str(model) in SHIPPED_MODELS
+
+
+def model_path(model) -> Path:
+    """The directory a --model value stands for: a shipped model's, or the path itself."""
+    return model_dir(str(model)) if is_shipped(model) else Path(model)
 
 
 def evaluator_dir() -> Path:

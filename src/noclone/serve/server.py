@@ -28,7 +28,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from noclone.errors import NocloneError
 from noclone.serve.batching import QueueFull, RIDBatcher
@@ -169,11 +175,15 @@ class Service:
         self.batcher: RIDBatcher | None = None
         self.jobs: JobQueue | None = None
         self.inflight = 0
-        self.inflight_photos = 0
         self.started = time.time()
+        self._started = False
 
     # --- lifecycle ---
     async def start(self) -> None:
+        """Start the batcher and the job worker (at the app's startup, or at the first request without one)."""
+        if self._started:
+            return
+        self._started = True
         if self.generator is not None:
             c = self.config
             self.batcher = RIDBatcher(self.generator, window_s=c.batch_window_ms / 1000 if c.batching else 0.0,
@@ -194,6 +204,8 @@ class Service:
                            lambda: {(): self.jobs.held() if self.jobs else 0})
 
     async def stop(self) -> None:
+        """Stop both; waiting photos are cancelled, jobs and their results dropped."""
+        self._started = False
         if self.batcher is not None:
             await self.batcher.stop()
         if self.jobs is not None:
@@ -251,7 +263,8 @@ class Service:
     async def cloak_rid(self, uploads: list[Upload], budget: float) -> tuple[list[tuple[str, bytes]], str | None]:
         from noclone.cloak.base import apply_delta, to_working
 
-        assert self.batcher is not None
+        if self.batcher is None:
+            await self.start()
         resolution = self.generator.config.resolution
         warnings: list[str] = []
 
@@ -327,9 +340,7 @@ class Service:
             self.metrics.cloaked(job.method, len(job.names))
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None):
-    from fastapi.responses import JSONResponse
-
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -367,13 +378,6 @@ class _Timing:
 def app(methods: str | tuple[str, ...] = "rid", *, model: str | None = None, generator: str | None = None,
         token: str | None = None, limits: Limits | None = None, config: ServeConfig | None = None, **settings):
     """The FastAPI application. `methods`: 'rid', 'rid,aspl,...' or 'all'; other settings as in `ServeConfig`."""
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-    from fastapi.staticfiles import StaticFiles
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.requests import ClientDisconnect
-
     if config is None:
         names = tuple(ALL_METHODS) if methods == "all" else tuple(
             m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip())
@@ -537,7 +541,8 @@ def app(methods: str | tuple[str, ...] = "rid", *, model: str | None = None, gen
 
         default = cloak_methods()[method].preset_config(**service._settings(method)).budget
         budget = parse_request_budget(form.fields.get("budget"), default)
-        assert service.jobs is not None
+        if service.jobs is None:
+            await service.start()
         if service.jobs.active() >= service.jobs.max_jobs:  # before decoding anything
             service.metrics.reject("queue_full")
             raise ApiError(429, f"the job queue is full ({service.jobs.max_jobs} jobs): retry later",
