@@ -27,6 +27,7 @@ def test_shipped_batteries_parse_and_cover_the_issue():
     assert quick.relearning == [0.5, 1.0, 2.0, 4.0] and quick.attack == "dreambooth"
     kinds = {a.kind for a in full.attackers}
     assert kinds == {"personalization", "surgery", "purification"}
+    assert quick.unprotected == "all" and full.unprotected == "all"
     ops = {(a.op, a.group) for a in full.attackers if a.kind == "surgery"}
     assert {("swap_vae", None), ("swap_text_encoder", None), ("graft", "down"), ("graft", "mid"), ("graft", "up"),
             ("generic_finetune", None)} <= ops
@@ -52,6 +53,7 @@ def test_shipped_batteries_parse_and_cover_the_issue():
     (lambda b: b["attackers"].append({"name": "preset"}), "share a name"),
     (lambda b: b["attackers"].append({"name": "x", "colour": 1}), "unknown key(s) colour"),
     (lambda b: b.update(relearning=[2, 4]), "must include 1"),
+    (lambda b: b.update(unprotected="some"), "unprotected must be"),
 ])
 def test_battery_errors_name_the_attacker(change, expected):
     raw = {"attackers": [{"name": "preset"}], "relearning": [1]}
@@ -83,7 +85,7 @@ def test_verdict_worst_case_claims_and_collateral():
                  "vae-swap": Attacker("vae-swap", "surgery", op="swap_vae", when="after"),
                  "lr-3x": Attacker("lr-3x", "personalization", lr_mult=3)}
     rows = [_row("protected", "preset", 0.05), _row("protected", "preset", 0.15, seed=1),
-            _row("protected", "vae-swap", 0.9), _row("protected", "lr-3x", 0.3),
+            _row("protected", "vae-swap", 0.9), _row("protected", "lr-3x", 0.3), _row("unprotected", "lr-3x", 0.95),
             _row("unprotected", "preset", 0.8), _row("protected", "preset", 0.7, length=4.0),
             _row("unprotected", "preset", 0.9, length=4.0),
             _row("collateral-protected", "preset", 0.5), _row("collateral-unprotected", "preset", 0.75),
@@ -95,6 +97,9 @@ def test_verdict_worst_case_claims_and_collateral():
     preset = next(t for t in v["table"] if t["attacker"] == "preset")
     assert preset["identity_match_rate"] == pytest.approx(0.1) and preset["n_seeds"] == 2
     assert preset["drop_vs_unprotected"] == pytest.approx(0.7)
+    lr3 = next(t for t in v["table"] if t["attacker"] == "lr-3x")  # its own unprotected reference, not the preset's
+    assert lr3["unprotected_is_own"] and lr3["drop_vs_unprotected"] == pytest.approx(0.65)
+    assert not next(t for t in v["table"] if t["attacker"] == "vae-swap")["unprotected_is_own"]
     assert v["relearning"]["curves"]["protected"] == [[1.0, 0.1], [4.0, 0.7]]
     assert v["relearning"]["length_to_reach_unprotected"] is None  # 0.7 never reaches 0.8
     assert v["collateral"]["other_subject_change"] == pytest.approx(-0.25)
@@ -163,10 +168,11 @@ def test_surgery_changes_exactly_what_it_says(tiny_model_dir, base_model_dir):
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def _battery_file(tmp_path, attackers, relearning=(1, 2)):
+def _battery_file(tmp_path, attackers, relearning=(1, 2), unprotected="preset"):
     path = tmp_path / "battery.yaml"
     path.write_text(yaml.safe_dump({"attack": "dreambooth", "attack_settings": TINY, "relearning": list(relearning),
-                                    "class_words": {"person": "human"}, "attackers": attackers}))
+                                    "class_words": {"person": "human"}, "attackers": attackers,
+                                    "unprotected": unprotected}))
     return path
 
 
@@ -197,7 +203,7 @@ def test_model_level_audit_end_to_end_and_resume(tmp_path, capsys, monkeypatch, 
                                                  subject_dir):
     out = tmp_path / "audit"
     args = _model_args(tmp_path, tiny_model_dir, base_model_dir, subject_dir, out,
-                       _battery_file(tmp_path, MODEL_ATTACKERS))
+                       _battery_file(tmp_path, MODEL_ATTACKERS, unprotected="all"))
     assert main(args) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "audit: " in printed and "audit.html" in printed
@@ -213,6 +219,9 @@ def test_model_level_audit_end_to_end_and_resume(tmp_path, capsys, monkeypatch, 
             "collateral-unprotected.preset.x1.s0", "generic-protected.samples.x1.s0", "generic-base.samples.x1.s0",
             "generic-floor.samples.x1.s0"} <= set(rows)
     assert rows["generic-protected.samples.x1.s0"]["fid"] is not None
+    own = {j for j in rows if j.startswith("unprotected.")}  # every personalization also without the protection
+    assert own == {"unprotected.preset.x1.s0", "unprotected.preset.x2.s0", "unprotected.new-identifier.x1.s0",
+                   "unprotected.other-word.x1.s0", "unprotected.lora.x1.s0"}
     vae = next(t for t in result["table"] if t["attacker"] == "vae-swap")
     assert not vae["within_claim"] and "VAE" in vae["outside_claim"][0]
     worst = max(result["table"], key=lambda t: t["identity_match_rate"])

@@ -13,7 +13,8 @@ KINDS = ("personalization", "surgery", "purification")
 LEVELS = ("model", "cloak")
 ATTACKER_KEYS = {"name", "kind", "method", "lr_mult", "steps_mult", "token", "class_word", "settings", "mix_clean",
                  "op", "group", "when", "transform", "steps", "n_images"}
-BATTERY_KEYS = {"description", "attack", "attackers", "relearning", "class_words", "attack_preset", "attack_settings"}
+BATTERY_KEYS = {"description", "attack", "attackers", "relearning", "class_words", "attack_preset", "attack_settings",
+                "unprotected"}
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Battery:
     description: str = ""
     attack_preset: str = "sandbox"
     attack_settings: dict = field(default_factory=dict)  # applied to every attacker (its own settings win)
+    unprotected: str = "preset"  # which attackers also run without the protection: 'preset' | 'all' (personalizations)
 
     def for_level(self, level: str) -> list[Attacker]:
         return [a for a in self.attackers if a.applies_to(level)]
@@ -181,8 +183,12 @@ def parse_battery(raw: dict, name: str) -> Battery:
     common = raw.get("attack_settings") or {}
     if not isinstance(common, dict):
         raise NocloneError(f"battery {name}: attack_settings must be a mapping")
+    unprotected = str(raw.get("unprotected", "preset"))
+    if unprotected not in ("preset", "all"):
+        raise NocloneError(f"battery {name}: unprotected must be 'preset' or 'all' (every personalization attacker)")
     return Battery(name, attack, attackers, relearning, {str(k): str(v) for k, v in words.items()},
-                   str(raw.get("description", "")), str(raw.get("attack_preset", "sandbox")), dict(common))
+                   str(raw.get("description", "")), str(raw.get("attack_preset", "sandbox")), dict(common),
+                   unprotected)
 
 
 def load_battery(spec: str) -> Battery:

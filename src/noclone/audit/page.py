@@ -100,10 +100,11 @@ def render_page(result: dict, out: Path) -> str:
         over = match is not None and match > result["threshold"]
         rows.append([t["attacker"], t["kind"], f"<span class='{'bad' if over else 'good'}'>{_fmt(match)}</span>",
                      _fmt(t.get("ism")), _fmt(t.get("fdfr")), _fmt(t.get("backdoor_rate")),
+                     _fmt(t.get("unprotected_match")) + ("" if t.get("unprotected_is_own") else " (preset)"),
                      _fmt(t.get("drop_vs_unprotected")), "yes" if t["within_claim"] else
                      "no: " + "; ".join(t["outside_claim"]), str(t["n_seeds"])])
     sections = head + ["<h2>Attackers</h2>", table(["attacker", "kind", "match", "ISM", "FDFR", "backdoor",
-                                                    "drop vs unprotected", "within the claim", "seeds"], rows)]
+                                                    "unprotected match", "drop", "within the claim", "seeds"], rows)]
     relearn = result["relearning"]
     plot = relearning_plot(result, out / "audit-relearning.png")
     sections.append("<h2>Relearning</h2>")

@@ -85,6 +85,9 @@ def jobs(config: AuditConfig, battery: Battery) -> list[Job]:
         if has_reference:
             out.append(Job("unprotected", preset, 1.0, seed))
         out += [Job("protected", a, 1.0, seed) for a in attackers if a.name != preset.name]
+        if has_reference and battery.unprotected == "all":  # each attack's own unprotected reference
+            out += [Job("unprotected", a, 1.0, seed) for a in attackers
+                    if a.name != preset.name and a.kind == "personalization" and not a.mix_clean]
         for length in battery.relearning:
             if length != 1.0:
                 out.append(Job("protected", preset, length, seed))

@@ -50,11 +50,14 @@ def verdict(rows: list[dict], attackers: dict[str, Attacker], threats: ThreatMod
         if not found:
             continue
         fig = _figures(found)
+        own = by.get(("unprotected", name, 1.0))
+        base_match = _mean(own, "identity_match_rate") if own else unprotected_match
         outside = threats.outside(attacker)
         table.append({"attacker": name, "kind": attacker.kind, **fig, "within_claim": not outside,
                       "outside_claim": outside,
-                      "drop_vs_unprotected": (round(unprotected_match - fig["identity_match_rate"], 4)
-                                              if unprotected_match is not None and fig.get("identity_match_rate")
+                      "unprotected_match": base_match, "unprotected_is_own": bool(own),
+                      "drop_vs_unprotected": (round(base_match - fig["identity_match_rate"], 4)
+                                              if base_match is not None and fig.get("identity_match_rate")
                                               is not None else None)})
     measured = [t for t in table if t.get("identity_match_rate") is not None]
     worst = max(measured, key=lambda t: t["identity_match_rate"], default=None)
