@@ -162,6 +162,14 @@ def test_concurrent_requests_share_one_forward_pass_and_match_unbatched():
 # ------------------------------------------------------------------------------------------------ limits
 
 
+def test_a_lone_request_does_not_wait_for_the_batch_window():
+    with TestClient(app("rid", batch_window_ms=3000)) as c:
+        started = time.monotonic()
+        assert c.post("/v1/cloak", files=_files(("a.png", _png(_photo())))).status_code == 200
+        assert time.monotonic() - started < 1.5
+        assert c.app.state.service.batcher.coming == 0
+
+
 def test_size_count_and_pixel_caps():
     limits = Limits(max_file_bytes=40_000, max_request_bytes=100_000, max_files=2, max_pixels=100 * 100)
     with TestClient(app("rid", limits=limits, max_request_pixels=6_000)) as c:
@@ -196,6 +204,7 @@ def test_formats_and_fields_are_checked(client):
     _error(client.post("/v1/cloak", files=_files(("a.png", ok)), data={"method": "glaze"}), 422, "choose from")
     _error(client.post("/v1/cloak", files=_files(("a.png", ok)), data={"method": "aspl"}), 422, "not served here")
     _error(client.post("/v1/cloak", files=_files(("a.png", ok)), data={"steps": "9"}), 422, "unknown form field")
+    assert client.app.state.service.batcher.coming == 0  # refused requests announce no photo any more
 
 
 def _scope(headers: list[tuple[bytes, bytes]]) -> dict:
@@ -244,9 +253,21 @@ def test_streamed_request_cap_slow_upload_and_cut_upload():
     assert asyncio.run(_raw(application, [good], "end"))[0] == 200  # a server run without lifespan events works too
 
 
+def _slow_generator(service, seconds: float) -> None:
+    """Make every RID forward pass take `seconds` longer (a slow machine, a huge batch)."""
+    forward = service.batcher._forward
+
+    def slow(items):
+        time.sleep(seconds)
+        return forward(items)
+
+    service.batcher._forward = slow
+
+
 def test_busy_service_answers_429_with_retry_after():
-    with TestClient(app("rid", batch_window_ms=1500, max_inflight=1)) as c:
+    with TestClient(app("rid", max_inflight=1)) as c:
         service = c.app.state.service
+        _slow_generator(service, 1.0)
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(c.post, "/v1/cloak", files=_files(("a.png", _png(_photo()))))
             deadline = time.monotonic() + 5
@@ -260,10 +281,12 @@ def test_busy_service_answers_429_with_retry_after():
 
 
 def test_slow_cloak_times_out_with_504():
-    with TestClient(app("rid", limits=Limits(request_timeout_s=0.2), batch_window_ms=2000)) as c:
+    with TestClient(app("rid", limits=Limits(request_timeout_s=0.2))) as c:
+        _slow_generator(c.app.state.service, 1.0)
         started = time.monotonic()
         _error(c.post("/v1/cloak", files=_files(("a.png", _png(_photo())))), 504, "did not finish within 0.2 s")
         assert time.monotonic() - started < 1.5
+        assert c.app.state.service.batcher.coming == 0
 
 
 # ------------------------------------------------------------------------------------------------ auth, bind
@@ -361,7 +384,7 @@ def test_jobs_progress_results_cancel_and_delete(tiny_model_dir):
 
 
 def test_job_queue_limit_timeout_and_expiry(tiny_model_dir):
-    limits = Limits(job_queue=1, job_timeout_s=0.5, job_ttl_s=0.5)
+    limits = Limits(job_queue=1, job_timeout_s=0.5, job_ttl_s=1.0)
     with TestClient(app("advdm", model=str(tiny_model_dir), limits=limits,
                         cloak_settings={"advdm": {"steps": 4000}})) as c:
         photo = _files(("a.png", _png(_photo((32, 32)))))
@@ -372,7 +395,7 @@ def test_job_queue_limit_timeout_and_expiry(tiny_model_dir):
         info = _wait(c, job["id"], ("done", "failed"), timeout=30)
         assert info["state"] == "failed" and "0.5 s limit" in info["error"]
         _error(c.get(f"/v1/jobs/{job['id']}/result"), 409, "failed")
-        time.sleep(0.7)
+        time.sleep(1.3)
         _error(c.get(f"/v1/jobs/{job['id']}"), 404, "expired")
         assert c.app.state.service.jobs.held() == 0
 
@@ -459,7 +482,8 @@ def test_noclone_serve_starts_with_one_command():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = Path(sys.executable).parent / "noclone"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "noclone.cli"]
-    proc = subprocess.Popen(command + ["serve", "--port", str(port), "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen(command + ["serve", "--port", str(port), "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     try:
         deadline = time.monotonic() + 60
         while True:

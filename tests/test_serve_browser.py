@@ -1,7 +1,8 @@
 """The web page in a real browser: headless Chromium (Debian's chromium + chromium-driver) driven by selenium.
 
-The real server runs (uvicorn in a thread on a free loopback port); the test picks two photos through the page,
-cloaks them, waits for the before / after / JPEG-75 views and checks the "download all" ZIP. Skipped only where
+The real server runs (uvicorn in a thread on a free loopback port); the test picks three photos through the page
+(one over the server's pixel cap), cloaks them, waits for the before / after / JPEG-75 views and the refusal, and
+checks the "download all" ZIP. Skipped only where
 Chromium is missing outside CI; in CI (CI set) a missing browser fails. NOCLONE_SERVE_SCREENSHOT=PATH also writes
 the page's screenshot there (docs/img/serve-page.png is made that way).
 """
@@ -105,28 +106,32 @@ def test_page_cloaks_photos_and_downloads_them(browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     from noclone.sandbox.render import render
-    from noclone.serve import app
+    from noclone.serve import Limits, app
 
     photos = tmp_path / "photos"
     photos.mkdir()
     portrait = render("person", 11, 0, size=240)
     portrait.save(photos / "portrait.jpg", quality=92)
     render("person", 5, 1, size=64).save(photos / "render.png")  # a sandbox-sized render: no warning for it
-    paths = [photos / "portrait.jpg", photos / "render.png"]
+    render("person", 6, 2, size=320).save(photos / "large.png")  # over this server's pixel cap: refused
+    paths = [photos / "portrait.jpg", photos / "render.png", photos / "large.png"]
 
-    with _Server(app("rid")) as url:
+    with _Server(app("rid", limits=Limits(max_pixels=300 * 300))) as url:
         browser.get(url + "/")
         _wait(browser, lambda: browser.execute_script("return document.querySelectorAll('#method option').length"),
               what="the methods list")
         banner = browser.find_element(By.ID, "model-warning")
         assert banner.is_displayed() and "not expected to protect real photos" in banner.text
         browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in paths))
-        assert "2 photo(s)" in browser.find_element(By.ID, "picked").text
+        assert "3 photo(s)" in browser.find_element(By.ID, "picked").text
         assert browser.find_element(By.ID, "strength").get_attribute("value") == "standard"
         browser.find_element(By.ID, "cloak").click()
         _wait(browser, lambda: browser.find_element(By.ID, "status").text.startswith("Done"), what="the cloak")
+        assert browser.find_element(By.ID, "status").text == "Done: 2 photo(s) cloaked, 1 refused (see below)."
         assert browser.find_element(By.ID, "progress").get_attribute("value") == "100"
-        cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
+        refused = browser.find_element(By.CSS_SELECTOR, "#results .card.refused")
+        assert "large.png" in refused.text and "pixel limit" in refused.text
+        cards = browser.find_elements(By.CSS_SELECTOR, "#results .card:not(.refused)")
         assert sorted(c.get_attribute("data-name") for c in cards) == ["portrait.png", "render.png"]
         sizes = {"portrait.png": (240, 240), "render.png": (64, 64)}
         for card in cards:
@@ -159,8 +164,42 @@ def test_page_cloaks_photos_and_downloads_them(browser, tmp_path):
     with zipfile.ZipFile(target) as archive:
         assert archive.testzip() is None
         assert sorted(archive.namelist()) == ["portrait.png", "render.png"]
-        for name, source in (("portrait.png", paths[0]), ("render.png", paths[1])):
+        for name, source in (("portrait.png", paths[0]), ("render.png", paths[1])):  # the refused one is not in it
             with Image.open(io.BytesIO(archive.read(name))) as out, Image.open(source) as original:
                 assert out.format == "PNG" and out.size == original.size and not out.info.get("exif")
                 diff = np.abs(np.asarray(out.convert("RGB"), np.int16) - np.asarray(original.convert("RGB"), np.int16))
                 assert 0 < diff.max() <= 8
+
+
+def test_page_with_a_token_runs_a_job_method(browser, tmp_path, tiny_model_dir):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from noclone.sandbox.render import render
+    from noclone.serve import app
+
+    photo = tmp_path / "me.png"
+    render("person", 8, 0, size=48).save(photo)
+    application = app("rid,photoguard", model=str(tiny_model_dir), token="tok3n",
+                      cloak_settings={"photoguard": {"steps": 3}})
+    with _Server(application) as url:
+        browser.get(url + "/")
+        _wait(browser, lambda: "needs an access token" in browser.find_element(By.ID, "status").text,
+              what="the token request")
+        assert browser.find_element(By.ID, "cloak").get_attribute("disabled")
+        browser.find_element(By.ID, "token").send_keys("tok3n")
+        browser.find_element(By.ID, "token-save").click()
+        _wait(browser, lambda: browser.execute_script("return document.querySelectorAll('#method option').length"),
+              what="the methods list")
+        Select(browser.find_element(By.ID, "method")).select_by_value("photoguard")
+        Select(browser.find_element(By.ID, "strength")).select_by_value("light")
+        browser.find_element(By.ID, "files").send_keys(str(photo))
+        browser.find_element(By.ID, "cloak").click()
+        _wait(browser, lambda: browser.find_element(By.ID, "status").text.startswith("Done"), what="the job")
+        card = browser.find_element(By.CSS_SELECTOR, "#results .card")
+        assert card.get_attribute("data-name") == "me.png"
+        img = card.find_element(By.CSS_SELECTOR, "img.after")
+        _wait(browser, lambda: browser.execute_script("return arguments[0].naturalWidth", img) == 48,
+              what="the cloaked photo")
+        assert browser.find_element(By.ID, "progress").get_attribute("value") == "100"
+        assert not browser.find_elements(By.CSS_SELECTOR, ".photo-warning")  # a model of its own: no warning

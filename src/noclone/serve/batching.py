@@ -5,6 +5,10 @@ resolution) with its budget; the batcher waits up to `window_s` after the first 
 `max_batch`), then runs the generator once per working shape (only equal shapes can be stacked; photos of one
 aspect ratio share a shape) in its own worker thread, as `RIDCloak.compute_deltas` does for a folder, and resolves
 each photo's future with its perturbation. With `max_batch=1` every photo runs alone (batching off).
+
+It waits only while more photos are known to be coming: each request holds an `Expectation` from the moment it
+arrives (one photo, until its form is read, then as many as it carries) until its photos are submitted, so a lone
+client never pays the window and concurrent ones share passes.
 """
 
 from __future__ import annotations
@@ -31,6 +35,36 @@ class _Item:
     future: asyncio.Future
 
 
+class Expectation:
+    """Photos a request will submit but has not yet (counted by the batcher while it collects a batch)."""
+
+    def __init__(self, batcher: "RIDBatcher"):
+        self.batcher = batcher
+        self.n = 1  # a request whose form is still arriving will bring at least one photo
+        batcher.coming += 1
+
+    def set(self, n: int) -> None:
+        """The request carries `n` photos for the batcher (0: it turned out to need none)."""
+        self.batcher.coming += n - self.n
+        self.n = n
+
+    def submitted(self) -> None:
+        if self.n > 0:
+            self.n -= 1
+            self.batcher.coming -= 1
+
+    def close(self) -> None:
+        """The request is over: whatever it did not submit is no longer coming."""
+        self.batcher.coming -= self.n
+        self.n = 0
+
+    def __enter__(self) -> "Expectation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class RIDBatcher:
     """Collects RID forward requests and runs them in batches on one worker thread."""
 
@@ -42,6 +76,7 @@ class RIDBatcher:
         self.max_waiting = max(1, max_waiting)
         self.on_batch = on_batch
         self.forward_passes = 0
+        self.coming = 0  # photos announced by requests (`expect`) and not yet submitted
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -73,7 +108,11 @@ class RIDBatcher:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    async def submit(self, x: torch.Tensor, budget: float) -> torch.Tensor:
+    def expect(self) -> Expectation:
+        """Announce a request whose photos will come (use as a context manager around the request)."""
+        return Expectation(self)
+
+    async def submit(self, x: torch.Tensor, budget: float, expectation: Expectation | None = None) -> torch.Tensor:
         """The perturbation ([1, 3, h, w], [-1, 1] units) of one working image at `budget`."""
         if self._queue is None:
             raise RuntimeError("the batcher is not started")
@@ -81,6 +120,8 @@ class RIDBatcher:
             raise QueueFull
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Item(x, budget, future))
+        if expectation is not None:
+            expectation.submitted()
         return await future
 
     async def _run(self) -> None:
@@ -91,7 +132,7 @@ class RIDBatcher:
             deadline = loop.time() + self.window_s
             while len(items) < self.max_batch:
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or self.coming <= 0:
                     # whatever already arrived still joins this pass
                     while len(items) < self.max_batch and not self._queue.empty():
                         items.append(self._queue.get_nowait())

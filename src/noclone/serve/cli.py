@@ -88,7 +88,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="methods served, comma-separated: rid (synchronous), aspl, fsmg, advdm, photoguard (jobs), "
                         "or all (default: rid)")
     p.add_argument("--model", help="the optimization methods' model: diffusers directory, .safetensors file or "
-                                   "sandbox (default)")
+                                   "sandbox (default; 'sandbox-v1' pins v1)")
     p.add_argument("--generator", help="RID generator directory (default: the shipped sandbox generator)")
     p.add_argument("--token", help=f"require 'Authorization: Bearer T' on /v1 and /metrics (or set {TOKEN_ENV})")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")

@@ -46,14 +46,14 @@ class Limits:
     max_field_bytes: int = 1024        # a form field such as `method` or `budget`
     read_timeout_s: float = 30.0       # the whole body must arrive within this (slow uploads hold memory)
     request_timeout_s: float = 60.0    # a synchronous cloak must answer within this
-    rid_queue: int = 64                # photos waiting for the RID generator, all requests together
     job_queue: int = 8                 # optimization jobs waiting or running
     job_ttl_s: float = 600.0           # a finished job's results are dropped this long after it ends
     job_timeout_s: float = 1800.0      # a running job is stopped after this long
 
     def describe(self) -> dict:
         """The caps as the API reports them."""
-        return {"max_file_mb": round(self.max_file_bytes / MB, 2), "max_request_mb": round(self.max_request_bytes / MB, 2),
+        return {"max_file_mb": round(self.max_file_bytes / MB, 2),
+                "max_request_mb": round(self.max_request_bytes / MB, 2),
                 "max_files": self.max_files, "max_pixels": self.max_pixels,
                 "formats": sorted(ACCEPTED_FORMATS.values()), "request_timeout_s": self.request_timeout_s,
                 "job_ttl_s": self.job_ttl_s}
@@ -200,9 +200,10 @@ def _check_pixels(name: str, size: tuple[int, int], limits: Limits) -> None:
     width, height = size
     if width <= 0 or height <= 0:
         raise ApiError(422, f"{name}: empty image ({width}x{height})")
-    if width * height > limits.max_pixels or max(width, height) > MAX_SIDE:
-        raise ApiError(413, f"{name}: {width}x{height} is over the {limits.max_pixels:,} pixel limit "
-                            f"(and {MAX_SIDE} px per side)")
+    if width * height > limits.max_pixels:
+        raise ApiError(413, f"{name}: {width}x{height} is over the {limits.max_pixels:,} pixel limit per photo")
+    if max(width, height) > MAX_SIDE:
+        raise ApiError(413, f"{name}: {width}x{height} has a side over the {MAX_SIDE} px limit")
 
 
 def decode_photo(upload: Upload, limits: Limits) -> Image.Image:

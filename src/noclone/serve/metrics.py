@@ -87,7 +87,8 @@ class Metrics:
                 self._histogram(lines, "noclone_request_duration_seconds", key, hist)
             self._counter(lines, "noclone_images_cloaked_total", "Photos cloaked", self.images)
             self._counter(lines, "noclone_rejected_total", "Requests refused by a limit", self.rejected)
-            lines += ["# HELP noclone_rid_batch_size Photos per RID forward pass", "# TYPE noclone_rid_batch_size histogram"]
+            lines += ["# HELP noclone_rid_batch_size Photos per RID forward pass",
+                      "# TYPE noclone_rid_batch_size histogram"]
             self._histogram(lines, "noclone_rid_batch_size", (), self.batches)
         for name, (help_text, read) in sorted(self.gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]

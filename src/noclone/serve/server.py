@@ -37,7 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from noclone.errors import NocloneError
-from noclone.serve.batching import QueueFull, RIDBatcher
+from noclone.sandbox.assets import is_shipped, model_path
+from noclone.serve.batching import Expectation, QueueFull, RIDBatcher
 from noclone.serve.jobs import Job, JobQueue, JobsFull
 from noclone.serve.limits import ApiError, Limits, Upload, decode_photo, peek_size, read_form
 from noclone.serve.metrics import Metrics
@@ -157,19 +158,24 @@ class Service:
 
     def __init__(self, config: ServeConfig):
         from noclone.cloak.rid import SHIPPED_GENERATOR, load_generator
+        from noclone.models.pipeline import resolve_device
 
         config.validate()
         self.config = config
         self.limits = config.limits
         self.metrics = Metrics()
+        self.device = resolve_device(config.device)
         self.generator = None
         self.rid_sandbox = False
         if "rid" in config.methods:
-            self.generator = load_generator(config.generator).to(config.device)
+            self.generator = load_generator(config.generator).to(self.device)
             shipped = config.generator is None or Path(config.generator).resolve() == SHIPPED_GENERATOR.resolve()
             self.rid_sandbox = shipped
         self.model_name = config.model or "sandbox"
-        self.model_sandbox = self.model_name == "sandbox"
+        self.model_sandbox = is_shipped(self.model_name)
+        if any(m in OPTIMIZATION_METHODS for m in config.methods) and not self.model_sandbox \
+                and not Path(self.model_name).exists():
+            raise NocloneError(f"--model {self.model_name}: no such model file or directory")
         self._pipe = None
         self._pipe_lock = threading.Lock()
         self.batcher: RIDBatcher | None = None
@@ -195,6 +201,8 @@ class Service:
             self.jobs = JobQueue(self._run_job, max_jobs=self.limits.job_queue, ttl_s=self.limits.job_ttl_s,
                                  timeout_s=self.limits.job_timeout_s, on_done=self._job_done)
             self.jobs.start()
+            # the model loads beside the service (seconds for the sandbox, longer for SD) so it starts at once
+            threading.Thread(target=self._preload, name="noclone-model-load", daemon=True).start()
         self.metrics.gauge("noclone_queue_depth", "Work waiting: photos for the RID pass, jobs for the worker",
                            lambda: {(("queue", "rid"),): self.batcher.depth if self.batcher else 0,
                                     (("queue", "jobs"),): self.jobs.queued() if self.jobs else 0})
@@ -211,8 +219,15 @@ class Service:
         if self.jobs is not None:
             await asyncio.to_thread(self.jobs.stop)
 
+    def _preload(self) -> None:
+        try:
+            self.pipe()
+        except Exception as exc:  # the first job reports it to its client
+            log.warning("the model did not load: %s", exc)
+
     # --- what /v1/methods says ---
     def describe(self) -> dict:
+        """What /v1/methods answers: the methods served, their model, budgets, warnings, and the limits."""
         methods: dict[str, Any] = {}
         if self.generator is not None:
             gc = self.generator.config
@@ -257,10 +272,13 @@ class Service:
         return WRONG_MODEL.format(what=what, res=res, fix=fix)
 
     def _settings(self, method: str) -> dict:
+        """The server's fixed settings for a method (e.g. fewer steps in tests and benchmarks)."""
         return dict(self.config.cloak_settings.get(method, {}))
 
     # --- RID, synchronous ---
-    async def cloak_rid(self, uploads: list[Upload], budget: float) -> tuple[list[tuple[str, bytes]], str | None]:
+    async def cloak_rid(self, uploads: list[Upload], budget: float,
+                        expectation: Expectation | None = None) -> tuple[list[tuple[str, bytes]], str | None]:
+        """(PNG name, bytes) per photo and the first 'wrong model' warning; photos share batched forward passes."""
         from noclone.cloak.base import apply_delta, to_working
 
         if self.batcher is None:
@@ -279,7 +297,7 @@ class Service:
             if warning:
                 warnings.append(warning)
             try:
-                delta = await self.batcher.submit(x, budget)
+                delta = await self.batcher.submit(x, budget, expectation)
             except QueueFull:
                 self.metrics.reject("queue_full")
                 raise ApiError(429, "too many photos waiting for the RID generator: retry shortly",
@@ -303,16 +321,13 @@ class Service:
         """The optimization methods' model, loaded once (in the job worker, so the service starts at once)."""
         with self._pipe_lock:
             if self._pipe is None:
-                from noclone.cloak.base import resolve_model
                 from noclone.models.pipeline import load_pipeline
 
-                if self.model_sandbox:
-                    self._pipe = resolve_model("sandbox")
-                else:
-                    self._pipe = load_pipeline(Path(self.model_name), device=self.config.device)
+                self._pipe = load_pipeline(model_path(self.model_name), device=self.device)
             return self._pipe
 
     def _run_job(self, job: Job, report) -> list[tuple[str, bytes]]:
+        """A job's cloak on its photos, in the worker thread; `report` takes the progress and stops a cancelled job."""
         from noclone.cloak.base import get_cloak
 
         report(0.0)
@@ -474,12 +489,15 @@ def app(methods: str | tuple[str, ...] = "rid", *, model: str | None = None, gen
             service.metrics.reject("busy")
             raise ApiError(429, "the service is busy: retry shortly", {"Retry-After": "1"})
         service.inflight += 1
+        expectation = service.batcher.expect() if service.batcher is not None else None
         try:
-            return await _cloak(request)
+            return await _cloak(request, expectation)
         finally:
             service.inflight -= 1
+            if expectation is not None:
+                expectation.close()
 
-    async def _cloak(request: Request):
+    async def _cloak(request: Request, expectation: Expectation | None):
         stream = request.stream()
 
         async def receive() -> bytes | None:
@@ -516,10 +534,12 @@ def app(methods: str | tuple[str, ...] = "rid", *, model: str | None = None, gen
             service.metrics.reject("too_large")
             raise ApiError(413, f"{pixels:,} pixels in one request is over the {service.config.max_request_pixels:,} "
                                 "limit: send fewer photos per request")
+        if expectation is not None:
+            expectation.set(len(form.files) if method == "rid" else 0)
         if method == "rid":
             budget = parse_request_budget(form.fields.get("budget"), service.generator.config.budget)
             try:
-                files, warning = await asyncio.wait_for(service.cloak_rid(form.files, budget),
+                files, warning = await asyncio.wait_for(service.cloak_rid(form.files, budget, expectation),
                                                         service.limits.request_timeout_s)
             except asyncio.TimeoutError:
                 service.metrics.reject("timeout")

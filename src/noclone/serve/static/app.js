@@ -7,7 +7,7 @@ const ACCEPTED = ["image/png", "image/jpeg", "image/webp"];
 const PARALLEL = 4;            // RID photos sent at once: the server batches concurrent photos into one pass
 const KEPT_MAX_PIXELS = 4e6;   // the "kept after JPEG" figure is computed in the page; skip it on huge photos
 
-const state = { files: [], results: [], info: null, token: sessionStorage.getItem("noclone-token") || "",
+const state = { files: [], results: [], refused: 0, info: null, token: sessionStorage.getItem("noclone-token") || "",
                 job: null, running: false, cancelled: false, urls: [] };
 
 function authHeaders() { return state.token ? { Authorization: "Bearer " + state.token } : {}; }
@@ -72,8 +72,10 @@ async function loadInfo() {
     strength.appendChild(opt);
   }
   const l = state.info.limits;
+  const pixels = l.max_pixels >= 1e6 ? `${Math.round(l.max_pixels / 1e6)} megapixels`
+                                      : `${l.max_pixels.toLocaleString("en")} pixels`;
   $("limits-note").textContent = `PNG, JPEG or WebP; up to ${l.max_files} photos, ${l.max_file_mb} MB and ` +
-    `${(l.max_pixels / 1e6).toFixed(0)} megapixels each.`;
+    `${pixels} each.`;
   showMethodNote();
   updateButtons();
 }
@@ -113,6 +115,17 @@ function updateButtons() {
   $("cloak").disabled = state.running || !state.files.length || !state.info;
   $("cancel").hidden = !state.running;
   $("download-all").hidden = state.running || !state.results.length;
+  $("clear").disabled = state.running || (!state.files.length && !$("results").children.length);
+}
+
+function clearAll() {
+  for (const url of state.urls) URL.revokeObjectURL(url);
+  Object.assign(state, { files: [], results: [], refused: 0, urls: [] });
+  $("results").innerHTML = "";
+  $("picked").textContent = "";
+  $("progress").hidden = true;
+  setStatus("");
+  updateButtons();
 }
 
 // ------------------------------------------------------------------------------------------- cloaking
@@ -124,6 +137,7 @@ async function cloakAll() {
   for (const url of state.urls) URL.revokeObjectURL(url);
   state.urls = [];
   state.results = [];
+  state.refused = 0;
   state.cancelled = false;
   $("results").innerHTML = "";
   state.running = true;
@@ -132,7 +146,10 @@ async function cloakAll() {
   try {
     if (method === "rid") await cloakRid(files, budget);
     else await cloakJob(files, method, budget);
-    if (!state.cancelled) setStatus(`Done: ${state.results.length} photo(s) cloaked.`);
+    if (!state.cancelled) {
+      setStatus(`Done: ${state.results.length} photo(s) cloaked` +
+                (state.refused ? `, ${state.refused} refused (see below).` : "."), state.refused > 0);
+    }
   } catch (e) {
     setStatus(e.message, true);
   } finally {
@@ -159,14 +176,20 @@ async function cloakRid(files, budget) {
   setStatus(`Cloaking ${files.length} photo(s)...`);
   async function worker() {
     while (next < files.length && !state.cancelled) {
-      const file = files[next++];
+      const index = next++;
+      const file = files[index];
       const form = new FormData();
       form.append("files", file, file.name);
       form.append("method", "rid");
       form.append("budget", budget);
-      const resp = await postWithRetry(form);
-      const blob = await resp.blob();
-      await addResult(file, cloakedName(resp, file.name), blob, resp.headers.get("X-Noclone-Warning"));
+      try {
+        const resp = await postWithRetry(form);
+        const blob = await resp.blob();
+        await addResult(index, file, cloakedName(resp, file.name), blob, resp.headers.get("X-Noclone-Warning"));
+      } catch (e) {
+        if (e.status === 401) throw e;
+        addRefused(index, file, e.message);  // one refused photo does not stop the others
+      }
       done += 1;
       setProgress(done / files.length);
     }
@@ -195,7 +218,7 @@ async function cloakJob(files, method, budget) {
   for (let i = 0; i < info.files.length; i++) {
     const name = info.files[i];
     const resp = await api(`/v1/jobs/${job.id}/result?file=${encodeURIComponent(name)}`);
-    await addResult(files[i], name, await resp.blob(), info.warning || resp.headers.get("X-Noclone-Warning"));
+    await addResult(i, files[i], name, await resp.blob(), info.warning || resp.headers.get("X-Noclone-Warning"));
   }
   setProgress(1);
 }
@@ -268,10 +291,25 @@ function figure(caption, url, cls) {
   return fig;
 }
 
-async function addResult(original, name, blob, warning) {
-  state.results.push({ name, blob });
+function addRefused(index, original, message) {
+  state.refused += 1;
+  const card = document.createElement("article");
+  card.className = "card refused";
+  card.style.order = index;
+  const title = document.createElement("h3");
+  title.textContent = original.name;
+  const text = document.createElement("p");
+  text.className = "error";
+  text.textContent = "Not cloaked: " + message;
+  card.append(title, text);
+  $("results").appendChild(card);
+}
+
+async function addResult(index, original, name, blob, warning) {
+  state.results.push({ index, name, blob });
   const card = document.createElement("article");
   card.className = "card";
+  card.style.order = index;  // cards keep the order the photos were picked in, whichever finishes first
   card.dataset.name = name;
   const title = document.createElement("h3");
   title.textContent = `${original.name} → ${name}`;
@@ -351,7 +389,7 @@ async function makeZip(entries) {
 }
 
 async function downloadAll() {
-  const zip = await makeZip(state.results);
+  const zip = await makeZip(state.results.slice().sort((a, b) => a.index - b.index));
   const a = document.createElement("a");
   a.href = objectUrl(zip);
   a.download = "noclone-cloaked.zip";
@@ -376,6 +414,7 @@ function wire() {
   $("cloak").addEventListener("click", cloakAll);
   $("cancel").addEventListener("click", cancel);
   $("download-all").addEventListener("click", downloadAll);
+  $("clear").addEventListener("click", clearAll);
   $("token").value = state.token;
   $("token-save").addEventListener("click", () => {
     state.token = $("token").value.trim();
