@@ -276,7 +276,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_model_dir, subject_dir, tmp_pa
         _fails(capsys, ok + ["--method", "advdm", "--model", str(tiny_model_dir), "--budget", budget] + o, "--budget")
     _fails(capsys, ok + ["--method", "advdm", "--model", str(tiny_model_dir), "--step-size", "x"] + o, "--step-size")
     _fails(capsys, ok + ["--method", "glaze"] + o, "unknown --method")
-    _fails(capsys, ok + o, "unknown --method")
+    _fails(capsys, ok + o, "--method is required")
     _fails(capsys, ["protect-images", "--method", "rid", "--images", str(tmp_path / "nope")] + o, "nope")
     _fails(capsys, ok + ["--method", "rid", "--generator", str(tmp_path / "nogen")] + o, "nogen")
     _fails(capsys, ok + ["--method", "advdm", "--model", str(tmp_path / "nomodel")] + o, "no such model")

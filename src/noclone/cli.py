@@ -156,10 +156,25 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"demo report: {out / 'report.html'}")
 
 
+DESCRIPTION = ("noclone: protect people's photos and models from being personalized (cloned) by diffusion\n"
+               "models, and audit how well a protection holds.")
+
+EPILOG = """\
+start here:
+  noclone demo              see it all work on the built-in sandbox (a few minutes, no downloads)
+  noclone protect-images    cloak a person's photos before they are posted
+  noclone protect-model     change a model so that it will not learn a person's likeness
+  noclone audit             test how well a protection holds against many attacks
+
+Run `noclone COMMAND --help` for a command's options."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from noclone import __version__
 
-    parser = argparse.ArgumentParser(prog="noclone", description=__doc__)
+    # the module docstring is for developers; --help opens with what a user can do, and keeps the epilog's layout
+    parser = argparse.ArgumentParser(prog="noclone", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"noclone {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")

@@ -49,8 +49,19 @@ NULLABLE_SETTINGS = frozenset({"max_grad_norm"})  # None is a value here (no cli
 # ------------------------------------------------------------------------------------------------- settings
 
 
-def _fraction(value: str | float, flag: str, examples: str) -> float:
-    """'8/255' or '0.03' (or a number) -> float; a one-line error naming `flag` otherwise."""
+def _shown(value: str | float) -> str:
+    """A setting as the user wrote it: '8/255' stays '8/255', a float from a config prints without noise."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value).strip()
+
+
+BUDGET_EXPECTED = "the L-inf budget must be between 0 and 1 in pixel units (e.g. 8/255 or 0.03)"
+STEP_SIZE_EXPECTED = "the PGD step size must be between 0 and 1 in pixel units (e.g. 1/255 or 0.004)"
+
+
+def _fraction(value: str | float, flag: str, expected: str) -> float:
+    """'8/255' or '0.03' (or a number) -> float; otherwise `flag value: expected` on one line."""
     text = str(value).strip()
     try:
         if "/" in text:
@@ -58,16 +69,20 @@ def _fraction(value: str | float, flag: str, examples: str) -> float:
             return float(num) / float(den)
         return float(text)
     except (ValueError, ZeroDivisionError):
-        raise NocloneError(f"{flag} {value!r}: expected a number such as {examples}") from None
+        raise NocloneError(f"{flag} {_shown(value)}: {expected}") from None
 
 
 def parse_budget(value: str | float) -> float:
-    """'8/255', '0.03' or a number -> an L_inf budget in [0, 1] pixel units (at least one grey level, below 1)."""
-    budget = _fraction(value, "--budget", "8/255 or 0.03")
+    """'8/255', '0.03' or a number -> an L_inf budget in [0, 1] pixel units (at least one grey level, below 1).
+
+    Every path that takes a budget (protect-images, rid train, the cloak and RID configs' validate) comes here, so
+    a bad one reads the same everywhere."""
+    budget = _fraction(value, "--budget", BUDGET_EXPECTED)
     if not math.isfinite(budget) or not (0 < budget < 1):
-        raise NocloneError(f"--budget {value!r}: must be in (0, 1) in [0, 1] pixel units, e.g. 8/255")
+        raise NocloneError(f"--budget {_shown(value)}: {BUDGET_EXPECTED}")
     if budget * 255 < 1 - 1e-6:
-        raise NocloneError(f"--budget {value!r} is below one grey level (1/255): nothing could change")
+        raise NocloneError(f"--budget {_shown(value)}: the L-inf budget must be at least one grey level, 1/255 "
+                           "in pixel units (below that nothing changes; e.g. 8/255 or 0.03)")
     return budget
 
 
@@ -75,9 +90,9 @@ def parse_step_size(value: str | float | None) -> float | None:
     """'1/255' or '0.004' -> a positive step size in [0, 1] pixel units (None stays None)."""
     if value is None:
         return None
-    step = _fraction(value, "--step-size", "1/255 or 0.004")
+    step = _fraction(value, "--step-size", STEP_SIZE_EXPECTED)
     if not math.isfinite(step) or not 0 < step <= 1:
-        raise NocloneError(f"--step-size {value!r}: must be in (0, 1] in [0, 1] pixel units")
+        raise NocloneError(f"--step-size {_shown(value)}: {STEP_SIZE_EXPECTED}")
     return step
 
 
@@ -115,9 +130,9 @@ class CloakConfig(PromptTemplates):
 
     def validate(self) -> None:
         parse_budget(self.budget)
+        parse_step_size(self.step_size)  # the same wording as the flag's
         checks = [
             (isinstance(self.steps, int) and self.steps >= 1, f"--steps {self.steps} must be at least 1"),
-            (math.isfinite(self.step_size) and 0 < self.step_size <= 1, f"--step-size {self.step_size} must be in (0, 1]"),
             (self.batch_size >= 1, f"batch_size {self.batch_size} must be at least 1"),
             (bool(self.token.strip()) and " " not in self.token, f"--token {self.token!r} must be one non-empty word"),
             (bool(self.class_noun.strip()), "--class-noun must not be empty"),
@@ -235,6 +250,7 @@ class Cloak(ABC):
         self.config.validate()
         self.preset_name = None if config is not None else preset  # a config given directly has no preset
         self.stats: dict[str, Any] = {}
+        self.warnings: list[str] = []  # plain lines for the person running it; cloak.json records them too
 
     @classmethod
     def preset_config(cls, preset: str = "sandbox", **settings) -> CloakConfig:
@@ -268,12 +284,24 @@ class Cloak(ABC):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.perturb(x)
 
+    def input_warnings(self, sizes: Sequence[tuple[int, int]]) -> list[str]:
+        """Warnings about inputs of these (width, height) sizes that the method cannot protect well (none here)."""
+        return []
+
+    def _check_inputs(self, sizes: Sequence[tuple[int, int]]) -> None:
+        """Log each input warning once per cloak (one run), and keep it for the manifest."""
+        for message in self.input_warnings(sizes):
+            if message not in self.warnings:
+                self.warnings.append(message)
+                log.warning("%s", message)
+
     def perturb(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] in [-1, 1] -> protected batch of the same shape (|x_adv - x| <= 2 * budget)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise NocloneError(f"expected an [N, 3, H, W] tensor in [-1, 1], got shape {list(x.shape)}")
         x = x.detach().float().cpu()
         h, w = x.shape[-2:]
+        self._check_inputs([(int(w), int(h))])
         wh = working_size(w, h, self.resolution)
         size = (wh[1], wh[0])
         work = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -285,6 +313,7 @@ class Cloak(ABC):
         """Protected copies of the images: RGB, same sizes, each within the budget; the inputs are not modified."""
         if not images:
             raise NocloneError("no images to protect")
+        self._check_inputs([im.size for im in images])
         work = [to_working(im, self.resolution) for im in images]
         deltas = self.compute_deltas(work)
         return [apply_delta(im, d, self.config.budget) for im, d in zip(images, deltas)]
@@ -296,7 +325,7 @@ class Cloak(ABC):
         from noclone.presets import card_entry
 
         info = {"method": self.name, "settings": self.config.manifest(), "seed": self.config.seed,
-                "working_resolution": self.resolution}
+                "working_resolution": self.resolution, "warnings": list(self.warnings)}
         # `preset` and, under `preset_settings`, the settings that differ from the default preset
         entry = card_entry(self.preset_name, self.config, self.preset_config(DEFAULT_PRESET), DEFAULT_PRESET)
         info.update(preset=entry["preset"], preset_settings=entry["settings"])

@@ -59,6 +59,8 @@ def cmd_protect_images(args: argparse.Namespace) -> Path | None:
     from noclone.cloak.base import check_output_dir, parse_budget, parse_step_size, protect_folder
     from noclone.presets import parse_max_grad_norm
 
+    if args.method is None:  # not argparse's required=True: its error is two lines, ours one, like every bad input
+        raise NocloneError(f"--method is required: choose one of {', '.join(METHODS)}")
     if args.method not in METHODS:
         raise NocloneError(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
     if getattr(args, "show", False):
@@ -121,7 +123,7 @@ def add_protect_images_parser(subparsers) -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(model=None)  # required by the optimization methods, unused by rid
     _set_help(p, "model", "diffusers directory, .safetensors file, or 'sandbox' (required by every method but rid)")
-    p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (required)")
     p.add_argument("--images", help="folder of the subject's photos (never modified; required)")
     p.add_argument("--out", help="output folder: protected PNGs + cloak.json (required)")
     p.add_argument("--budget", help="L_inf budget in [0, 1] pixels, e.g. 8/255 or 0.03 (default: the preset's)")

@@ -185,6 +185,17 @@ class RIDCloak(Cloak):
         super().__init__(None, config, preset, **settings)
         self.generator_source = str(generator) if isinstance(generator, (str, Path)) else (
             "shipped" if generator is None else "object")
+        self.shipped = generator is None or (isinstance(generator, (str, Path))
+                                             and Path(generator).resolve() == SHIPPED_GENERATOR.resolve())
+
+    def input_warnings(self, sizes: Sequence[tuple[int, int]]) -> list[str]:
+        """The shipped generator only knows the 64 px sandbox world: say so when the photos are bigger (real ones)."""
+        res = self.generator.config.resolution
+        if not self.shipped or all(max(size) <= res for size in sizes):
+            return []
+        return [f"the shipped RID generator was trained against the {res} px sandbox model only; on real photos "
+                f"(these are larger than {res} px) its cloak is not expected to protect against Stable Diffusion "
+                "(train one with `noclone rid train`)"]
 
     @property
     def resolution(self) -> int:

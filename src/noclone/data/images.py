@@ -11,9 +11,9 @@ import hashlib
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ __all__ = [
     "MAX_PIXELS",
     "MAX_SIDE",
     "center_crop_resize",
+    "check_image_file",
     "file_sha256",
     "images_to_tensor",
     "load_image",
@@ -54,6 +55,8 @@ _SAVE_FORMATS = {
 }
 
 _WHITE = (255, 255, 255)
+
+_T = TypeVar("_T")
 
 
 def _dir_label(path: Path) -> str:
@@ -139,15 +142,8 @@ def _bomb_message(label: str, exc: BaseException) -> str:
     return f"{label}: refused by Pillow's decompression bomb guard ({' '.join(str(exc).split())})"
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Load one image file as a fully decoded RGB image, EXIF orientation applied.
-
-    The header is read first and the size checked (at most ``MAX_PIXELS`` pixels and ``MAX_SIDE`` per side) before
-    any pixel is decoded; the whole file is then decoded, so a truncated or corrupt file fails here, never later.
-    Alpha/palette transparency is composited on white; grayscale, 16-bit, float, CMYK and YCbCr data become RGB.
-    The returned image is detached from the file and carries no metadata.
-    """
-    path = Path(path)
+def _check_file(path: Path) -> None:
+    """Refuse a missing path, a broken link, a folder or a special file, with one line naming it."""
     label = str(path)
     if not path.exists():
         if path.is_symlink():
@@ -158,21 +154,26 @@ def load_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise NocloneError(f"{label}: not a regular file")
 
+
+def _open(path: Path) -> Image.Image:
+    """Open a file's header with the allowed decoders only; an undecodable file is one line naming it."""
+    try:
+        return Image.open(path, formats=_OPEN_FORMATS)
+    except Image.UnidentifiedImageError:
+        raise NocloneError(f"{path}: not an image (cannot identify image file)") from None
+
+
+def _decode(path: Path, fn: Callable[[Image.Image], _T]) -> _T:
+    """Run ``fn(image)`` on the opened file, turning every failure into one line naming the file."""
+    label = str(path)
+    _check_file(path)
     try:
         # Pillow's own decompression-bomb warning becomes an error here only, never globally.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                handle = Image.open(path, formats=_OPEN_FORMATS)
-            except Image.UnidentifiedImageError:
-                raise NocloneError(f"{label}: not an image (cannot identify image file)") from None
-            with handle as image:
+            with _open(path) as image:
                 _check_size(label, image.size)  # lazy header only: nothing decoded yet
-                image.load()  # full decode: truncated/corrupt data fails now
-                oriented = ImageOps.exif_transpose(image)  # a transposed copy (a plain copy when no orientation)
-                rgb = _to_rgb(oriented)
-                if rgb is image:
-                    rgb = rgb.copy()
+                return fn(image)
     except NocloneError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -183,8 +184,37 @@ def load_image(path: str | Path) -> Image.Image:
         raise NocloneError(f"{label}: permission denied") from None
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, ... for bad data
         raise NocloneError(f"{label}: truncated or corrupt image ({_reason(exc, path)})") from None
+
+
+def check_image_file(path: str | Path) -> tuple[int, int]:
+    """Check that a file is an image noclone can open, reading its header only; returns its (width, height).
+
+    The same one-line errors as :func:`load_image` for a missing, non-image or oversized file, without decoding
+    pixels: folders are checked with it before their images are counted, so a text file named ``x.png`` is
+    reported as not an image rather than counted as one.
+    """
+    return _decode(Path(path), lambda image: tuple(image.size))
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Load one image file as a fully decoded RGB image, EXIF orientation applied.
+
+    The header is read first and the size checked (at most ``MAX_PIXELS`` pixels and ``MAX_SIDE`` per side) before
+    any pixel is decoded; the whole file is then decoded, so a truncated or corrupt file fails here, never later.
+    Alpha/palette transparency is composited on white; grayscale, 16-bit, float, CMYK and YCbCr data become RGB.
+    The returned image is detached from the file and carries no metadata.
+    """
+    path = Path(path)
+
+    def decode(image: Image.Image) -> Image.Image:
+        image.load()  # full decode: truncated/corrupt data fails now
+        oriented = ImageOps.exif_transpose(image)  # a transposed copy (a plain copy when no orientation)
+        rgb = _to_rgb(oriented)
+        return rgb.copy() if rgb is image else rgb
+
+    rgb = _decode(path, decode)
     if rgb.mode != "RGB":  # defensive: every branch of _to_rgb ends in RGB
-        raise NocloneError(f"{label}: cannot convert colour mode {rgb.mode} to RGB")
+        raise NocloneError(f"{path}: cannot convert colour mode {rgb.mode} to RGB")
     rgb.info.clear()
     return rgb
 
@@ -219,8 +249,9 @@ def load_image_folder(
 
     Only files with an extension in ``IMAGE_EXTENSIONS`` (any case) are read; hidden entries (names starting with
     ``.``, which includes macOS ``._*`` files) and sub-folders are ignored. A file with an image extension that is
-    not an image, or is corrupt or truncated, is an error naming it. The number of images is checked against
-    ``min_count`` / ``max_count`` before anything is decoded.
+    not an image, or is corrupt or truncated, is an error naming it. ``max_count`` is checked first; every file's
+    header is then checked (:func:`check_image_file`), so a file that is not an image is refused by name before
+    ``min_count`` could count it; only then are the pixels decoded.
     """
     path = Path(path)
     label = _dir_label(path)
@@ -231,10 +262,12 @@ def load_image_folder(
     files = _image_files(path)
     count = len(files)
     noun = "image" if count == 1 else "images"
-    if count < min_count:
-        raise NocloneError(f"{label}: found {count} {noun}, need at least {min_count}")
     if max_count is not None and count > max_count:
         raise NocloneError(f"{label}: found {count} {noun}, at most {max_count} allowed")
+    for file in files:  # a file that only looks like an image is named here, never counted as one
+        check_image_file(file)
+    if count < min_count:
+        raise NocloneError(f"{label}: found {count} {noun}, need at least {min_count}")
     return [(file, load_image(file)) for file in files]
 
 

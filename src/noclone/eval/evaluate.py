@@ -21,7 +21,8 @@ Backends for ism/fdfr (``--backend``): ``sandbox`` (default), ``dlib``, ``arcfac
 
 The result (and ``--json``) is a flat dict of numbers (``ism``, ``identity_match_rate``, ``fdfr``, ``brisque``,
 ``n_images`` are always present, null when not requested or not defined) plus ``details``: per metric, the backend,
-model, threshold and what the number is averaged over.
+model, threshold and what the number is averaged over, and ``warnings`` (a list of lines: the sandbox backend's
+identity scores on images that are not 64x64 sandbox renders). The printed table shows the requested metrics only.
 """
 
 from __future__ import annotations
@@ -40,6 +41,37 @@ log = logging.getLogger(__name__)
 KNOWN_METRICS = ("ism", "fdfr", "brisque", "dino", "clip_i", "fid", "kid")
 BACKENDS = ("sandbox", "dlib", "arcface")
 ALWAYS_KEYS = ("ism", "identity_match_rate", "fdfr", "brisque", "n_images")
+# the result keys each metric fills (what the printed table shows when that metric is requested)
+METRIC_KEYS: dict[str, tuple[str, ...]] = {
+    "ism": ("ism", "identity_match_rate", "threshold"), "fdfr": ("fdfr",), "brisque": ("brisque", "brisque_std"),
+    "dino": ("dino",), "clip_i": ("clip_i",), "fid": ("fid",), "kid": ("kid", "kid_std"),
+}
+COUNT_KEYS = ("n_images", "n_references")
+SANDBOX_SIZE = 64  # the sandbox evaluator's renders (and input) are 64x64
+SANDBOX_ON_REAL_PHOTOS = ("the sandbox evaluator was trained on the 64 px sandbox world only (these images are not "
+                          "64x64): its identity scores on real photos are meaningless; use --backend dlib or arcface")
+_warned: set[str] = set()  # warnings already logged in this process: a bench of many cells warns once, not per cell
+
+
+def _warn_once(message: str) -> None:
+    """logging.warning the first time a message comes up in this process."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
+def _image_size(image) -> tuple[int, int] | None:
+    """(width, height) of a PIL image or an HWC array; None for anything else (nothing to judge)."""
+    if hasattr(image, "size") and isinstance(image.size, tuple):
+        return tuple(image.size)
+    shape = getattr(image, "shape", None)
+    return (int(shape[1]), int(shape[0])) if shape is not None and len(shape) >= 2 else None
+
+
+def sandbox_input_warnings(*image_sets: Sequence) -> list[str]:
+    """The warning for identity scores of the sandbox evaluator on images that are not 64x64 sandbox renders."""
+    sizes = {_image_size(im) for images in image_sets for im in images} - {None}
+    return [SANDBOX_ON_REAL_PHOTOS] if sizes - {(SANDBOX_SIZE, SANDBOX_SIZE)} else []
 
 
 def sandbox_scores(generated: Sequence, references: Sequence, class_noun: str,
@@ -161,6 +193,11 @@ def evaluate_images(gen: Sequence, ref: Sequence, metrics: Sequence[str] = ("ism
         face = get_backend(backend, arcface_models=arcface_models, threshold=identity_threshold, evaluator=evaluator)
     if face is not None:
         face.check_class(class_noun)
+    # in the library, not the CLI, so API and bench users are told too; the JSON records it as well
+    sandbox_identity = needs_face and getattr(face, "name", None) == "sandbox"
+    result["warnings"] = sandbox_input_warnings(gen, ref) if sandbox_identity else []
+    for message in result["warnings"]:
+        _warn_once(message)
 
     if "ism" in metrics:
         _identity(face, gen, ref, class_noun, result, details)
@@ -245,15 +282,26 @@ def evaluate_folders(generated: str | Path, reference: str | Path, metrics: Sequ
     return result
 
 
+def _requested(result: dict) -> list[str]:
+    """The metrics a result was asked for (older results without `metrics`: those with a value)."""
+    if result.get("metrics"):
+        return [m for m in result["metrics"] if m in METRIC_KEYS]
+    return [m for m, keys in METRIC_KEYS.items() if any(result.get(k) is not None for k in keys)]
+
+
 def print_table(result: dict) -> None:
-    rows = [(k, v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    width = max([len(k) for k, _ in rows] + [8])
+    """The result as a short table: the requested metrics and the image counts only (the JSON keeps every key)."""
+    requested = _requested(result)
+    keys = [k for m in requested for k in METRIC_KEYS[m] if k in result] + [k for k in COUNT_KEYS if k in result]
+    rows = [(k, result[k]) for k in keys if isinstance(result[k], (int, float)) and not isinstance(result[k], bool)]
+    width = max([len(k) for k in keys] + [8])
     print(f"backend: {result.get('backend')}   generated: {result.get('generated')}")
     for key, value in rows:
         print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
-    skipped = [k for k in ALWAYS_KEYS if result.get(k) is None and k in result]
-    if skipped:
-        print(f"  {'(n/a)':<{width}}  {', '.join(skipped)}")
+    # a requested metric can still be undefined (e.g. ism when no generated image has a face): say so
+    undefined = [m for m in requested if result.get(m) is None]
+    if undefined:
+        print(f"  {'(n/a)':<{width}}  {', '.join(undefined)}")
     details = result.get("details") or {}
     for metric, info in details.items():
         bits = []
