@@ -33,7 +33,7 @@ MODEL_DEFENCES = {
 }
 CLOAKS = {
     "rid": ["--method", "rid"],
-    "aspl": ["--method", "aspl", "--budget", "0.025"],
+    "aspl": ["--method", "aspl", "--model", "sandbox", "--budget", "0.025"],
 }
 ORDER = ["rid", "apdm", "aspl", "apdm-guard", "persguard-unet", "persguard-decoder"]
 
@@ -103,6 +103,32 @@ def main() -> None:
             for f in ("audit.html", "audit.json", "audit-relearning.png", "protection.json"):
                 if (out / f).is_file():
                     shutil.copy(out / f, target / f)
+            (args.publish / "summary.md").write_text(summary(args.publish))
+
+
+def summary(folder: Path) -> str:
+    """A markdown table of every audit published under `folder`: verdict, worst case, claim, relearning."""
+    lines = ["| defence | verdict (match <= 0.2) | worst attacker (match) | worst within the claim | unprotected preset "
+             "| relearning: protected match at 0.5x / 1x / 2x / 4x | other subject (protected vs base) |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ORDER:
+        path = folder / name / "audit.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        worst, within = r.get("worst") or {}, r.get("worst_within_claim") or {}
+        curve = {x: y for x, y in r["relearning"]["curves"].get("protected", [])}
+        c = r.get("collateral") or {}
+        other = (f"{c['protected']['identity_match_rate']:.2f} vs {c['unprotected']['identity_match_rate']:.2f}"
+                 if "protected" in c and "unprotected" in c else "-")
+        verdict = {True: "holds", False: "**broken**", None: "-"}[r.get("passed")]
+        missing = f" ({len(r['missing_jobs'])} jobs missing)" if r.get("missing_jobs") else ""
+        lines.append(
+            f"| [{name}]({name}/audit.html) | {verdict}{missing} | {worst.get('attacker', '-')} "
+            f"({worst.get('identity_match_rate', float('nan')):.2f}) | {within.get('attacker', '-')} "
+            f"({within.get('identity_match_rate', float('nan')):.2f}) | {r.get('unprotected_match') or 0:.2f} | "
+            + " / ".join(f"{curve[x]:.2f}" if x in curve else "-" for x in (0.5, 1.0, 2.0, 4.0)) + f" | {other} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

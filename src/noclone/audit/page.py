@@ -94,6 +94,7 @@ def render_page(result: dict, out: Path) -> str:
         head.append(f"<p class='bad'>Incomplete: {len(result['missing_jobs'])} job(s) not run yet "
                     f"({html.escape(', '.join(result['missing_jobs'][:6]))}{'…' if len(result['missing_jobs']) > 6 else ''})."
                     " Rerun the same command to finish.</p>")
+    head += [_grid(folder, out, f"the subject: {what}") for what, folder in (result.get("pictures") or {}).items()]
     rows = []
     for t in result["table"]:
         match = t.get("identity_match_rate")

@@ -437,14 +437,17 @@ def run_audit(config: AuditConfig, out: str | Path, shard: tuple[int, int] | Non
                     atomic_write_json(row_file, row)
                     log.info("audit %s: match %s", job.name, row.get("identity_match_rate"))
                 bar.update(1)
-        return write_verdict(config, battery, out, auditor.card)
+        pictures = {"references": _relative(auditor.references.path, out),
+                    "cloaked photos" if config.level == "cloak" else "subject photos": _relative(auditor.photos.path, out)}
+        return write_verdict(config, battery, out, auditor.card, pictures)
 
 
 def collected_rows(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((Path(out) / "rows").glob("*.json"))]
 
 
-def write_verdict(config: AuditConfig, battery: Battery, out: Path, card: dict | None) -> dict:
+def write_verdict(config: AuditConfig, battery: Battery, out: Path, card: dict | None,
+                  pictures: dict[str, str] | None = None) -> dict:
     """audit.json, audit.html and protection.json (the card with the audit summary joined) from the rows present."""
     from noclone.audit.page import render_page
     from noclone.audit.verdict import verdict
@@ -465,7 +468,7 @@ def write_verdict(config: AuditConfig, battery: Battery, out: Path, card: dict |
                                                    "other_images", "class_noun")},
         "attackers": {name: {"kind": a.kind, "tags": sorted(a.tags), "outside_claim": threats.outside(a)}
                       for name, a in attackers.items()},
-        "rows": rows,
+        "rows": rows, "pictures": pictures or {},
     })
     atomic_write_json(out / "audit.json", result)
     atomic_write_text(out / "audit.html", render_page(result, out))
