@@ -140,7 +140,39 @@ def test_rid_several_photos_answer_a_zip_with_unique_names(client):
     assert sizes == [(64, 64), (64, 64), (80, 120)]
 
 
-def test_concurrent_requests_share_one_forward_pass_and_match_unbatched():
+def test_photos_submitted_together_share_one_forward_pass():
+    """The batcher itself: photos queued before it collects go through one pass (deterministic, no HTTP timing)."""
+    import torch
+
+    from noclone.serve.batching import RIDBatcher
+
+    calls = []
+
+    class Generator(torch.nn.Module):  # RID's interface: generator(x, eta) -> eta * tanh(net(x))
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, eta):
+            calls.append(x.shape[0])
+            return eta * torch.tanh(self.scale * x)
+
+    async def main() -> list:
+        batcher = RIDBatcher(Generator(), window_s=0.5, max_batch=8)
+        batcher.start()
+        try:
+            xs = [torch.full((1, 3, 8, 8), 0.1 * i) for i in range(4)]
+            return await asyncio.gather(*(batcher.submit(x, 0.03) for x in xs))
+        finally:
+            await batcher.stop()
+
+    deltas = asyncio.run(main())
+    assert len(calls) == 1 and len(deltas) == 4
+    assert all(d.shape == (1, 3, 8, 8) for d in deltas)
+    assert not torch.equal(deltas[0], deltas[3])  # each photo gets its own perturbation back
+
+
+def test_concurrent_requests_through_the_batcher_match_unbatched():
     photos = [_photo((64, 64), i) for i in range(4)]
 
     def run(batching: bool) -> tuple[int, list[np.ndarray]]:
@@ -150,8 +182,10 @@ def test_concurrent_requests_share_one_forward_pass_and_match_unbatched():
             assert all(r.status_code == 200 for r in responses)
             return c.app.state.service.batcher.forward_passes, [_pixels(r.content) for r in responses]
 
+    # how many passes the HTTP requests share depends on when they arrive (a loaded machine spreads them):
+    # the sharing itself is proven on the batcher above
     passes, batched = run(True)
-    assert passes == 1
+    assert 1 <= passes <= 4
     passes_off, single = run(False)
     assert passes_off == 4
     for got, alone, photo in zip(batched, single, photos):
