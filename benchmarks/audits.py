@@ -108,8 +108,9 @@ def main() -> None:
 
 def summary(folder: Path) -> str:
     """A markdown table of every audit published under `folder`: verdict, worst case, claim, relearning."""
-    lines = ["| defence | verdict (match <= 0.2) | worst attacker (match) | worst within the claim | unprotected preset "
-             "| relearning: protected match at 0.5x / 1x / 2x / 4x | other subject (protected vs base) |",
+    lines = ["| defence | verdict (match <= 0.2) | worst attacker: match (the same attack unprotected) | worst within "
+             "the claim | preset attack: protected (unprotected) | relearning: protected match at 0.5x / 1x / 2x / 4x "
+             "| other subject (protected vs base) |",
              "|---|---|---|---|---|---|---|"]
     for name in ORDER:
         path = folder / name / "audit.json"
@@ -123,10 +124,17 @@ def summary(folder: Path) -> str:
                  if "protected" in c and "unprotected" in c else "-")
         verdict = {True: "holds", False: "**broken**", None: "-"}[r.get("passed")]
         missing = f" ({len(r['missing_jobs'])} jobs missing)" if r.get("missing_jobs") else ""
+        rows = {t["attacker"]: t for t in r["table"]}
+        own = rows.get(worst.get("attacker"), {}).get("unprotected_match")
+        preset = rows.get("preset", {}).get("identity_match_rate")
+
+        def num(v) -> str:
+            return "-" if v is None else f"{v:.2f}"
+
         lines.append(
-            f"| [{name}]({name}/audit.html) | {verdict}{missing} | {worst.get('attacker', '-')} "
-            f"({worst.get('identity_match_rate', float('nan')):.2f}) | {within.get('attacker', '-')} "
-            f"({within.get('identity_match_rate', float('nan')):.2f}) | {r.get('unprotected_match') or 0:.2f} | "
+            f"| [{name}]({name}/audit.html) | {verdict}{missing} | {worst.get('attacker', '-')}: "
+            f"{num(worst.get('identity_match_rate'))} ({num(own)}) | {within.get('attacker', '-')}: "
+            f"{num(within.get('identity_match_rate'))} | {num(preset)} ({num(r.get('unprotected_match'))}) | "
             + " / ".join(f"{curve[x]:.2f}" if x in curve else "-" for x in (0.5, 1.0, 2.0, 4.0)) + f" | {other} |")
     return "\n".join(lines) + "\n"
 
