@@ -241,6 +241,7 @@ def test_model_level_audit_end_to_end_and_resume(tmp_path, capsys, monkeypatch, 
     page = (out / "audit.html").read_text()
     assert "audit-relearning.png" in page and "vae-swap" in page and "data:image/jpeg" in page
     assert "the subject: references" in page and "the subject: subject photos" in page
+    assert "What it costs:" in page and "another subject of the class clones at" in page
     # the input model is untouched
     assert json.loads((tmp_path / "protected" / "protection.json").read_text()).get("audit") is None
 

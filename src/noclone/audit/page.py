@@ -75,6 +75,14 @@ def render_page(result: dict, out: Path) -> str:
     badge = ("<span class='good'>holds</span>" if passed else "<span class='bad'>broken</span>" if passed is False
              else "not measured yet")
     threat = result["threat_model"]
+    c = result.get("collateral") or {}
+    cost = []
+    if "protected" in c and "unprotected" in c:
+        cost.append(f"another subject of the class clones at {_fmt(c['protected'].get('identity_match_rate'))} on the "
+                    f"protected model against {_fmt(c['unprotected'].get('identity_match_rate'))} on the base")
+    if "generic_protected" in c and "generic_base" in c:
+        cost.append(f"the class prompt's images fail the detector at {_fmt(c['generic_protected'].get('fdfr'))} "
+                    f"against {_fmt(c['generic_base'].get('fdfr'))}")
     head = [
         f"<p><b>Verdict: {badge}</b> at threshold {result['threshold']:g} (identity match). "
         + (f"Worst case: <b>{html.escape(worst['attacker'])}</b>, match {_fmt(worst['identity_match_rate'])}. "
@@ -83,6 +91,7 @@ def render_page(result: dict, out: Path) -> str:
            f"{_fmt(result['worst_within_claim']['identity_match_rate'])}. " if result.get("worst_within_claim") else "")
         + (f"Unprotected (the preset attack without the protection): {_fmt(result['unprotected_match'])}."
            if result.get("unprotected_match") is not None else "") + "</p>",
+        (f"<p><b>What it costs:</b> {html.escape('; '.join(cost))}.</p>" if cost else ""),
         f"<p><b>{html.escape(threat['defence'])}</b> claims: {html.escape(threat['claim'])}"
         + ("<br>It assumes: " + "; ".join(html.escape(t) for t in threat["assumes"].values())
            if threat["assumes"] else "") + "</p>",
