@@ -110,8 +110,9 @@ def summary(folder: Path) -> str:
     """A markdown table of every audit published under `folder`: verdict, worst case, claim, relearning."""
     lines = ["| defence | verdict (match <= 0.2) | worst attacker: match (the same attack unprotected) | worst within "
              "the claim | preset attack: protected (unprotected) | relearning: protected match at 0.5x / 1x / 2x / 4x "
-             "| other subject (protected vs base) | class prompt: detector failures (protected vs base) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| other subject (protected vs base) | class prompt: detector failures (protected vs base) "
+             "| backdoor fires: preset attack / weakest |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in ORDER:
         path = folder / name / "audit.json"
         if not path.is_file():
@@ -137,7 +138,9 @@ def summary(folder: Path) -> str:
             f"{num(within.get('identity_match_rate'))} | {num(preset)} ({num(r.get('unprotected_match'))}) | "
             + " / ".join(f"{curve[x]:.2f}" if x in curve else "-" for x in (0.5, 1.0, 2.0, 4.0)) + f" | {other} | "
             + (f"{num(c['generic_protected'].get('fdfr'))} vs {num(c['generic_base'].get('fdfr'))}"
-               if "generic_protected" in c and "generic_base" in c else "-") + " |")
+               if "generic_protected" in c and "generic_base" in c else "-") + " | "
+            + (f"{num(rows.get('preset', {}).get('backdoor_rate'))} / {r['weakest_backdoor']['attacker']} "
+               f"{num(r['weakest_backdoor']['backdoor_rate'])}" if r.get("weakest_backdoor") else "-") + " |")
     return "\n".join(lines) + "\n"
 
 
