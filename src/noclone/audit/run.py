@@ -340,19 +340,13 @@ class Auditor:
         seed = 1 if job.side == "generic-floor" else 0
         images = stages.generated(self.cache, model, None, prompts, bench, seed, self.runtime)
         row = {"images": _relative(images.path, self.out), "prompts": prompts}
-        if self.base is not None:
-            base_images = stages.generated(self.cache, self.base, None, prompts, bench, 0, self.runtime)
-            if job.side != "generic-base":
-                row.update(stages.metrics(self.cache, images, base_images, cfg.class_noun, bench,
-                                          DefenceSpec("none", "none", "none")).meta["metrics"])
-            else:
-                row.update(stages.metrics(self.cache, images, images, cfg.class_noun,
-                                          _bench_config(cfg, prompts, cfg.generic_samples, ["fdfr"]),
-                                          DefenceSpec("none", "none", "none")).meta["metrics"])
-        else:
-            row.update(stages.metrics(self.cache, images, images, cfg.class_noun,
-                                      _bench_config(cfg, prompts, cfg.generic_samples, ["fdfr"]),
-                                      DefenceSpec("none", "none", "none")).meta["metrics"])
+        # FID against the base model's own samples (the base itself: only its detector rate)
+        against = None
+        if self.base is not None and job.side != "generic-base":
+            against = stages.generated(self.cache, self.base, None, prompts, bench, 0, self.runtime)
+        scored = bench if against is not None else _bench_config(cfg, prompts, cfg.generic_samples, ["fdfr"])
+        row.update(stages.metrics(self.cache, images, against or images, cfg.class_noun, scored,
+                                  DefenceSpec("none", "none", "none")).meta["metrics"])
         return row
 
 
