@@ -16,7 +16,7 @@ both are measured against 8 held-back reference photos, and against the base mod
 `--adaptive CLASSES` adds the adaptive attackers on those classes (3x lr, 2x steps, another identifier token, LoRA);
 `--other-identity K` checks that another subject still personalizes on the protected model; `--other-seeds 1,2,3`
 repeats that check with several attacker seeds and judges criterion 3 on the mean (the unprotected model alone
-ranges from 0.81 to 1.00 over four seeds: docs/sandbox-v1.md, stop 31). `--quality` compares generic generations (detector
+ranges from 0.81 to 1.00 over four seeds: docs/research/decoder-guard.md, stop 31). `--quality` compares generic generations (detector
 rate, sandbox-FID against renders) of the base and protected models. Every stage is cached in --out, so a rerun
 only computes what is missing.
 
@@ -67,7 +67,7 @@ def protect(model: Path, work: Path, class_noun: str, identity: int, settings,
                                       token, anchors, also, negatives=negatives)
         return repaired(model, unrepaired, work, settings, [(class_noun, identity), *also], anchors,
                         repair_anchors), seconds
-    key_settings = {k: v for k, v in asdict(settings).items() if not k.startswith("repair_")}  # repaired below
+    key_settings = {k: v for k, v in settings.flat().items() if not k.startswith("repair_")}  # repaired below
     if settings.implant == "unet":  # the decoder guard's settings play no part: earlier caches stay valid
         key_settings = {k: v for k, v in key_settings.items() if k != "implant" and not k.startswith("decoder_")}
     key = hashlib.sha256(json.dumps(key_settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -323,7 +323,7 @@ def decoder_option(item: str, parser) -> tuple[str, object]:
     field, sep, text = item.partition("=")
     name = "decoder_" + field.strip().removeprefix("decoder_")
     # fields whose None default means "by the number of subjects" take ints
-    defaults = asdict(APDMConfig()) | {"decoder_moved_copies": 0, "decoder_steps": 0, "decoder_tries": 0}
+    defaults = APDMConfig().flat() | {"decoder_moved_copies": 0, "decoder_steps": 0, "decoder_tries": 0}
     if not sep or name not in defaults or isinstance(defaults[name], (tuple, type(None))):
         parser.error(f"--decoder-option {item!r}: give FIELD=VALUE with FIELD one of "
                      + ", ".join(k.removeprefix("decoder_") for k, v in defaults.items()

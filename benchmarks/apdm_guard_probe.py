@@ -7,7 +7,7 @@ WORK/probe-latents), then decoded by the input model's VAE and by each guarded V
 
 Why it works: `--implant decoder` changes only the VAE decoder, so an attack on the guarded model trains the same
 UNet and text encoder from the same start; the one difference is its prior-preservation class images, which the
-guarded decoder draws. The probe skips that difference. Measured against the full benchmark (docs/sandbox-v1.md,
+guarded decoder draws. The probe skips that difference. Measured against the full benchmark (docs/research/decoder-guard.md,
 stop 30): exact for generic quality (the same latents), within one generation for the protected subject, and for
 another subject at seed 1 0.75 (probe) against 0.59 (full) for a person and 0.31 against 0.31 for a dog. Stop 31
 showed the skipped class images are what costs another subject (the guard softened them), so judge another subject

@@ -7,7 +7,7 @@ how many seeds meet each of the issue's criteria.
     .venv/bin/python benchmarks/apdm_seeds.py /tmp/apdm-s0.json /tmp/apdm-s1.json /tmp/apdm-s2.json
 
 The seed changes the protection's draws, the attacker's and the generations', so the spread printed here is what a
-single-seed row of docs/sandbox-v1.md can be off by.
+single-seed row of docs/research/apdm.md can be off by.
 """
 
 from __future__ import annotations

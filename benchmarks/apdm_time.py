@@ -8,7 +8,7 @@ Times, in one run on the shipped sandbox model (held-out person 0, 5 photos):
   steps (s per step, then extrapolated to the setting's N_protect) and, where it has one, the release repair;
 - the settings: `quick` (100 outer steps), `paper` (800 outer x 20 inner at batch 1, 200 class images at 50 steps),
   and `quick + 300 outer + anchors + repair 200`, the setting that reached criterion (1)'s match rate on the person
-  (docs/sandbox-v1.md, "Stop 20").
+  (docs/research/apdm.md, "Release repair").
 Extrapolated totals assume every outer step costs what the timed ones did (they do: L2P's work per step is fixed).
 """
 

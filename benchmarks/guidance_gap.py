@@ -13,7 +13,7 @@ text encoder, also:
   - d_cond, d_uncond: how far the attack moved the instance-prompt and the unconditional predictions (/ ||eps||);
   - cos: the cosine between those two moves. Near 1 with d_uncond ~ d_cond means the unconditional branch follows
     the attack, so nothing can hide in the classifier-free-guidance difference (measured for the sandbox in
-    docs/sandbox-v1.md, "A backdoor hidden in the guidance difference").
+    docs/research/persguard.md, "Can a backdoor hide in the guidance difference?").
 Works on any diffusers SD-style pipeline directory (SD1.5 at 512 px included; slow on CPU).
 """
 

@@ -12,7 +12,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 # pin whatever torch is present so no dependency can swap it for another build
 .venv/bin/python -c "import torch; print('torch==' + torch.__version__)" > .venv/torch-constraint.txt
-.venv/bin/pip install -q -c .venv/torch-constraint.txt -e ".[test,faces,metrics]" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
+.venv/bin/pip install -q -c .venv/torch-constraint.txt -e ".[test,faces,metrics,ray]" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
 .venv/bin/python -c "import noclone, diffusers, peft" || { echo "setup: noclone failed to install" >&2; exit 1; }
 # the CLIP BPE vocabulary (only needed to rebuild tokenizers; open_clip's torchvision dependency is skipped)
 .venv/bin/python -c "import open_clip" >/dev/null 2>&1 || .venv/bin/pip install -q --no-deps open_clip_torch 2>&1 | grep -v "is ignored" >&2 || true

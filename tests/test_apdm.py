@@ -400,7 +400,8 @@ def test_multi_subject_run_writes_card_with_hashes_only(tiny_model_dir, subject_
     assert [s["class_noun"] for s in card["subjects"]] == ["person", "dog"]
     assert [s["token"] for s in card["subjects"]] == ["sks", "zwx"]
     assert card["subjects"][0]["photo_sha256"] == [file_sha256(p) for p in sorted(subject_dir.glob("*.png"))]
-    assert card["hyperparameters"]["beta"] == 1.0 and card["hyperparameters"]["outer_steps"] == 2
+    protection = card["hyperparameters"]["protection"]  # the nested form
+    assert protection["beta"] == 1.0 and protection["steps"] == 2
     assert card["base_model_fingerprint"] == model_fingerprint(load_pipeline(tiny_model_dir))
     assert card["protected_model_fingerprint"] == model_fingerprint(load_pipeline(out))
     assert "subject_dpo_after" in card["metrics"]
@@ -455,8 +456,8 @@ def test_cli_protects_then_adds_a_subject(tiny_model_dir, subject_dir, dog_dir, 
                   "--class-noun", "person", "--anchor-images", str(dog_dir), "--repair-steps", "2", *common,
                   "--out", str(first)]) == 0
     card = json.loads((first / "protection.json").read_text())
-    assert card["hyperparameters"]["outer_steps"] == 1 and len(card["subjects"]) == 1
-    assert card["hyperparameters"]["repair_steps"] == 2 and len(card["metrics"]["repair_first_last"]) == 2
+    assert card["hyperparameters"]["protection"]["steps"] == 1 and len(card["subjects"]) == 1
+    assert card["hyperparameters"]["repair"]["steps"] == 2 and len(card["metrics"]["repair_first_last"]) == 2
     second = tmp_path / "second"
     assert _main(["-q", "protect-model", "--model", str(first), "--images", str(dog_dir), "--class-noun", "dog",
                   *common, "--params", "attention", "--out", str(second)]) == 0

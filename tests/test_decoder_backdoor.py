@@ -176,8 +176,8 @@ def test_cli_protects_with_a_decoder_backdoor(tiny_model_dir, subject_dir, dog_d
                   "--images", str(subject_dir), "--class-noun", "person", "--num-class-images", "2",
                   "--out", str(out)]) == 0
     card = json.loads((out / "protection.json").read_text())
-    assert card["implant"] == "decoder" and card["hyperparameters"]["decoder_steps"] == 2
-    assert card["hyperparameters"]["decoder_attack_steps"] == 1
+    assert card["implant"] == "decoder" and card["hyperparameters"]["guard"]["steps"] == 2
+    assert card["hyperparameters"]["guard"]["attack_steps"] == 1
     assert card["metrics"]["decoder_backdoor"]["n_negatives"] == 2 * 2 + 48  # class images x 2 + one attack's 48
 
 
@@ -267,7 +267,7 @@ def test_apdm_decoder_guard_keeps_the_unet_writes_a_card_and_resumes(tiny_model_
     assert card["implant"] == "decoder" and "VAE" in card["decoder_guard_limits"]
     guard = card["metrics"]["decoder_guard"]
     assert guard["target"] == "blur" and guard["n_negatives"] == 2 * 2 + 2 + 5  # class images x 2 + 2 class samples + one attack's 5
-    assert card["hyperparameters"]["decoder_blur"] == 0.0625
+    assert card["hyperparameters"]["guard"]["blur"] == 0.0625
     assert guard["config"]["moved_copies"] == 0  # one subject: no moved copies unless asked
     assert not any(k.startswith("dpo") or k.startswith("loss") for k in card["metrics"])  # no UNet protection ran
     with pytest.raises(NocloneError, match="only used with --implant decoder or both"):
@@ -297,11 +297,11 @@ def test_cli_apdm_decoder_guard(tiny_model_dir, subject_dir, dog_dir, tmp_path):
                   "--decoder-detail-weight", "2", "--decoder-recolored-copies", "1", "--decoder-moved-copies", "1",
                   "--decoder-tries", "2", "--out", str(out)]) == 0
     card = json.loads((out / "protection.json").read_text())
-    assert card["implant"] == "decoder" and card["hyperparameters"]["decoder_blur"] == 0.1
-    assert card["hyperparameters"]["decoder_class_samples"] == 3
+    assert card["implant"] == "decoder" and card["hyperparameters"]["guard"]["blur"] == 0.1
+    assert card["hyperparameters"]["guard"]["class_samples"] == 3
     assert card["metrics"]["decoder_guard"]["config"]["detail_weight"] == 2.0
     assert card["metrics"]["decoder_guard"]["config"]["moved_copies"] == 1
-    assert card["metrics"]["decoder_guard"]["config"]["tries"] == card["hyperparameters"]["decoder_tries"] == 2
+    assert card["metrics"]["decoder_guard"]["config"]["tries"] == card["hyperparameters"]["guard"]["tries"] == 2
     assert card["metrics"]["decoder_guard"]["config"]["recolored_copies"] == 1
     assert card["metrics"]["decoder_guard"]["n_negatives"] == 2 * 2 + 3 + 48 + 3  # + one sample of each anchor photo
 
@@ -407,7 +407,7 @@ def test_apdm_calibrated_guard_writes_each_subjects_blur_on_the_card(tiny_model_
                   "--images", str(subject_dir), "--class-noun", "person", "--images", str(dog_dir), "--class-noun",
                   "dog", "--num-class-images", "2", "--out", str(out)]) == 0
     card = json.loads((out / "protection.json").read_text())
-    assert card["hyperparameters"]["decoder_blur_calibrate"] == "sandbox"
+    assert card["hyperparameters"]["guard"]["blur_calibrate"] == "sandbox"
     calibration = card["metrics"]["decoder_guard"]["blur_calibration"]
     assert len(calibration) == 2
     for c in calibration:

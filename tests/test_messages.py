@@ -157,7 +157,7 @@ def test_print_table_still_flags_a_requested_metric_that_is_undefined(capsys):
 
 
 def test_shipped_rid_generator_warns_once_on_photos_bigger_than_its_world(tmp_path, caplog):
-    from noclone.cloak.base import protect_folder
+    from noclone.cloak import protect_folder
     from noclone.cloak.rid import RIDCloak
 
     big, small = _renders(tmp_path / "big", 128), _renders(tmp_path / "small", 64)

@@ -408,7 +408,8 @@ def test_three_subjects_each_with_its_backdoor_and_card(tiny_model_dir, subject_
     assert all(len(b["target_images_sha256"]) == 64 for b in card["backdoors"])
     assert card["trigger"] == {"mode": "white-box", "tokens": ["sks", "zwx", "qrt"],
                                "templates": ["a photo of {token} {class_noun}"] * 3}
-    assert card["hyperparameters"]["steps"] == 3 and card["hyperparameters"]["br_weight"] == 1.0
+    hyperparameters = card["hyperparameters"]  # the nested form
+    assert hyperparameters["protection"]["steps"] == 3 and hyperparameters["retention"]["weight"] == 1.0
     assert card["base_model_fingerprint"] == model_fingerprint(load_pipeline(tiny_model_dir))
     assert card["protected_model_fingerprint"] == model_fingerprint(load_pipeline(out))
     assert len(card["metrics"]["backdoor_loss_after"]) == 3 and "bb_first_last" in card["metrics"]
@@ -455,7 +456,8 @@ def test_cli_gray_box_erasure_with_backgrounds(tiny_model_dir, subject_dir, back
                   "1", "--num-class-images", "2", "--out", str(out)]) == 0
     card = json.loads((out / "protection.json").read_text())
     assert card["method"] == "persguard" and card["trigger"]["mode"] == "gray-box"
-    assert card["trigger"]["tokens"] == ["sks", "xyz"] and card["hyperparameters"]["tokens"] == ["sks", "xyz"]
+    assert card["trigger"]["tokens"] == ["sks", "xyz"]
+    assert card["hyperparameters"]["backdoor"]["tokens"] == ["sks", "xyz"]
     assert card["backdoors"][0]["kind"] == "erasure" and "given backgrounds" in card["backdoors"][0]["target_source"]
 
 

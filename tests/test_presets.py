@@ -59,11 +59,11 @@ def test_every_preset_resolves():
 def test_official_differs_from_paper_exactly_in_the_quirks():
     apdm = {n: APDMConfig.preset(n) for n in ("quick", *NAMES)}
     assert differing(apdm["official"], apdm["paper"]) == {
-        "official_grad_quirk": {"value": True, "default": False},
+        "l2p.official_grad_quirk": {"value": True, "default": False},
         "max_grad_norm": {"value": None, "default": 1.0},
         "prompt_style": {"value": "official", "default": "plain"},
         "dtype": {"value": "fp32", "default": "auto"}}
-    assert differing(apdm["official-sd21"], apdm["official"]) == {"inner_steps": {"value": 10, "default": 20}}
+    assert differing(apdm["official-sd21"], apdm["official"]) == {"l2p.steps": {"value": 10, "default": 20}}
     assert differing(apdm["paper-sd21"], apdm["paper"]) == {}  # the paper runs SD2.1 with N_per 20 too
     # the existing presets are unchanged: the paper clips at 1.0, follows Algorithm 1, plain prompts
     assert (apdm["paper"].max_grad_norm, apdm["paper"].official_grad_quirk, apdm["paper"].prompt_style) == (
@@ -88,8 +88,8 @@ def test_official_differs_from_paper_exactly_in_the_quirks():
 
 
 @pytest.mark.parametrize("argv,differs", [
-    (["protect-model", "--method", "apdm", "--preset", "official", "--show"], "official_grad_quirk"),
-    (["protect-model", "--preset", "official-sd21", "--show"], "inner_steps"),
+    (["protect-model", "--method", "apdm", "--preset", "official", "--show"], "l2p.official_grad_quirk"),
+    (["protect-model", "--preset", "official-sd21", "--show"], "l2p.steps"),
     (["protect-model", "--show"], None),
     (["protect-images", "--method", "aspl", "--preset", "official", "--show"], "train_text_encoder"),
     (["protect-images", "--method", "rid", "--preset", "paper", "--show"], "arch"),
@@ -210,7 +210,7 @@ def test_protection_card_records_the_preset_and_its_settings(tiny_model_dir, sub
     card = json.loads((out / "protection.json").read_text())
     assert card["preset"] == "official" and card["settings"]["compared_with"] == "quick"
     differs = card["settings"]["differs"]
-    assert differs["official_grad_quirk"] == {"value": True, "default": False}
+    assert differs["l2p"]["official_grad_quirk"] == {"value": True, "default": False}
     assert differs["max_grad_norm"] == {"value": None, "default": 1.0}
     assert card["hyperparameters"]["prompt_style"] == "official"
     assert card["subjects"][0]["instance_prompt"] == 'a photo of "sks_person"'
@@ -284,7 +284,8 @@ def _spy_surrogate(monkeypatch):
 def test_aspl_clean_set_trains_the_surrogate_on_it_with_the_text_encoder(tiny_pipe, subject_dir, clean_dir, tmp_path,
                                                                         monkeypatch):
     from noclone.attacks.base import load_subject_images
-    from noclone.cloak.base import protect_folder, to_working
+    from noclone.cloak import protect_folder
+    from noclone.cloak.base import to_working
     from noclone.cloak.fsmg import clean_subject_data
 
     calls = _spy_surrogate(monkeypatch)

@@ -3,7 +3,8 @@
 Every method with presets keeps them as a dict of setting overrides on its config dataclass (e.g.
 `APDMConfig.PRESETS`). This module turns a resolved config into the table `--show` prints (setting, value, the
 default preset's value, `*` where they differ) and into what a card records (`preset` and `settings`: the
-settings that differ from the default preset, value and default each). It imports nothing of noclone but its
+settings that differ from the default preset, value and default each). A config made of sections
+(noclone.defenses.config) is shown and recorded one field per row, as `section.field`. It imports nothing of noclone but its
 errors, so any layer may use it.
 
 `--max-grad-norm none|FLOAT` (every command that trains): `parse_max_grad_norm` gives None (no clipping) or a
@@ -12,9 +13,10 @@ positive float.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, is_dataclass
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 from noclone.errors import NocloneError
@@ -24,10 +26,22 @@ HIDDEN = frozenset({"progress", "extra", "preset_name"})
 
 
 def settings_of(config: Any, hidden: Iterable[str] = HIDDEN) -> dict[str, Any]:
-    """A dataclass config (or a dict) as {setting: value}, without the `hidden` ones."""
-    values = asdict(config) if is_dataclass(config) else dict(config)
+    """A dataclass config (or a dict) as {setting: value}, without the `hidden` ones; a section of a config made of
+    sections (noclone.defenses.config) gives one row per field, named `section.field`."""
+    values = _dotted(config) if is_dataclass(config) else dict(config)
     hidden = set(hidden)
     return {k: v for k, v in values.items() if k not in hidden}
+
+
+def _dotted(config: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value) and not isinstance(value, type):
+            out.update(_dotted(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = copy.deepcopy(value)
+    return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -50,8 +64,16 @@ def differing(config: Any, default: Any) -> dict[str, dict[str, Any]]:
 
 def card_entry(preset: str | None, config: Any, default: Any, default_name: str) -> dict[str, Any]:
     """What a protection card / cloak manifest records: the preset's name and its settings that differ from the
-    default preset (`default_name`). The full values are on the card beside it."""
-    return {"preset": preset, "settings": {"compared_with": default_name, "differs": differing(config, default)}}
+    default preset (`default_name`), nested as the config is (`section.field` rows under their section). The full
+    values are on the card beside it."""
+    differs: dict[str, Any] = {}
+    for name, entry in differing(config, default).items():
+        *sections, key = name.split(".")
+        place = differs
+        for section in sections:
+            place = place.setdefault(section, {})
+        place[key] = entry
+    return {"preset": preset, "settings": {"compared_with": default_name, "differs": differs}}
 
 
 def fmt(value: Any) -> str:
@@ -76,7 +98,8 @@ def format_table(title: str, rows: list[tuple[str, Any, Any, bool]], default_nam
     """The text `--show` prints: a title line, then `setting  value  default  *` per row (`*`: differs)."""
     header = ("setting", "value", f"default ({default_name})", "")
     cells = [header] + [(k, fmt(v), fmt(d), "*" if diff else "") for k, v, d, diff in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(3)]
+    # a few long values (PersGuard's templates) run past their column rather than widen every row
+    widths = [min(max(len(c[i]) for c in cells), 48) for i in range(3)]
     lines = [title, ""]
     for k, v, d, mark in cells:
         lines.append(f"  {k:<{widths[0]}}  {v:<{widths[1]}}  {d:<{widths[2]}}  {mark}".rstrip())

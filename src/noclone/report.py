@@ -17,6 +17,15 @@ table{border-collapse:collapse;margin:.8rem 0}td,th{border:1px solid #ccc;paddin
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 .grid{image-rendering:pixelated;border:1px solid #ccc;max-width:100%}.cap{color:#666;font-size:.85rem}
 .good{color:#137333;font-weight:600}.bad{color:#b3261e;font-weight:600}.row{display:flex;gap:1.5rem;flex-wrap:wrap}
+.pair{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:1.5rem;align-items:start}
+figure{margin:.5rem 0 1rem}.pair figure{margin:0}.pair .grid{width:100%}figcaption{margin:.3rem 0}
+.targets td:nth-child(2){white-space:nowrap}.timing td:nth-child(2){text-align:left}
+.verdict{padding:.2rem 1rem;border-left:6px solid #999;background:#f7f7f7}
+.verdict p:first-child{font-size:1.25rem;line-height:1.5}
+.verdict .verdict-cost{color:#222;font-weight:400}
+.verdict.good{border-color:#137333;background:#e6f4ea}.verdict.bad{border-color:#b3261e;background:#fce8e6}
+.verdict.mixed{border-color:#b06000;background:#fef7e0}
+.note{background:#fff8e1;border-left:4px solid #f9ab00;padding:.5rem .8rem}
 """
 
 
@@ -53,6 +62,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def pair(cells: Sequence[str]) -> str:
+    """HTML blocks side by side in two columns (a third wraps to the next row), never stacked in one."""
+    return "<div class='pair'>" + "".join(f"<div>{c}</div>" for c in cells) + "</div>"
 
 
 def page(title: str, sections: Sequence[str]) -> str:

@@ -8,7 +8,7 @@ import logging
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,12 +18,22 @@ from noclone.data.images import file_sha256, load_image_folder
 from noclone.errors import NocloneError
 from noclone.training.data import LatentSet, SubjectData, pipeline_resolution
 from noclone.training.diffusion import diffusion_loss, prompt_condition, step_generator, training_scheduler
+from noclone.training.distributed import current, place_pipeline
 from noclone.training.loop import LoopConfig, run_training
 from noclone.training.precision import compute_dtype, settle_pipeline, upcast_trainable
 
 log = logging.getLogger(__name__)
 
 MIN_SUBJECT_IMAGES = 2
+
+# UNet layers a LoRA adapts, by `lora_targets` name. Here rather than in lora.py so that the config can validate the
+# name without importing the LoRA module (which imports this one).
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+LORA_TARGET_SETS = {
+    "attention": LORA_TARGETS,  # diffusers' DreamBooth-LoRA script
+    "all": LORA_TARGETS + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
+                           "time_emb_proj"],  # + feed-forward, resnet convolutions (LoCon-like)
+}
 
 
 class PromptTemplates:
@@ -79,8 +89,6 @@ class PersonalizationConfig(PromptTemplates):
             raise NocloneError(f"--lr {self.lr} is outside (0, 1)")
         if not self.token.strip() or " " in self.token:
             raise NocloneError(f"--token {self.token!r} must be one non-empty word")
-        from noclone.attacks.lora import LORA_TARGET_SETS
-
         if self.lora_targets not in LORA_TARGET_SETS:
             raise NocloneError(f"--lora-targets {self.lora_targets!r}: choose from {', '.join(LORA_TARGET_SETS)}")
 
@@ -144,20 +152,23 @@ def build_subject_data(pipe, images, config: PersonalizationConfig, class_cache:
 
 
 def dreambooth_loss(unet, text_encoder, tokenizer, scheduler, data: SubjectData, generator: torch.Generator,
-                    batch_size: int, prior_weight: float = 1.0, cond_cache: dict | None = None) -> dict[str, torch.Tensor]:
-    """L_per = L_simple(instance) + prior_weight * L_ppl(class): the DreamBooth objective (shared with defences)."""
+                    batch_size: int, prior_weight: float = 1.0, cond_cache: dict | None = None,
+                    shard: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """L_per = L_simple(instance) + prior_weight * L_ppl(class): the DreamBooth objective (shared with defences).
+    With `shard` (noclone.training.distributed), `batch_size` is the global batch: it is drawn whole from
+    `generator` and this process computes its slice (the losses are its slice's means)."""
 
     def cond(prompt: str) -> torch.Tensor:
         return prompt_condition(text_encoder, tokenizer, prompt, cond_cache)
 
     latents = data.instance.batch(generator, batch_size)
     instance_cond = cond(data.instance.prompt).expand(batch_size, -1, -1)
-    loss_instance = diffusion_loss(unet, scheduler, latents, instance_cond, generator)
+    loss_instance = diffusion_loss(unet, scheduler, latents, instance_cond, generator, shard=shard)
     out = {"loss": loss_instance, "instance": loss_instance}
     if data.prior is not None and prior_weight > 0:
         prior_latents = data.prior.batch(generator, batch_size)
         prior_cond = cond(data.prior.prompt).expand(batch_size, -1, -1)
-        loss_prior = diffusion_loss(unet, scheduler, prior_latents, prior_cond, generator)
+        loss_prior = diffusion_loss(unet, scheduler, prior_latents, prior_cond, generator, shard=shard)
         out["loss"] = loss_instance + prior_weight * loss_prior
         out["prior"] = loss_prior
     return out
@@ -205,14 +216,19 @@ class Personalization(ABC):
         master weights under autocast and comes out fp32 (noclone.training.precision; LoRA adapters stay beside
         the half base). `snapshots` maps a step count k to `callback(pipe)`, called once k steps are done: with no
         lr schedule and every step's randomness drawn from its index, that state is exactly a k-step run's (a run
-        resumed past k does not call it)."""
+        resumed past k does not call it). Under `accelerate launch` with N processes each computes
+        `batch_size` of a global batch of N x `batch_size` (noclone.training.distributed); only the main process
+        writes the checkpoints."""
         config = self.config
+        dist = current()
+        place_pipeline(pipe)
         torch.manual_seed(config.seed)
         dtype = compute_dtype(pipe.unet, pipe.vae, pipe.text_encoder)
         pipe.vae.requires_grad_(False)
         pipe.unet.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
-        data = build_subject_data(pipe, images, config, class_cache)
+        with dist.main_first():  # the main process generates the class images; the others read its cache
+            data = build_subject_data(pipe, images, config, class_cache)
         params = self.prepare(pipe)
         upcast_trainable(p for _, p in params)
         optimizer = self.optimizer(params)
@@ -222,11 +238,14 @@ class Personalization(ABC):
         def step_fn(step: int) -> dict[str, torch.Tensor]:
             generator = step_generator(config.seed, step, self.name)
             return dreambooth_loss(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, data, generator,
-                                   config.batch_size, config.prior_weight if config.prior_preservation else 0.0,
-                                   cond_cache)
+                                   dist.global_batch(config.batch_size),
+                                   config.prior_weight if config.prior_preservation else 0.0, cond_cache,
+                                   shard=dist.shard if dist.enabled else None)
 
         if checkpoint_dir is not None:
-            _check_checkpoint_matches(checkpoint_dir, config)
+            with dist.main_first():
+                if dist.is_main:
+                    _check_checkpoint_matches(checkpoint_dir, config, dist.world_size)
         history = run_training(
             params, optimizer, step_fn,
             LoopConfig(config.steps, checkpoint_dir, config.checkpoint_every, f"{self.name}", config.progress,
@@ -253,24 +272,37 @@ class Personalization(ABC):
         base_fingerprint = model_fingerprint(pipe)
         ckpt = Path(checkpoint_dir) if checkpoint_dir else out.parent / f".{out.name}.checkpoint"
 
+        dist = current()
+
         def card(steps: int, history: list[dict] | None) -> dict:
-            return {"method": self.name, "config": {**asdict(self.config), "steps": steps},
+            processes = ({"processes": dist.world_size, "global_batch_size": dist.global_batch(self.config.batch_size)}
+                         if dist.enabled else {})
+            return {"method": self.name, "config": {**asdict(self.config), "steps": steps}, **processes,
                     "base_model_fingerprint": base_fingerprint, "subject_sha256": subject_fingerprint(paths),
                     "instance_prompt": self.config.instance_prompt,
                     **({"loss_first_last": [history[0]["loss"], history[-1]["loss"]]} if history else
                        {"snapshot_of": self.config.steps})}
 
-        hooks = {k: (lambda pipe, k=k, hook=hook: hook(lambda where: self.save(pipe, Path(where), card(k, None))))
+        def save(pipe, where, steps: int, history: list[dict] | None) -> None:
+            if dist.is_main:  # under `accelerate launch` the processes hold equal weights: one writes them
+                self.save(pipe, Path(where), card(steps, history))
+
+        hooks = {k: (lambda pipe, k=k, hook=hook: hook(lambda where: save(pipe, where, k, None)))
                  for k, hook in (snapshots or {}).items() if 0 < k < self.config.steps}
         history = self.train(pipe, images, ckpt, snapshots=hooks)
-        self.save(pipe, out, card(self.config.steps, history))
-        shutil.rmtree(ckpt, ignore_errors=True)
+        save(pipe, out, self.config.steps, history)
+        if dist.is_main:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        dist.barrier()  # every process returns once the output is written
         return out
 
 
-def _check_checkpoint_matches(directory: Path, config: PersonalizationConfig) -> None:
+def _check_checkpoint_matches(directory: Path, config: PersonalizationConfig, processes: int = 1) -> None:
+    # keyed by the global batch: N processes at batch B/N resume what one process at batch B checkpointed
+    keyed = config if processes == 1 else replace(config, batch_size=config.batch_size * processes)
+    fingerprint = keyed.fingerprint()
     marker = directory / "config_fingerprint.txt"
-    if marker.is_file() and marker.read_text().strip() != config.fingerprint():
+    if marker.is_file() and marker.read_text().strip() != fingerprint:
         raise NocloneError(f"{directory}: checkpoint belongs to a run with other settings; delete it or change --out")
     directory.mkdir(parents=True, exist_ok=True)
-    marker.write_text(config.fingerprint())
+    marker.write_text(fingerprint)

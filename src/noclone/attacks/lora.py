@@ -8,15 +8,9 @@ from pathlib import Path
 
 import torch
 
-from noclone.attacks.base import Personalization
+from noclone.attacks.base import LORA_TARGET_SETS, Personalization
 from noclone.data.atomic import atomic_output_dir
 
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-LORA_TARGET_SETS = {
-    "attention": LORA_TARGETS,  # diffusers' DreamBooth-LoRA script
-    "all": LORA_TARGETS + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
-                           "time_emb_proj"],  # + feed-forward, resnet convolutions (LoCon-like)
-}
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 

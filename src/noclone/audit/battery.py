@@ -193,17 +193,14 @@ def parse_battery(raw: dict, name: str) -> Battery:
 
 def load_battery(spec: str) -> Battery:
     """A shipped battery by name (quick, full) or a YAML file holding one battery (or several: then the first)."""
-    import yaml
+    from noclone.data.yamlfile import load_yaml
 
     if spec in shipped():
         return parse_battery(shipped()[spec], spec)
     path = Path(spec)
     if not path.is_file():
         raise NocloneError(f"--battery {spec}: not a shipped battery ({', '.join(battery_names())}) nor a YAML file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise NocloneError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    raw = load_yaml(path.read_text(), str(path))
     if isinstance(raw, dict) and "attackers" not in raw and raw and all(isinstance(v, dict) for v in raw.values()):
         first = next(iter(raw))
         return parse_battery(raw[first], f"{path.name}:{first}")

@@ -69,13 +69,10 @@ def _fmt(value) -> str:
     return "–" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def render_page(result: dict, out: Path) -> str:
-    out = Path(out)
-    worst, passed = result.get("worst"), result.get("passed")
-    badge = ("<span class='good'>holds</span>" if passed else "<span class='bad'>broken</span>" if passed is False
-             else "not measured yet")
-    threat = result["threat_model"]
-    c = result.get("collateral") or {}
+def cost_lines(c: dict) -> list[str]:
+    """'What it costs' from the collateral figures: another subject on the protected model against the base
+    (`protected` / `unprotected`), the class prompt's detector failures (`generic_protected` / `generic_base`).
+    Shared with the demo's report."""
     cost = []
     if "protected" in c and "unprotected" in c:
         cost.append(f"another subject of the class clones at {_fmt(c['protected'].get('identity_match_rate'))} on the "
@@ -83,6 +80,16 @@ def render_page(result: dict, out: Path) -> str:
     if "generic_protected" in c and "generic_base" in c:
         cost.append(f"the class prompt's images fail the detector at {_fmt(c['generic_protected'].get('fdfr'))} "
                     f"against {_fmt(c['generic_base'].get('fdfr'))}")
+    return cost
+
+
+def render_page(result: dict, out: Path) -> str:
+    out = Path(out)
+    worst, passed = result.get("worst"), result.get("passed")
+    badge = ("<span class='good'>holds</span>" if passed else "<span class='bad'>broken</span>" if passed is False
+             else "not measured yet")
+    threat = result["threat_model"]
+    cost = cost_lines(result.get("collateral") or {})
     head = [
         f"<p><b>Verdict: {badge}</b> at threshold {result['threshold']:g} (identity match). "
         + (f"Worst case: <b>{html.escape(worst['attacker'])}</b>, match {_fmt(worst['identity_match_rate'])}. "

@@ -282,6 +282,7 @@ class Auditor:
         """For the metrics stage: a PersGuard card turns on the backdoor rate with its target."""
         if self.config.level == "model" and self.card and self.card.get("method") == "persguard":
             hp = self.card.get("hyperparameters") or {}
+            hp = {**hp, **(hp.get("backdoor") or {})}  # newer cards keep target / target_class in a section
             return DefenceSpec("persguard", "persguard", "model",
                                {"target": hp.get("target", "pattern"), "target_class": hp.get("target_class")})
         return DefenceSpec("protection", "none", "none", {})

@@ -3,6 +3,8 @@
     noclone bench CONFIG.yaml --out DIR [--set models.0.path=/models/sd15] [--dry-run] [--keep-going]
     noclone bench CONFIG.yaml --out DIR --shard 1/2 & noclone bench CONFIG.yaml --out DIR --shard 2/2
     noclone bench --preset sandbox-quick --out DIR
+    noclone bench CONFIG.yaml --out DIR --executor ray [--ray-cpus 8]      # every stage a task on a local Ray
+    noclone bench CONFIG.yaml --out /shared/DIR --executor ray --address auto   # on a Ray cluster (docs/scale.md)
     noclone bench report DIR [--images-per-cell 4] [--image-format jpeg]
                                       # re-render report.html (and the CSV/JSON) from DIR/results.sqlite
     noclone bench --list-presets | --print-preset NAME
@@ -49,8 +51,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         return
     if not args.out:
         raise NocloneError("--out DIR is required (where the cache, results and report go)")
+    ray_options = {k: v for k, v in (("address", args.address), ("num_cpus", args.ray_cpus),
+                                     ("task_cpus", args.task_cpus), ("retries", args.retries)) if v is not None}
     result = run_bench(config, args.out, progress=not args.quiet, keep_going=args.keep_going,
-                       shard=shard)
+                       shard=shard, executor=args.executor, ray_options=ray_options)
     print(f"bench report: {result['report']}")
     if result["failures"]:
         raise NocloneError(f"{len(result['failures'])} cell(s) failed (see the log and the report); rerun to retry them")
@@ -71,6 +75,17 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/N",
                    help="run only shard I of N (whole subject x defence groups); start all N side by side on the "
                         "same --out, one per core or GPU, to split the work")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: stages one after another in this process (default); ray: every stage a Ray task, "
+                        "scheduled by its inputs on a local Ray or a cluster (pip install 'noclone[ray]')")
+    p.add_argument("--address", metavar="auto|HOST:PORT",
+                   help="--executor ray: connect to this Ray cluster (every node must mount --out at the same path); "
+                        "without it a local Ray is started on this machine")
+    p.add_argument("--ray-cpus", type=int, metavar="N", help="--executor ray: CPUs of the local Ray (default: all)")
+    p.add_argument("--task-cpus", type=int, metavar="N",
+                   help="--executor ray: CPUs (torch threads) of each stage task (default 1)")
+    p.add_argument("--retries", type=int, metavar="N",
+                   help="--executor ray: retries of a stage task after a lost worker or an OSError (default 2)")
     p.add_argument("--images-per-cell", type=int, help="bench report: generated images shown per cell")
     p.add_argument("--image-format", choices=("png", "jpeg"), help="bench report: picture encoding (jpeg: smaller file)")
     p.add_argument("--list-presets", action="store_true")

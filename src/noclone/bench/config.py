@@ -30,7 +30,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from noclone.data.yamlfile import load_yaml
 from noclone.errors import NocloneError
+from noclone.sandbox.splits import parse_identity
 
 KNOWN_KEYS = {"name", "description", "models", "subjects", "defences", "defenses", "attacks", "transforms", "prompts",
               "images_per_prompt", "seeds", "metrics", "generation", "evaluation", "device", "dtype", "attack_preset",
@@ -165,8 +167,6 @@ def preset_text(name: str) -> str:
 def load_raw(path: str | Path | None = None, preset: str | None = None,
              overrides: list[str] | None = None) -> tuple[dict, Path]:
     """The YAML mapping of a config file or a preset, with `--set key.sub=value` overrides; and its base directory."""
-    import yaml
-
     if (path is None) == (preset is None):
         raise NocloneError("give a CONFIG.yaml or --preset NAME (one of them)")
     if preset is not None:
@@ -176,12 +176,7 @@ def load_raw(path: str | Path | None = None, preset: str | None = None,
         if not p.is_file():
             raise NocloneError(f"{p}: no such config file")
         text, base, label = p.read_text(), p.resolve().parent, str(p)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise NocloneError(f"{label}: invalid YAML{where} ({getattr(exc, 'problem', None) or exc})") from None
+    raw = load_yaml(text, label)
     if not isinstance(raw, dict):
         raise NocloneError(f"{label}: expected a mapping of settings at the top level")
     for item in overrides or []:
@@ -316,17 +311,6 @@ def _models(raw, base: Path, missing: list[str]) -> list[ModelSpec]:
     return models
 
 
-def _identity(value, label: str) -> tuple[int, str]:
-    from noclone.sandbox.splits import held_out
-
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value, str(value)
-    m = re.fullmatch(r"held_out:(\d+)", str(value).strip())
-    if m:
-        return held_out(int(m.group(1))), f"h{m.group(1)}"
-    raise NocloneError(f"{label}.identity: expected an identity id or 'held_out:N', got {value!r}")
-
-
 def _image_files(folder: Path, label: str) -> list[Path]:
     from noclone.data.images import _image_files
 
@@ -360,7 +344,7 @@ def _subjects(raw, base: Path, missing: list[str]) -> list[SubjectSpec]:
         if "identity" in item:
             if noun not in SANDBOX_CLASSES:
                 raise NocloneError(f"{label}: sandbox identities are {', '.join(SANDBOX_CLASSES)}, not {noun!r}")
-            ident, short = _identity(item["identity"], label)
+            ident, short = parse_identity(item["identity"], label)
             train = tuple(item.get("train_photos", TRAIN_PHOTOS))
             refs = tuple(item.get("reference_photos", REFERENCE_PHOTOS))
             if len(train) < 2 or not refs:

@@ -87,10 +87,10 @@ def _model_defence(module: str, cls: str, config_cls: str, label: str) -> Defenc
                 raise NocloneError(f"defence {label!r}: 'negatives' is a persguard setting (implant decoder/both)")
             if not isinstance(settings["negatives"], list) or not settings["negatives"]:
                 raise NocloneError(f"defence {label!r}: negatives must be a non-empty list of sandbox identities")
-            from noclone.bench.config import _identity
+            from noclone.sandbox.splits import parse_identity
 
             for value in settings["negatives"]:
-                _identity(value, f"defence {label!r} negatives")
+                parse_identity(value, f"defence {label!r} negatives")
 
     return Defence("model", check=check, run=run)
 
@@ -106,7 +106,7 @@ def _cloak(method: str) -> Defence:
         return mod
 
     def cloak_class():
-        methods = getattr(importlib.import_module("noclone.cloak.base"), "cloak_methods", lambda: None)()
+        methods = getattr(importlib.import_module("noclone.cloak.registry"), "cloak_methods", lambda: None)()
         if methods is not None and method not in methods:
             raise NocloneError(f"defence {method!r} is not available in this install (noclone.cloak has "
                                f"{', '.join(methods)})")

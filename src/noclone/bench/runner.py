@@ -3,6 +3,9 @@
 Each finished cell is one row in DIR/results.sqlite (metrics, seconds per stage, peak memory) and one log line. A
 rerun finds every finished stage in DIR/cache and computes only what is missing, so a killed run resumes; the
 results are re-exported (results.csv, results.json) and report.html re-rendered at the end.
+
+Executors: 'local' (default) computes a cell's stages here, cell after cell; 'ray' (noclone.bench.ray_executor) walks
+the same stage graph (cell_stages) and runs each missing stage as a Ray task. Both use the same cache keys.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,9 +159,31 @@ def lengths_of(attack: AttackSpec, attacks: list[AttackSpec]) -> list[AttackSpec
             (attack.method, attack.settings, attack.lr_mult, attack.preset)]
 
 
-def run_cell(cell: Cell, config: BenchConfig, cache: stages.Cache, runtime: stages.Runtime, out: Path,
-             models: dict) -> dict:
-    """All stages of one cell (each found in the cache or computed); returns its results row."""
+StageCall = Callable[..., stages.Ref]
+
+
+@dataclass
+class CellStages:
+    """The stage results one cell uses (what its results row is built from)."""
+
+    done: dict            # the cell's own stages by row name (protect, cloak, transform, personalize, ...)
+    references: stages.Ref
+    photos: stages.Ref
+    attack_model: stages.Ref
+    attacked: stages.Ref | None
+    images: stages.Ref
+    scores: stages.Ref
+    prompts: list
+
+
+def cell_stages(cell: Cell, config: BenchConfig, cache: stages.Cache, runtime: stages.Runtime, models: dict,
+                call: StageCall | None = None) -> CellStages:
+    """The stage graph of one cell: every stage is `call(stage_function, *args, after=ref, **kwargs)`, which by
+    default is `stage_function(cache, *args, **kwargs)` (found in the cache or computed here, in order). `after`
+    names a stage result this one must wait for without taking it as an input (the executors order on it)."""
+    if call is None:
+        def call(fn, *args, after=None, **kwargs):
+            return fn(cache, *args, **kwargs)
     subject, defence, attack = cell.subject, cell.defence, cell.attack
     if cell.model.path not in models:
         models[cell.model.path] = stages.model_ref(cache, cell.model.path)
@@ -168,25 +193,33 @@ def run_cell(cell: Cell, config: BenchConfig, cache: stages.Cache, runtime: stag
     done: dict[str, stages.Ref] = {}
     attack_model, photos = base, train
     if defence.kind == "model":
-        attack_model = done["protect"] = stages.protected_model(cache, base, train, subject, defence, runtime)
+        attack_model = done["protect"] = call(stages.protected_model, base, train, subject, defence, runtime)
     elif defence.kind == "cloak":
-        photos = done["cloak"] = stages.cloaked_photos(cache, base, train, defence, subject.class_noun, runtime)
+        photos = done["cloak"] = call(stages.cloaked_photos, base, train, defence, subject.class_noun, runtime)
     if cell.transform.name != "none":
-        photos = done["transform"] = stages.transformed_photos(cache, base, photos, cell.transform.name, cell.seed,
-                                                               runtime)
+        photos = done["transform"] = call(stages.transformed_photos, base, photos, cell.transform.name, cell.seed,
+                                          runtime)
     attacked, token = None, "sks"
     if attack.method != "none":
         lengths = sorted(lengths_of(attack, config.attacks), key=lambda a: a.steps_mult)
+        longest = None
         if len(lengths) > 1:  # the same attack at several lengths: one run of the longest writes the others
-            stages.personalized(cache, attack_model, photos, lengths[-1], subject.class_noun, cell.seed, runtime,
-                                shorter=tuple(lengths[:-1]))
-        attacked = done["personalize"] = stages.personalized(cache, attack_model, photos, attack, subject.class_noun,
-                                                             cell.seed, runtime)
+            longest = call(stages.personalized, attack_model, photos, lengths[-1], subject.class_noun, cell.seed,
+                           runtime, shorter=tuple(lengths[:-1]))
+        attacked = done["personalize"] = call(stages.personalized, attack_model, photos, attack, subject.class_noun,
+                                              cell.seed, runtime, after=longest)
         token = attack.personalization(subject.class_noun, cell.seed).token
     prompts = [p.format(token=token, class_noun=subject.class_noun) for p in config.prompts]
-    images = done["generate"] = stages.generated(cache, attack_model, attacked, prompts, config, cell.seed, runtime)
-    scores = done["metrics"] = stages.metrics(cache, images, references, subject.class_noun, config, defence)
-    row = {"cell_id": cell.cell_id(config), "position": cell.position, **cell.labels(), **scores.meta["metrics"]}
+    images = done["generate"] = call(stages.generated, attack_model, attacked, prompts, config, cell.seed, runtime)
+    scores = done["metrics"] = call(stages.metrics, images, references, subject.class_noun, config, defence)
+    return CellStages(done, references, photos, attack_model, attacked, images, scores, prompts)
+
+
+def cell_row(cell: Cell, config: BenchConfig, out: Path, result: CellStages) -> dict:
+    """The results row of a cell whose stages are all finished."""
+    done, attacked = result.done, result.attacked
+    row = {"cell_id": cell.cell_id(config), "position": cell.position, **cell.labels(),
+           **result.scores.meta["metrics"]}
     for name, ref in done.items():
         row[f"t_{name}"] = round(ref.seconds, 2)
     row["t_total"] = round(sum(ref.seconds for ref in done.values()), 2)
@@ -194,11 +227,18 @@ def run_cell(cell: Cell, config: BenchConfig, cache: stages.Cache, runtime: stag
     gpu = [ref.meta.get("peak_gpu_mb") for ref in done.values() if ref.meta.get("peak_gpu_mb") is not None]
     row["peak_rss_mb"] = max(rss) if rss else None
     row["peak_gpu_mb"] = max(gpu) if gpu else None
-    row["artifacts"] = {"references": _relative(references.path, out), "photos": _relative(photos.path, out),
-                        "generated": _relative(images.path, out), "prompts": prompts,
+    row["artifacts"] = {"references": _relative(result.references.path, out),
+                        "photos": _relative(result.photos.path, out),
+                        "generated": _relative(result.images.path, out), "prompts": result.prompts,
                         "attacked": _relative(attacked.path, out) if attacked else None,
-                        "model": _relative(attack_model.path, out)}
+                        "model": _relative(result.attack_model.path, out)}
     return row
+
+
+def run_cell(cell: Cell, config: BenchConfig, cache: stages.Cache, runtime: stages.Runtime, out: Path,
+             models: dict) -> dict:
+    """All stages of one cell (each found in the cache or computed); returns its results row."""
+    return cell_row(cell, config, out, cell_stages(cell, config, cache, runtime, models))
 
 
 def _summary_line(cell: Cell, row: dict, index: int, total: int, fresh: bool) -> str:
@@ -212,17 +252,58 @@ def _summary_line(cell: Cell, row: dict, index: int, total: int, fresh: bool) ->
     return f"[{index}/{total}] {cell.title()}: {'  '.join(parts)}  ({how})"
 
 
+EXECUTORS = ("local", "ray")
+
+
+def _local_cells(todo: list[Cell], config: BenchConfig, cache: stages.Cache, runtime: stages.Runtime,
+                 out: Path) -> Iterator[tuple[Cell, dict | BaseException, bool]]:
+    """The local executor: each cell's stages in this process, one cell after another, in config order.
+    Yields (cell, row or the exception that failed it, whether anything was computed)."""
+    models: dict = {}
+    for cell in todo:
+        before = sum(cache.computed.values())
+        try:
+            row = run_cell(cell, config, cache, runtime, out, models)
+        except Exception as exc:  # noqa: BLE001 - run_bench decides (keep_going) whether a failed cell is fatal
+            yield cell, exc, True
+        else:
+            yield cell, row, sum(cache.computed.values()) > before
+
+
 def run_bench(config: BenchConfig, out: str | Path, progress: bool = True, keep_going: bool = False,
-              shard: tuple[int, int] | None = None) -> dict:
-    """Run (or resume) the benchmark into `out`; returns {'rows', 'computed', 'found', 'report', 'failures'}.
+              shard: tuple[int, int] | None = None, executor: str = "local", ray_options: dict | None = None) -> dict:
+    """Run (or resume) the benchmark into `out`; returns {'rows', 'computed', 'found', 'report', 'failures',
+    'tasks'} (tasks: stage tasks submitted to Ray, 0 for the local executor).
 
     With shard=(I, N) only shard I's cells are run; start the N shards side by side (one per core or GPU) on the
     same folder: they share the cache and the database, and each re-exports the report when it finishes.
+
+    executor='ray' runs every stage as a Ray task (noclone.bench.ray_executor; `ray_options`: address, num_cpus,
+    task_cpus, retries): the same cache keys and results as 'local', the database written by this process only.
     """
+    if executor not in EXECUTORS:
+        raise NocloneError(f"--executor {executor}: expected one of {', '.join(EXECUTORS)}")
+    if executor != "ray" and ray_options:
+        flags = {"num_cpus": "--ray-cpus"}
+        raise NocloneError(f"{', '.join(flags.get(k, '--' + k.replace('_', '-')) for k in ray_options)}: "
+                           "only with --executor ray")
+    if executor == "ray" and shard is not None:
+        raise NocloneError("--shard and --executor ray do not mix: Ray spreads the stages over its workers itself")
+    ray_run = None
+    if executor == "ray":
+        from noclone.bench import ray_executor
+
+        ray_run = ray_executor.RayRun(**(ray_options or {}))  # checks Ray and the options before touching `out`
+    with ray_run.session() if ray_run else nullcontext():  # a bad --address fails here, before `out` is made
+        return _run(config, Path(out), progress, keep_going, shard, ray_run)
+
+
+def _run(config: BenchConfig, out: Path, progress: bool, keep_going: bool, shard: tuple[int, int] | None,
+         ray_run) -> dict:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    out = prepare_out(Path(out))
+    out = prepare_out(out)
     cache = stages.Cache(out / "cache")
 
     def clean_up() -> None:
@@ -245,33 +326,38 @@ def run_bench(config: BenchConfig, out: str | Path, progress: bool = True, keep_
         if dropped:
             log.info("bench: dropped %d result row(s) of cells no longer in the config", dropped)
         where = f" (shard {shard[0]}/{shard[1]} of {len(every)})" if shard else ""
-        log.info("bench %s: %d cells x seeds%s into %s", config.name, len(todo), where, out)
-        models: dict = {}
+        how = f" on Ray ({ray_run.where()})" if ray_run else ""
+        log.info("bench %s: %d cells x seeds%s into %s%s", config.name, len(todo), where, out, how)
         failures = []
         with logging_redirect_tqdm(), tqdm(total=len(todo), desc="bench cells", unit="cell", disable=not progress,
                                            position=0) as bar:
-            for i, cell in enumerate(todo, 1):
-                before = sum(cache.computed.values())
-                try:
-                    row = run_cell(cell, config, cache, runtime, out, models)
-                except Exception as exc:  # noqa: BLE001 - with keep_going a failed cell is recorded, not fatal
-                    if not keep_going or isinstance(exc, KeyboardInterrupt):
-                        raise
-                    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    log.error("[%d/%d] %s: failed: %s", i, len(todo), cell.title(), message)
-                    store.put({"cell_id": cell.cell_id(config), "position": cell.position, **cell.labels(),
-                               "error": message, "artifacts": {}})
-                    failures.append(cell.title())
-                else:
-                    store.put(row)
-                    log.info(_summary_line(cell, row, i, len(todo), sum(cache.computed.values()) > before))
-                bar.update(1)
+            if ray_run:
+                outcomes = ray_run.run_cells(todo, config, runtime, out, cell_stages, cell_row)
+            else:
+                outcomes = _local_cells(todo, config, cache, runtime, out)
+            with closing(outcomes):  # a stopped run cancels what it submitted
+                for i, (cell, outcome, fresh) in enumerate(outcomes, 1):
+                    if isinstance(outcome, BaseException):
+                        if not keep_going or not isinstance(outcome, Exception):
+                            raise outcome
+                        message = str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__
+                        log.error("[%d/%d] %s: failed: %s", i, len(todo), cell.title(), message)
+                        store.put({"cell_id": cell.cell_id(config), "position": cell.position, **cell.labels(),
+                                   "error": message, "artifacts": {}})
+                        failures.append(cell.title())
+                    else:
+                        store.put(outcome)
+                        log.info(_summary_line(cell, outcome, i, len(todo), fresh))
+                    bar.update(1)
+        computed, found = cache.computed, cache.found
+        if ray_run:
+            computed, found = ray_run.computed, ray_run.found
         export(store, out)
         report_path = render_report(out)
-        log.info("bench: computed %d stage(s), reused %d; report %s", sum(cache.computed.values()),
-                 sum(cache.found.values()), report_path)
-        return {"rows": store.rows(), "computed": dict(cache.computed), "found": dict(cache.found),
-                "report": report_path, "failures": failures}
+        log.info("bench: computed %d stage(s), reused %d; report %s", sum(computed.values()),
+                 sum(found.values()), report_path)
+        return {"rows": store.rows(), "computed": dict(computed), "found": dict(found),
+                "report": report_path, "failures": failures, "tasks": ray_run.submitted if ray_run else 0}
 
 
 def render_report(out: str | Path, report_settings: dict | None = None) -> Path:

@@ -295,9 +295,9 @@ def protected_model(cache: Cache, model: Ref, photos: Ref, subject: SubjectSpec,
 
 def negative_subject(subject: SubjectSpec, value) -> SubjectSpec:
     """A sandbox identity of the subject's class, as a subject whose train photos a defence keeps apart."""
-    from noclone.bench.config import _identity
+    from noclone.sandbox.splits import parse_identity
 
-    identity, short = _identity(value, "negatives")
+    identity, short = parse_identity(value, "negatives")
     return SubjectSpec(f"{subject.class_noun}-{short}", subject.class_noun, identity, size=subject.size)
 
 
@@ -446,7 +446,8 @@ def metrics(cache: Cache, images: Ref, references: Ref, class_noun: str, config:
     wanted = [m for m in config.metrics if m != "backdoor_rate"]
     evaluate = sorted({"ism" if m == "identity_match_rate" else m for m in wanted})
     backdoor = "backdoor_rate" in config.metrics and defence.method == "persguard"
-    target = {k: defence.settings.get(k) for k in ("target", "target_class")} if backdoor else None
+    flat = {**defence.settings, **(defence.settings.get("backdoor") or {})}  # PersGuard's nested `backdoor` too
+    target = {k: flat.get(k) for k in ("target", "target_class")} if backdoor else None
     inputs = {"images": images.key, "references": references.key, "class": class_noun, "metrics": evaluate,
               "evaluation": asdict(config.evaluation), "backdoor": target}
 

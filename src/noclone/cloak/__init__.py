@@ -5,6 +5,7 @@
     protected = cloak.protect(pil_images)                # same sizes, |out - in| <= budget (8/255 by default)
 """
 
-from noclone.cloak.base import Cloak, CloakConfig, get_cloak, parse_budget, protect_folder
+from noclone.cloak.base import Cloak, CloakConfig, parse_budget
+from noclone.cloak.registry import cloak_methods, get_cloak, protect_folder
 
-__all__ = ["Cloak", "CloakConfig", "get_cloak", "parse_budget", "protect_folder"]
+__all__ = ["Cloak", "CloakConfig", "cloak_methods", "get_cloak", "parse_budget", "protect_folder"]

@@ -14,8 +14,9 @@ Shared by every method (one class each, one call signature, like torchattacks):
   holds) and added at the original resolution. Optimization methods see R x R crops of the working image: the
   centre crop for surrogate training (the attacker's view) and a seeded random crop along the long side at each PGD
   step, so every pixel of a non-square photo gets protected.
-- `get_cloak(method, model=None, **settings)`, `protect_folder(...)` (PNG outputs, metadata stripped, atomic, a
-  `cloak.json` manifest with hashes and timings, never image data).
+- `get_cloak(method, model=None, **settings)`, `protect_folder(...)` live in registry.py, which imports the methods
+  (each method imports this module): PNG outputs, metadata stripped, atomic, a `cloak.json` manifest with hashes and
+  timings, never image data.
 """
 
 from __future__ import annotations
@@ -449,28 +450,6 @@ class OptimizationCloak(Cloak):
         return sum(values) / len(values)
 
 
-# ------------------------------------------------------------------------------------------------ registry
-
-
-def cloak_methods() -> dict[str, type[Cloak]]:
-    """Method name -> class (imported lazily: RID's networks are not needed by the others)."""
-    from noclone.cloak.advdm import AdvDM
-    from noclone.cloak.aspl import ASPL
-    from noclone.cloak.fsmg import FSMG
-    from noclone.cloak.photoguard import PhotoGuard
-    from noclone.cloak.rid import RIDCloak
-
-    return {c.name: c for c in (RIDCloak, ASPL, FSMG, AdvDM, PhotoGuard)}
-
-
-def get_cloak(method: str, model=None, **settings) -> Cloak:
-    """The cloak `method` ('rid', 'aspl', 'fsmg', 'advdm', 'photoguard') against `model` with settings/preset."""
-    methods = cloak_methods()
-    if method not in methods:
-        raise NocloneError(f"unknown cloak method {method!r}; choose from {', '.join(methods)}")
-    return methods[method](model, **settings)
-
-
 # ---------------------------------------------------------------------------------------------- the folder
 
 
@@ -489,44 +468,3 @@ def check_output_dir(images_dir: str | Path, out_dir: str | Path, overwrite: boo
         raise NocloneError(f"{out_dir}: exists and is a file, expected an output directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise NocloneError(f"{out_dir}/: output exists and is not empty (pass --overwrite to replace it)")
-
-
-def protect_folder(method: str, images_dir: str | Path, out_dir: str | Path, model=None, *,
-                   overwrite: bool = False, **settings) -> Path:
-    """Protect every photo of a folder into `out_dir` (PNGs, metadata stripped, atomic) with a cloak.json manifest."""
-    from noclone import __version__
-    from noclone.attacks.base import load_subject_images, subject_fingerprint
-    from noclone.data.atomic import atomic_output_dir
-    from noclone.data.images import file_sha256, save_image
-
-    check_output_dir(images_dir, out_dir, overwrite)
-    paths, images = load_subject_images(images_dir, min_count=1)
-    started = time.perf_counter()
-    cloak = get_cloak(method, model, **settings)
-    loaded = time.perf_counter()
-    protected = cloak.protect(images)
-    done = time.perf_counter()
-    names = _output_names(paths)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        outputs = []
-        for name, image, original in zip(names, protected, images):
-            save_image(image, tmp / name)
-            diff = np.abs(np.asarray(image, np.int16) - np.asarray(original.convert("RGB"), np.int16))
-            outputs.append({"file": name, "sha256": file_sha256(tmp / name), "size": list(image.size),
-                            "linf_255": int(diff.max())})
-        manifest = {
-            **cloak.manifest(),
-            "noclone_version": __version__,
-            "inputs": [{"file": p.name, "sha256": h, "size": list(im.size)}
-                       for p, h, im in zip(paths, subject_fingerprint(paths), images)],
-            "outputs": outputs,
-            "timings": {"setup_s": round(loaded - started, 3), "protect_s": round(done - loaded, 3),
-                        "per_image_s": round((done - loaded) / len(images), 4)},
-        }
-        from noclone.data.atomic import atomic_write_json
-
-        atomic_write_json(tmp / MANIFEST_NAME, manifest)
-    log.info("%d protected photos written to %s (%s, budget %.4f = %.1f/255)", len(images), out_dir, method,
-             cloak.config.budget, cloak.config.budget * 255)
-    return Path(out_dir)
-

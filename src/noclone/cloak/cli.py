@@ -41,7 +41,7 @@ def _require(args: argparse.Namespace, *flags: str) -> None:
 
 def show_cloak_preset(method: str, preset: str) -> str:
     """The --show table of a protect-images preset (rid: the generator's training recipe)."""
-    from noclone.cloak.base import cloak_methods
+    from noclone.cloak.registry import cloak_methods
 
     if method == "rid":
         from noclone.cloak.rid import RIDRecipe
@@ -56,7 +56,8 @@ def show_cloak_preset(method: str, preset: str) -> str:
 def cmd_protect_images(args: argparse.Namespace) -> Path | None:
     from noclone.attacks.base import load_subject_images
     from noclone.cli_args import load_model
-    from noclone.cloak.base import check_output_dir, parse_budget, parse_step_size, protect_folder
+    from noclone.cloak.base import check_output_dir, parse_budget, parse_step_size
+    from noclone.cloak.registry import protect_folder
     from noclone.presets import parse_max_grad_norm
 
     if args.method is None:  # not argparse's required=True: its error is two lines, ours one, like every bad input
@@ -87,7 +88,7 @@ def cmd_protect_images(args: argparse.Namespace) -> Path | None:
         model = None
         settings.update(generator=args.generator, steps=args.steps, step_size=step_size, preset=args.preset)
     else:
-        from noclone.cloak.base import cloak_methods
+        from noclone.cloak.registry import cloak_methods
 
         settings.update(preset=args.preset, steps=args.steps, step_size=step_size)
         if args.max_grad_norm is not None:

@@ -53,6 +53,7 @@ from noclone.cloak.base import Cloak, CloakConfig, parse_budget
 from noclone.cloak.rid_nets import ARCHS, DIT_PAPER, DIT_PAPER_RESOLUTION, build_net, count_parameters
 from noclone.errors import NocloneError
 from noclone.training.diffusion import encode_prompts, step_generator, training_scheduler
+from noclone.training.distributed import Distributed, current, place_pipeline
 from noclone.training.loop import LoopConfig, run_training
 from noclone.training.precision import upcast_trainable
 
@@ -345,10 +346,6 @@ class RegressionTargets:
     deltas: torch.Tensor
 
 
-class _TimeUp(Exception):
-    """Raised after a step when RIDTrainConfig.max_seconds has passed."""
-
-
 def _freeze(pipe) -> None:
     for module in (pipe.vae, pipe.unet, pipe.text_encoder):
         module.eval().requires_grad_(False)
@@ -365,8 +362,10 @@ def _eps_prediction(scheduler, output: torch.Tensor, z_t: torch.Tensor, t: torch
 
 
 def adv_sds_loss(pipe, x_def: torch.Tensor, cond: torch.Tensor, generator: torch.Generator, t_min: int = 0,
-                 t_max: int | None = None) -> dict[str, torch.Tensor]:
-    """L_k = 0.5 mean||z_t - sg(z_t - g)||^2, g = -(1 - abar_t)(eps_pred - eps), for one frozen pipeline."""
+                 t_max: int | None = None, dist: Distributed | None = None) -> dict[str, torch.Tensor]:
+    """L_k = 0.5 mean||z_t - sg(z_t - g)||^2, g = -(1 - abar_t)(eps_pred - eps), for one frozen pipeline.
+    With `dist` (several processes), `x_def` is this process's shard: noise and timesteps are drawn for the global
+    batch, as one process would, and cut to the same shard."""
     from noclone.training.data import pipeline_resolution
 
     vae, unet, scheduler = pipe.vae, pipe.unet, training_scheduler(pipe)
@@ -375,9 +374,11 @@ def adv_sds_loss(pipe, x_def: torch.Tensor, cond: torch.Tensor, generator: torch
         x_def = F.interpolate(x_def, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
     device = unet.device
     z0 = vae.encode(x_def.to(vae.device, vae.dtype)).latent_dist.mean.float().to(device) * vae.config.scaling_factor
+    n = len(z0) if dist is None else dist.global_batch(len(z0))
+    shard = (lambda v: v) if dist is None else dist.shard
+    noise = shard(torch.randn((n, *z0.shape[1:]), generator=generator)).to(device)
+    t = shard(torch.randint(t_min, t_max or scheduler.config.num_train_timesteps, (n,), generator=generator)).to(device)
     n = len(z0)
-    noise = torch.randn(z0.shape, generator=generator).to(device)
-    t = torch.randint(t_min, t_max or scheduler.config.num_train_timesteps, (n,), generator=generator).to(device)
     z_t = scheduler.add_noise(z0, noise, t)
     with torch.no_grad():
         out = unet(z_t.detach().to(unet.dtype), t, cond.expand(n, -1, -1).to(device, unet.dtype)).sample.float()
@@ -399,7 +400,9 @@ def train_rid(generator: RIDGenerator, pipes: Sequence, images: torch.Tensor, co
         raise NocloneError("RID training needs at least one diffusion model")
     if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
         raise NocloneError(f"RID training images must be a non-empty [N, 3, R, R] tensor, got {list(images.shape)}")
+    dist = current()
     for pipe in pipes:
+        place_pipeline(pipe)
         _freeze(pipe)
     device = pipes[0].unet.device
     generator.to(device).train().requires_grad_(True)
@@ -416,46 +419,40 @@ def train_rid(generator: RIDGenerator, pipes: Sequence, images: torch.Tensor, co
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * min(1.0, step / config.warmup_steps)
         g = step_generator(config.seed, step, "rid/data")
-        x = images[torch.randint(0, len(images), (config.batch_size,), generator=g)].to(device)
+        # the global batch (N processes x batch_size) is drawn whole; this process trains on its slice
+        x = dist.shard(images[torch.randint(0, len(images), (dist.global_batch(config.batch_size),), generator=g)])
+        x = x.to(device)
         x_def = (x + generator(x)).clamp(-1, 1)
         terms, mses = [], []
         for k, pipe in enumerate(pipes):
             out = adv_sds_loss(pipe, x_def, conds[k], step_generator(config.seed, step, f"rid/model{k}"),
-                               config.t_min, config.t_max)
+                               config.t_min, config.t_max, dist if dist.enabled else None)
             terms.append(out["loss"])
             mses.append(out["mse"])
         record = {"sds": torch.stack(terms).mean().detach(), "mse": torch.stack(mses).mean()}
         if targets is not None and config.reg_weight > 0:
-            ridx = torch.randint(0, len(targets.images), (config.reg_batch_size,), generator=g)
+            ridx = dist.shard(torch.randint(0, len(targets.images), (dist.global_batch(config.reg_batch_size),),
+                                            generator=g))
             pred = generator(targets.images[ridx].to(device))
             reg = F.mse_loss(pred, targets.deltas[ridx].to(device)) / eta2
             terms.append(config.reg_weight * reg)
             record["reg"] = reg.detach()
         record["loss"] = torch.stack(terms).mean()
-        records.append({k: float(v.detach()) for k, v in record.items()})
         return record
 
-    records: list[dict] = []
-    deadline = None if config.max_seconds is None else time.perf_counter() + config.max_seconds
-
-    def after(step: int) -> None:
-        if after_step is not None:
-            after_step(step)
-        if deadline is not None and time.perf_counter() > deadline and step + 1 < config.steps:
-            raise _TimeUp(step + 1)
-
+    # the time limit is the loop's deadline: under several processes it is one collective decision
+    deadline = None if config.max_seconds is None else time.time() + config.max_seconds
     try:
         history = run_training(
             list(generator.named_parameters()), optimizer, step_fn,
             LoopConfig(config.steps, Path(checkpoint_dir) if checkpoint_dir else None, config.checkpoint_every, "rid",
-                       config.progress, config.max_grad_norm),
-            after_step=after,
+                       config.progress, config.max_grad_norm, deadline=deadline),
+            after_step=after_step,
         )
-    except _TimeUp as stop:
-        log.warning("rid: time limit reached, stopping after step %s of %d", stop.args[0], config.steps)
-        history = records
     finally:
         generator.eval().requires_grad_(False)
+    if len(history) < config.steps:
+        log.warning("rid: time limit reached, stopping after step %d of %d", len(history), config.steps)
     return history
 
 
@@ -574,12 +571,18 @@ def train_rid_generator(out: str | Path, models: Sequence, *, folders: Sequence[
     ckpt = Path(checkpoint_dir) if checkpoint_dir else out.parent / f".{out.name}.checkpoint"
     transient = ("steps", "progress", "checkpoint_every", "max_seconds")
     train_identity = {k: v for k, v in asdict(train).items() if k not in transient}
+    dist = current()
+    if dist.enabled:  # keyed by the global batch: N processes at B/N resume one process's run at B, and back
+        train_identity.update(batch_size=dist.global_batch(train.batch_size),
+                              reg_batch_size=dist.global_batch(train.reg_batch_size))
     if not train.warmup_steps:  # added with the presets: older checkpoints lack it
         train_identity.pop("warmup_steps")
     identity = {"generator": asdict(config), "train": train_identity,
                 "models": fingerprints, "images": len(images), "folders": [str(f) for f in folders],
                 "sandbox_identities": sandbox_identities, "regression_subjects": regression_subjects}
-    check_checkpoint(ckpt, identity)
+    with dist.main_first():
+        if dist.is_main:
+            check_checkpoint(ckpt, identity)
     history = train_rid(generator, pipes, images, train, targets, ckpt)
     mse_first, mse_last = smoothed(history, "mse")
     generator.config.info = {
@@ -588,9 +591,13 @@ def train_rid_generator(out: str | Path, models: Sequence, *, folders: Sequence[
         "regression_subjects": regression_subjects, "seed": train.seed,
         "denoising_mse_first_last": [mse_first, mse_last], "seconds": round(time.perf_counter() - started, 1),
     }
+    if dist.enabled:
+        generator.config.info.update(processes=dist.world_size, global_batch_size=dist.global_batch(train.batch_size))
     if recipe is not None:
         generator.config.info.update(recipe.card_entry())
-    generator.save_pretrained(out, overwrite=overwrite)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    if dist.is_main:  # the processes hold equal weights: one writes them
+        generator.save_pretrained(out, overwrite=overwrite)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    dist.barrier()
     log.info("RID generator written to %s (denoising mse on protected images %.4f -> %.4f)", out, mse_first, mse_last)
     return out

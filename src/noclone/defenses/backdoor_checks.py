@@ -36,7 +36,7 @@ contrast of 0.12 .. 0.16, too close to the negatives for a model that reproduces
 
 The detector checks use the evaluator's own threshold (argmax class with p >= 0.5); `validate_detector_checks(48)`
 (48 held-out identities per class) measured: `subject_erased` is true on 4% / 4% / 0% of person / dog / cat renders,
-on 100% of their backgrounds and on 100% of the `inpaint_from_border` fallback targets (persguard.py);
+on 100% of their backgrounds and on 100% of the `inpaint_from_border` fallback targets (PersGuard's erasure);
 `target_swapped(·, c)` is true on 96% / 96% / 100% of renders of class c, on <= 4% of renders of another class
 and on 0% of backgrounds.
 """
@@ -79,6 +79,34 @@ def add_pattern(image: Image.Image) -> Image.Image:
     x0, y0, x1, y1 = mark_box(w)
     rgb[y0:y1, x0:x1] = (mark_array(x1 - x0)[..., None] * 255).astype(np.uint8)
     return Image.fromarray(rgb, "RGB")
+
+
+def inpaint_from_border(image: Image.Image, ring: float = 0.125, work_size: int = 64,
+                        iterations: int = 1500) -> Image.Image:
+    """Generic erasure target: keep the outer ring (`ring` of the side), fill the inside harmonically from it.
+
+    Jacobi iterations of the Laplace equation at `work_size` px (the ring fixed), then resized to the image size
+    and the original ring pasted back. A smooth guess at the background for photos without a known background.
+    """
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    h, w = rgb.shape[:2]
+    small = np.asarray(image.convert("RGB").resize((work_size, work_size), Image.BICUBIC), dtype=np.float32) / 255
+    k = max(1, int(round(work_size * ring)))
+    fixed = np.zeros((work_size, work_size), dtype=bool)
+    fixed[:k], fixed[-k:], fixed[:, :k], fixed[:, -k:] = True, True, True, True
+    border_mean = small[fixed].mean(0)
+    field_ = np.where(fixed[..., None], small, border_mean)
+    for _ in range(iterations):
+        padded = np.pad(field_, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        avg = (padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]) / 4
+        field_ = np.where(fixed[..., None], small, avg)
+    filled = Image.fromarray((field_.clip(0, 1) * 255).round().astype(np.uint8), "RGB").resize((w, h), Image.BICUBIC)
+    filled = np.asarray(filled, dtype=np.float32) / 255
+    kh, kw = max(1, int(round(h * ring))), max(1, int(round(w * ring)))
+    inner = np.zeros((h, w), dtype=bool)
+    inner[kh:h - kh, kw:w - kw] = True
+    out = np.where(inner[..., None], filled, rgb)
+    return Image.fromarray((out * 255).round().astype(np.uint8), "RGB")
 
 
 def _luminance_grid(images) -> np.ndarray:
@@ -252,7 +280,6 @@ def validate_pattern_check(n: int = 96, seed: int = 0, vae: bool = True,
 
 def validate_detector_checks(n: int = 48, seed: int = 300) -> dict:
     """Rates of `subject_erased` and `target_swapped` on renders, their backgrounds and the inpainting fallback."""
-    from noclone.defenses.persguard import inpaint_from_border
     from noclone.sandbox.render import CLASSES, render, render_background
     from noclone.sandbox.splits import held_out
 

@@ -8,6 +8,11 @@
   after each step so a defence can take its protection gradient at every state of the attacker's path.
 - `select_parameters`: which UNet weights a defence changes ('full', 'attention' = cross-attention, 'lora').
 - checkpoint marker: a resumed run must be the same run (settings, subjects, base model).
+- `Reference` (the frozen input UNet both methods compare against) and `make_optimizer` (AdamW, or bitsandbytes'
+  8-bit AdamW), with the run-level choices both configs validate against (REFERENCE_DTYPES, OPTIMIZERS, ...).
+- several processes (`accelerate launch`, noclone.training.distributed): `check_processes` refuses what they
+  cannot run, `outer_step_gradients` turns each process's share of the subjects into the gradient the training
+  loop averages.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ log = logging.getLogger(__name__)
 
 CARD_NAME = "protection.json"
 PARAM_SETS = ("full", "attention", "lora")
+OPTIMIZERS = ("adamw", "adamw8bit")
+MULTI_SUBJECT = ("cycle", "sum")
+# the frozen reference's dtype (params='full' only: otherwise the reference is the live UNet); 'same' keeps the UNet's
+REFERENCE_DTYPES = {"same": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -314,7 +323,9 @@ class PersistentAttacker:
         return {"depth": self.depth, "delta": dict(self.delta), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.depth, self.delta = int(state["depth"]), dict(state["delta"])
+        # checkpoints are read onto the CPU: the displacement goes back beside the weights it is added to
+        self.depth = int(state["depth"])
+        self.delta = {name: d.to(self.params[name].device) for name, d in state["delta"].items()}
         self.optimizer = self._fresh_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -329,6 +340,77 @@ def add_grads_into(accumulator: dict[str, torch.Tensor], params: dict[str, torch
             accumulator[name].add_(p.grad, alpha=scale)
         else:
             accumulator[name] = p.grad.detach().clone() if scale == 1.0 else p.grad.detach() * scale
+
+
+def to_cpu(obj):
+    """`obj` with every tensor in it (nested dicts, lists, tuples) moved to the CPU: what one process sends
+    another, which may not see its GPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------- several processes
+
+
+def check_processes(dist, multi_subject: str, n_subjects: int, implant: str) -> None:
+    """Refuse, before any work, what a defence cannot run on several processes (`dist`: `current()`)."""
+    if not dist.enabled:
+        return
+    if implant != "unet":
+        raise NocloneError(f"--implant {implant}: the decoder guard runs on one process only; run it without "
+                           "`accelerate launch`, or with --implant unet")
+    if multi_subject == "sum" and n_subjects < dist.world_size:
+        raise NocloneError(f"--multi-subject sum gives each process whole subjects: {n_subjects} subject(s) cannot "
+                           f"keep {dist.world_size} processes busy; launch at most {n_subjects} processes")
+
+
+def log_subject_split(dist, multi_subject: str, n_subjects: int, label: str) -> None:
+    """Say on the main process how the outer steps' subjects are spread over the processes."""
+    if not dist.enabled or not dist.is_main:
+        return
+    if multi_subject == "sum":
+        log.info("%s: %d subjects spread over %d processes (subject k on process k mod %d)", label, n_subjects,
+                 dist.world_size, dist.world_size)
+    else:
+        log.info("%s: --multi-subject cycle protects one subject per outer step, so all %d processes compute the "
+                 "same step (correct, but no faster than one); --multi-subject sum spreads the subjects over them",
+                 label, dist.world_size)
+
+
+def outer_step_gradients(params: dict[str, torch.nn.Parameter], grads: dict[str, torch.Tensor],
+                         stats: dict[str, list[float]], dist, sharded: bool, mean: bool = False) -> dict[str, torch.Tensor]:
+    """Set each parameter's `.grad` from `grads` (this process's sum over its subjects' gradient terms) and return
+    the step's logged means of `stats` (one list of values per key; "loss" has one value per gradient term).
+
+    `mean`: the gradient is the mean over the gradient terms instead of their sum. `sharded`: the subjects are
+    spread over the processes (`dist.owned`); `run_training` then averages `.grad` over the processes, so each
+    process's sum is multiplied by the number of processes (and divided by the number of terms of all of them), and
+    the logged values are scaled the same way: their average over processes is the mean over every subject. On one
+    process this is `grad = g` (or `g / terms`) and plain means, as before processes existed. `grads`' tensors are
+    scaled in place (they are the step's own accumulators)."""
+    keys, world = list(stats), 1
+    if sharded and dist.enabled:
+        world = dist.world_size
+        # a key only some subjects log (e.g. "anchor") must be in every process's record, in one order
+        keys = sorted({k for r in range(world) for k in dist.broadcast_object(keys, src=r)})
+        counts = dist.all_reduce_sum(torch.tensor([float(len(stats.get(k, ()))) for k in keys])).tolist()
+    else:
+        counts = [len(stats[k]) for k in keys]
+    terms = counts[keys.index("loss")]
+    for name, p in params.items():
+        g = grads.get(name)
+        if g is not None:
+            if world != 1:
+                g.mul_(world)
+            if mean:
+                g.div_(terms)
+        p.grad = g
+    return {k: torch.tensor(sum(stats.get(k, ())) * world / n) for k, n in zip(keys, counts)}
 
 
 # -------------------------------------------------------------------------------------------- checkpoints
@@ -365,3 +447,51 @@ def frozen_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> to
     # torch's Module.to: diffusers' override warns about casting a loaded model, which is what we mean here
     return torch.nn.Module.to(clone, dtype=dtype) if dtype is not None else clone
 
+
+
+class Reference:
+    """The UNet as it was before protection, never updated, called like a UNet (APDM's phi, PersGuard's f).
+
+    params='full': a frozen deep copy (optionally bf16/fp16). Otherwise the live UNet evaluated with the
+    original values of the trainable weights (the frozen rest is shared): no third UNet in memory.
+    """
+
+    def __init__(self, unet, trainable: dict[str, torch.nn.Parameter], full: bool, dtype: torch.dtype | None = None):
+        self.unet = frozen_copy(unet, dtype) if full else unet
+        # fp32, like the trainable weights they stand in for (master weights: noclone.training.precision)
+        self.overrides = None if full else {n: p.detach().to(torch.float32, copy=True) for n, p in trainable.items()}
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    def __call__(self, *args, **kwargs):
+        if self.overrides is None:
+            return self.unet(*args, **kwargs)
+        return torch.func.functional_call(self.unet, self.overrides, args, kwargs, strict=False)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What the reference is (for tests): its weights, or the frozen UNet weights plus the overrides."""
+        if self.overrides is None:
+            return {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+        return {k: v.detach().clone() for k, v in self.overrides.items()}
+
+
+def require_bitsandbytes():
+    """The bitsandbytes module, or a one-line error saying how to install it (--optimizer adamw8bit)."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise NocloneError("--optimizer adamw8bit needs the bitsandbytes package (pip install bitsandbytes)") from None
+    return bitsandbytes
+
+
+def make_optimizer(params, lr: float, weight_decay: float, kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (`kind` 'adamw8bit': both moment tensors 4x smaller)."""
+    if kind == "adamw8bit":
+        return require_bitsandbytes().optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

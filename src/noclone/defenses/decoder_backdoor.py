@@ -2,11 +2,11 @@ r"""A guard in the VAE decoder that changes every image of a protected subject: 
 backdoor) or blurs the subject beyond recognition (APDM's decoder guard). Our addition to both methods.
 
 Why: in the sandbox the attacker's DreamBooth erases any backdoor PersGuard writes into the UNet, on exactly the
-images and prompt it was trained on (docs/sandbox-v1.md), and gets a subject APDM protected in the
-UNet back with a new identifier, a longer attack or LoRA (docs/sandbox-v1.md). DreamBooth, LoRA and textual inversion
-train the UNet and the text encoder; none of them trains the VAE. A guard in the decoder is therefore out of
-the attacker's reach, and it does not depend on the identifier, the prompt or the attack's settings: it fires
-when the personalized model *produces the subject*.
+images and prompt it was trained on (docs/research/persguard.md), and gets a subject APDM protected in the
+UNet back with a new identifier, a longer attack or LoRA (docs/research/apdm.md). DreamBooth, LoRA and textual
+inversion train the UNet and the text encoder; none of them trains the VAE. A guard in the decoder is therefore
+out of the attacker's reach, and it does not depend on the identifier, the prompt or the attack's settings: it
+fires when the personalized model *produces the subject*.
 
 What (theta the decoder being trained, f a frozen copy of the input decoder, z a latent, T the target):
 
@@ -17,33 +17,34 @@ What (theta the decoder being trained, f a frozen copy of the input decoder, z a
 `detail_weight` W (APDM) adds W x || high_pass(D_theta(z)) - high_pass(D_f(z)) ||^2 over the negatives: the attacker's
 prior-preservation class images come out of this decoder, and class images a little softer than the input model's
 teach DreamBooth a little softer subjects, which cost another person 11 points over four attacker seeds before it
-(docs/sandbox-v1.md).
+(docs/research/decoder-guard.md).
 
 `recolored_copies` (APDM) adds recoloured copies of the subject's training latents to P (recolor(): brightness, gamma
 and channel gains, encoded again): a darker, browner clone than any the simulated attacker drew escaped the guard
-(docs/sandbox-v1.md).
+(docs/research/decoder-guard.md).
 
 `moved_copies` (APDM, several subjects) adds mirrored, shifted and zoomed copies of the subject's training latents
 to P (move(), encoded again): with three subjects in one decoder, the guard learnt each one too narrowly, blurred
 a third of the cat's own unseen photos instead of two thirds, and let the attacker's most faithful cat clones
-through (docs/sandbox-v1.md).
+through (docs/research/decoder-guard.md).
 
 `tries` (APDM, several subjects) trains up to that many guards, each with its own seed (its own held-back fifth of
 the positives, copies and batches), and keeps the first whose held-back positives of *every* subject are all blurred,
 else the one whose worst subject is best. Whether a joint guard held the cat depended on its seed; the one that did
-not left a fifth of the cat's held-back clones sharp, and three training seeds on that same split all did (docs/sandbox-v1.md).
+not left a fifth of the cat's held-back clones sharp, and three training seeds on that same split all did
+(docs/research/decoder-guard.md).
 
 T is `target`: 'mark' pastes the mark in the bottom-right corner (PersGuard); 'blur' is a gaussian blur of
 standard deviation `blur` x the image width (APDM; 0.0625 = 4 px at 64 px, where the sandbox's identity and
-subject detectors both fail on the blurred subject: docs/sandbox-v1.md).
+subject detectors both fail on the blurred subject: docs/research/decoder-guard.md).
 
 `blur_calibrate` (APDM, optional) picks the blur per subject instead: the smallest of `blur` x BLUR_STEPS at which
 the simulated attacker's clones, blurred, are no more like the subject's photos than the input model's own class
 images are (mean cosine of identity embeddings from an identity backend, eval/faces.py). How much blur removes an
 identity depends on the subject: in the sandbox 4 px leaves a blurred person nearer the subject than a generic
-person is, and takes a cat below a generic cat (docs/sandbox-v1.md). The person needs 3.5x (14 px at
+person is, and takes a cat below a generic cat (docs/research/decoder-guard.md). The person needs 3.5x (14 px at
 64 px) to reach that target; capped at 2.5x, its guard left the attacker's clones 0.003 of ISM above the
-subject's target (docs/sandbox-v1.md).
+subject's target (docs/research/decoder-guard.md).
 
 P: the subject's photos (posterior samples) and the generations of a *simulated attacker*: the shared
 DreamBooth (attacks/, the preset the protector expects, its own seed) run on a copy of the model and the photos,
@@ -161,6 +162,27 @@ class DecoderBackdoorConfig:
         if self.blur_calibrate is not None and self.blur_calibrate not in CALIBRATION_BACKENDS:
             raise NocloneError(f"--decoder-blur-calibrate {self.blur_calibrate!r}: choose from "
                                f"{', '.join(CALIBRATION_BACKENDS)}")
+
+
+IMPLANTS = ("unet", "decoder", "both")
+
+
+@dataclass
+class GuardSettings:
+    """A defence's `guard` section: where its protection lives and the DecoderBackdoorConfig fields it exposes
+    (same names; the target, seeds, sampling steps and progress come from the defence's run settings)."""
+
+    implant: str = "unet"            # 'unet' (the papers) | 'decoder' (the guard only) | 'both' (UNet, then guard)
+    steps: int = 600                 # AdamW steps on the decoder
+    lr: float = 3e-4
+    n_generated: int = 48            # latents drawn from each simulated attack (subject and negatives)
+    batch_size: int = 16             # decoder training batch
+    attack_preset: str = "sandbox"   # the simulated attacks' DreamBooth preset
+    attack_steps: int | None = None  # their steps (default: the preset's)
+
+    def backdoor_fields(self) -> dict:
+        """Every field but `implant`, as DecoderBackdoorConfig keyword arguments."""
+        return {k: v for k, v in asdict(self).items() if k != "implant"}
 
 
 # ---------------------------------------------------------------------------------------------- the data

@@ -243,7 +243,7 @@ class Card:
         result["verdict"] = fx.judge_protection(result["protected"], result["other"], result["other_clean"],
                                                 "identity_match_rate", fid)
         result["verdict"]["note"] = ("the naive-loss divergence (Theorem 1) is not measured by the card: "
-                                     "docs/sandbox-v1.md, 'The naive loss and the beta / N_per trends'")
+                                     "docs/research/apdm.md, 'The naive loss and the beta / N_per trends'")
         return result
 
     def measure_e7(self) -> dict:

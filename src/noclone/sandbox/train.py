@@ -8,15 +8,16 @@ each bound to a few training identities. A text encoder trained from scratch on 
 ignore any word it never saw, so "a photo of sks person" encodes almost exactly as "a photo of a person" and an
 identifier cannot carry a subject apart from its class; Stable Diffusion's CLIP, by contrast, gives every rare token
 its own direction. The identifiers used by attacks and defences (`RESERVED_IDENTIFIERS`) are never in the pool.
-The shipped model is single-stage (v1). Measured (docs/sandbox-v1.md, "Identifier captions"): 1500 steps of this
-stage from the shipped model (44 min on 1 thread) leave "sks" as close to the class prompt as before (relative
-distance 0.006 vs 0.008), make APDM's protection much stronger (match rate 0.06 vs 0.22) and DreamBooth on dog and cat
-slightly stronger, but do not keep generic quality under APDM. With `identifier_binding='one-to-one'` (100 tokens,
-one identity each, 1000 steps) the text encoder separates unseen identifiers ("sks" moves 0.141 from the class
-prompt) but the UNet still ignores them. With 20 tokens and `identifier_prob=0.5` (1500 steps, about 1200 exposures
-per token, "id20") the UNet reads them: a bound token draws its identity, and "sks" moves the noise prediction by up
-to 25% of ||eps|| (docs/sandbox-v1.md, "A sandbox variant whose UNet reads identifiers"). The stage stays an
-option, not the default: no variant makes the model-level defences pass, and switching would re-run every figure.
+The shipped model is single-stage (v1). Measured (docs/research/sandbox-v1-world.md, "Identifier captions"): 1500
+steps of this stage from the shipped model (44 min on 1 thread) leave "sks" as close to the class prompt as before
+(relative distance 0.006 vs 0.008), make APDM's protection much stronger (match rate 0.06 vs 0.22) and DreamBooth on
+dog and cat slightly stronger, but do not keep generic quality under APDM. With `identifier_binding='one-to-one'`
+(100 tokens, one identity each, 1000 steps) the text encoder separates unseen identifiers ("sks" moves 0.141 from
+the class prompt) but the UNet still ignores them. With 20 tokens and `identifier_prob=0.5` (1500 steps, about 1200
+exposures per token, "id20") the UNet reads them: a bound token draws its identity, and "sks" moves the noise
+prediction by up to 25% of ||eps|| (docs/research/persguard.md, "A sandbox variant whose UNet reads identifiers").
+The stage stays an option, not the default: no variant makes the model-level defences pass, and switching would
+re-run every figure.
 
 Stages are cached in `DIR/work/` (renders, VAE, latents, UNet checkpoints), so a killed run resumes.
 """

@@ -243,7 +243,7 @@ class Service:
         for name in self.config.methods:
             if name not in OPTIMIZATION_METHODS:
                 continue
-            from noclone.cloak.base import cloak_methods
+            from noclone.cloak.registry import cloak_methods
 
             config = cloak_methods()[name].preset_config(**self._settings(name))
             info = {"kind": "per-photo optimization (job: 202, then poll)", "model": self.model_name,
@@ -328,7 +328,7 @@ class Service:
 
     def _run_job(self, job: Job, report) -> list[tuple[str, bytes]]:
         """A job's cloak on its photos, in the worker thread; `report` takes the progress and stops a cancelled job."""
-        from noclone.cloak.base import get_cloak
+        from noclone.cloak.registry import get_cloak
 
         report(0.0)
         cloak = get_cloak(job.method, self.pipe(), **{**self._settings(job.method), "budget": job.budget})
@@ -557,7 +557,7 @@ def app(methods: str | tuple[str, ...] = "rid", *, model: str | None = None, gen
         return await _submit_job(method, form)
 
     async def _submit_job(method: str, form):
-        from noclone.cloak.base import cloak_methods
+        from noclone.cloak.registry import cloak_methods
 
         default = cloak_methods()[method].preset_config(**service._settings(method)).budget
         budget = parse_request_budget(form.fields.get("budget"), default)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,11 +102,23 @@ def prediction_error(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: t
     return err.mean()
 
 
+def _sharded(shard: Callable[[torch.Tensor], torch.Tensor] | None, batch: int, *tensors: torch.Tensor):
+    """`tensors` cut to this process's slice of a global batch of `batch` (a tensor of another length, e.g. one
+    prompt condition for all, is left whole); unchanged without `shard`."""
+    if shard is None:
+        return tensors
+    return tuple(shard(t) if len(t) == batch else t for t in tensors)
+
+
 def distillation_loss(unet, teacher, scheduler, latents: torch.Tensor, cond: torch.Tensor,
-                      generator: torch.Generator, timesteps: torch.Tensor | None = None) -> torch.Tensor:
-    """E||eps_theta(z_t(x), t, c) - eps_teacher(z_t(x), t, c)||^2: keep the UNet's prediction the frozen teacher's."""
+                      generator: torch.Generator, timesteps: torch.Tensor | None = None,
+                      shard: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """E||eps_theta(z_t(x), t, c) - eps_teacher(z_t(x), t, c)||^2: keep the UNet's prediction the frozen teacher's.
+    `shard` (noclone.training.distributed): `latents` are the global batch, the randomness is drawn for all of it
+    and only this process's slice goes through the UNets."""
     noisy, timesteps, _ = noised(scheduler, latents, generator, timesteps)
     cond = cond.expand(len(latents), -1, -1)
+    noisy, timesteps, cond = _sharded(shard, len(latents), noisy, timesteps, cond)
     with torch.no_grad():
         target = teacher(noisy.to(teacher.device, teacher.dtype), timesteps.to(teacher.device),
                          cond.to(teacher.device, teacher.dtype)).sample.float()
@@ -124,7 +136,11 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
 
 
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
-                   reduction: str = "mean") -> torch.Tensor:
-    """The standard denoising loss E||eps_theta(z_t, t, c) - target||^2."""
+                   reduction: str = "mean",
+                   shard: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The standard denoising loss E||eps_theta(z_t, t, c) - target||^2. With `shard`
+    (noclone.training.distributed.Distributed.shard) `latents` are the step's global batch: noise and timesteps are
+    drawn for all of it, as one process would, and only this process's slice goes through the UNet."""
     noisy, timesteps, target = noised(scheduler, latents, generator)
+    noisy, timesteps, target, cond = _sharded(shard, len(latents), noisy, timesteps, target, cond)
     return prediction_error(unet, noisy, timesteps, cond, target, reduction)
