@@ -4,8 +4,8 @@ the weights one process trains at the same global batch, and only the first proc
 The test launches two processes once with `accelerate launch --multi_gpu --num_processes 2` (accelerate's torchrun
 launcher: on a CPU-only torch the processes join over gloo; `--cpu` would start one process only, accelerate's
 multi-CPU launch is mpirun) and computes the one-process reference here meanwhile, at twice the per-process batch.
-This file is also the launched worker (`__main__` below); its LoRA run goes through `python -m noclone personalize`,
-what `accelerate launch -m noclone personalize` runs in each process, and it first checks the loop's contract on a
+This file is also the launched worker (`__main__` below); its LoRA run goes through `python -m noclone.cli personalize`,
+what `accelerate launch -m noclone.cli personalize` runs in each process, and it first checks the loop's contract on a
 toy problem whose arithmetic is exact (`_check_loop_contract`) and PersGuard's persistent attackers spread over the
 processes (`_check_attacker_states`). APDM runs `--multi-subject sum` on two subjects, one per process: there the
 processes split whole subjects rather than a batch, and the check is the same (plus the gradient each step applied,
@@ -196,14 +196,14 @@ def _cli_args(model_dir: Path, subject_dir: Path, out: Path, batch: int) -> list
             str(batch), "--rank", "4", "--train-text-encoder", "--device", "cpu", "--out", str(out)]
 
 
-def _python_m_noclone(args: list[str]) -> None:
-    """What `accelerate launch -m noclone ARGS` runs in each process: `python -m noclone ARGS`."""
+def _python_m_noclone_cli(args: list[str]) -> None:
+    """What `accelerate launch -m noclone.cli ARGS` runs in each process: `python -m noclone.cli ARGS`."""
     import runpy
 
     argv = sys.argv
     sys.argv = ["noclone", *args]
     try:
-        runpy.run_module("noclone", run_name="__main__", alter_sys=True)
+        runpy.run_module("noclone.cli", run_name="__main__", alter_sys=True)
     except SystemExit as exit_:
         assert exit_.code == 0, f"noclone exited with {exit_.code}"
     finally:
@@ -213,7 +213,7 @@ def _python_m_noclone(args: list[str]) -> None:
 def run_scenarios(model_dir: Path, subject_dir: Path, out: Path, batch: int, launched: bool) -> None:
     """DreamBooth (full UNet + text encoder, prior preservation) through `run`; RID generator training; LoRA through
     the command line; APDM on two subjects. `launched` (the workers): the DreamBooth run is killed after 2 of 4 steps (checkpoint at 2)
-    and rerun, resuming, and the command line runs as `python -m noclone`."""
+    and rerun, resuming, and the command line runs as `python -m noclone.cli`."""
     from safetensors.torch import save_file
 
     from noclone.attacks import DreamBooth
@@ -249,7 +249,7 @@ def run_scenarios(model_dir: Path, subject_dir: Path, out: Path, batch: int, lau
 
     args = _cli_args(model_dir, subject_dir, out / "lora", batch)
     if launched:
-        _python_m_noclone(args)
+        _python_m_noclone_cli(args)
     else:
         assert main(args) == 0
 
@@ -365,7 +365,7 @@ def class_cache_warm(tiny_model_dir):
 
 def test_two_processes_train_as_one_process_at_the_same_global_batch(tiny_model_dir, subject_dir, tmp_path,
                                                                      class_cache_warm):
-    """DreamBooth (interrupted and resumed), RID and LoRA (`python -m noclone personalize`) on two processes at batch
+    """DreamBooth (interrupted and resumed), RID and LoRA (`python -m noclone.cli personalize`) on two processes at batch
     2 train the weights one process trains at batch 4; APDM and PersGuard (interrupted and resumed) on two subjects,
     one per process, train the weights one process trains with both; only the first process writes."""
     from safetensors.torch import load_file

@@ -2,13 +2,13 @@
 
 Layers, lowest first. A module may import its own layer and lower ones, never a higher one:
 
-    0 foundation  the package root, errors, data, report (page helpers), presets (preset tables)
+    0 foundation  the package root, errors, data, report (page helpers), presets (preset tables), quiet
     1 core        models, training, generation, class_images, the sandbox world (assets, splits, render, train)
     2 methods     attacks, cloak, defenses, eval, and sandbox.evaluator (the identity evaluator: it imports
                   eval.metrics, and eval's face backends load it)
     3 workflows   bench, audit, fidelity, demo, sandbox.experiment
     4 service     serve
-    5 cli         cli.py, cli_args.py, every */cli.py, defenses/cli_protect.py, __main__.py
+    5 cli         cli.py, cli_args.py, every */cli.py, defenses/cli_protect.py
 
 Also checked: only the command-line layer imports the command-line layer (argparse glue is not a library API), no
 import cycle at module level, and no cycle closed by a deferred (function-level) import either. The usual way such a
@@ -29,7 +29,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-CLI_NAMES = ("cli", "cli_args", "cli_protect", "__main__")
+CLI_NAMES = ("cli", "cli_args", "cli_protect")
 
 LAYERS = ("foundation", "core", "methods", "workflows", "service", "cli")
 
@@ -40,6 +40,7 @@ NOCLONE_LAYERS = {
     "noclone.data": "foundation",
     "noclone.report": "foundation",
     "noclone.presets": "foundation",
+    "noclone.quiet": "foundation",
     "noclone.models": "core",
     "noclone.training": "core",
     "noclone.generation": "core",

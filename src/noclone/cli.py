@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -15,15 +14,6 @@ from noclone.cli_args import refuse_existing as _refuse_existing
 from noclone.errors import NocloneError
 
 log = logging.getLogger("noclone")
-
-
-def _quiet_third_party() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 
 def cmd_personalize(args: argparse.Namespace) -> None:
@@ -323,17 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_third_party()
-    args = build_parser().parse_args(argv)
+    from noclone.quiet import quiet_third_party
+
+    args = build_parser().parse_args(argv)  # before the Hugging Face imports, so that --help stays instant
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("diffusers", "transformers", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" bars; our own bars stay
-    transformers.utils.logging.disable_progress_bar()
+    quiet_third_party()
     from noclone.training.distributed import init_if_launched
 
     init_if_launched()  # under `accelerate launch` each process takes its own GPU before any model is placed

@@ -246,21 +246,14 @@ def _exit_with_parent(parent: int, every: float = 1.0) -> None:
 
 
 def _worker_init(threads: int, level: int) -> None:
-    import warnings
-
     import torch
+
+    from noclone.quiet import quiet_third_party
 
     _exit_with_parent(os.getppid())
     torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_third_party()
 
 
 def _timed_stage(name: str, ctx: dict, deps: dict) -> dict:

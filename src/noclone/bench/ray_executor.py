@@ -107,7 +107,9 @@ def run_stage(root: str, threads: int, fn, args: tuple, kwargs: dict, *upstream:
     import torch
 
     torch.set_num_threads(max(1, threads))
-    _quiet()
+    from noclone.quiet import quiet_third_party
+
+    quiet_third_party()
     done = {(ref.stage, ref.key): ref for ref in upstream}
 
     def resolve(value):
@@ -120,17 +122,6 @@ def run_stage(root: str, threads: int, fn, args: tuple, kwargs: dict, *upstream:
     cache = stages.Cache(Path(root))
     ref = fn(cache, *[resolve(a) for a in args], **{k: resolve(v) for k, v in kwargs.items()})
     return ref, {"computed": dict(cache.computed), "found": dict(cache.found)}
-
-
-def _quiet() -> None:
-    """No Hugging Face progress bars in workers (Ray forwards their output to the driver line by line)."""
-    for module, name in (("huggingface_hub.utils", "disable_progress_bars"),
-                         ("diffusers.utils.logging", "disable_progress_bar"),
-                         ("transformers.utils.logging", "disable_progress_bar")):
-        try:
-            getattr(__import__(module, fromlist=[name]), name)()
-        except Exception:  # noqa: BLE001 - cosmetic only
-            pass
 
 
 def probe(out: str, token: str) -> dict:

@@ -194,7 +194,7 @@ def current() -> Distributed:
 
 
 def init_if_launched() -> Distributed:
-    """Call before models are placed (`python -m noclone` does): under a launcher each process then owns its GPU,
+    """Call before models are placed (`python -m noclone.cli` does): under a launcher each process then owns its GPU,
     so 'cuda' / 'auto' devices mean that GPU."""
     return current()
 
