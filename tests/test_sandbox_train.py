@@ -126,6 +126,17 @@ def test_v2_architecture_is_sd_shaped_at_128_px():
     assert size_mb < 60  # as written: UNet and VAE fp16, text encoder fp32
 
 
+def test_v2_64_is_v2s_denoiser_and_text_encoder_on_v1s_vae():
+    from noclone.models.architectures import PRESETS, resolution
+
+    v1, v2, v2_64 = PRESETS["sandbox"], PRESETS["sandbox-v2"], PRESETS["sandbox-v2-64"]
+    assert v2_64["vae"] == v1["vae"] and resolution("sandbox-v2-64") == resolution("sandbox") == 64
+    assert v2_64["unet"] == v2["unet"] and v2_64["text"] == v2["text"]
+    cfg = SandboxTrainConfig.preset("v2-64")
+    assert cfg.caption_style == "v2" and cfg.identifier_bound == 1000 and cfg.resolution == 64
+    assert (cfg.unet_steps, cfg.unet_batch) == (SandboxTrainConfig().unet_steps, SandboxTrainConfig().unet_batch)
+
+
 def test_v2_training_stops_on_its_budget_writes_a_usable_model_and_resumes(tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -277,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sandbox.add_parser("train", help="reproduce the sandbox model from scratch")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="v1", choices=("v1", "v2"),
-                   help="v1: the shipped model's recipe; v2: the 128 px SD-shaped world (see docs/fidelity.md)")
+    p.add_argument("--preset", default="v1", choices=("v1", "v2", "v2-64"),
+                   help="v1: the shipped model's recipe; v2: the 128 px SD-shaped world (GPU-sized); v2-64: v2's "
+                        "captions, identifiers and denoiser at 64 px (2 CPU cores, ~100 min); see docs/fidelity.md")
     p.add_argument("--device", help="cpu (default) or cuda; on cuda the forward passes run in bf16 autocast")
     p.add_argument("--minutes", type=float, help="time budget: stop, write the model so far, rerun to resume")
     p.add_argument("--render-workers", type=int, default=1, help="processes rendering the training set")

@@ -11,8 +11,9 @@ WEIGHTS = Path(__file__).parent / "weights"
 
 
 # Names of the shipped models. 'sandbox' is the default world; 'sandbox-v1' pins v1, so scripts and published
-# figures keep their model when the default changes.
-SHIPPED_MODELS = {"sandbox": "model", "sandbox-v1": "model"}
+# figures keep their model when the default changes. 'sandbox-v2-64' is the candidate world (v2's captions, rare
+# tokens and denoiser at 64 px; docs/fidelity.md): not the default until its fidelity card passes more than v1's.
+SHIPPED_MODELS = {"sandbox": "model", "sandbox-v1": "model", "sandbox-v2-64": "model-v2-64"}
 
 
 def model_dir(name: str = "sandbox") -> Path:

@@ -94,6 +94,12 @@ class SandboxTrainConfig:
                    identifier_bound=1000, identifier_prob=0.5, identities_per_class=3000, photos_per_identity=6,
                    vae_steps=3000, vae_batch=64, unet_steps=30000, unet_batch=128, unet_lr=3e-4, text_lr=5e-4,
                    max_shard_size="15MB"),
+        # v2's language and denoiser in v1's 64 px world, at v1's compute (4500 x 32 denoiser steps): the v2 world
+        # that 2 CPU cores train in one sitting (about 100 min).
+        "v2-64": dict(architecture="sandbox-v2-64", caption_style="v2", attribute_prob=0.7, uncond_prob=0.1,
+                      identifier_bound=1000, identifier_prob=0.5, identities_per_class=3000, photos_per_identity=6,
+                      vae_steps=900, vae_batch=32, unet_steps=4500, unet_batch=32, unet_lr=5e-4, text_lr=1e-3,
+                      max_shard_size="15MB"),
     }
 
     @classmethod
