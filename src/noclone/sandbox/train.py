@@ -53,6 +53,13 @@ IDENTIFIER_TEMPLATES = ("a photo of {} {}", "a portrait of {} {}", "a picture of
 RESERVED_IDENTIFIERS = frozenset({"sks", "ohwx", "xyz", "qzv", "zwx", "pqv", "qlx", "bnha", "hta", "pcr", "krk", "tok", "sts", "olis"})
 
 
+# v2's captions: compositional, naming what each photo shows (identity traits, expression, gaze, light, background),
+# with rare tokens bound one-to-one to 1000 training identities so that the text encoder learns to carry words it
+# rarely sees.
+V2_CAPTIONS = dict(caption_style="v2", attribute_prob=0.7, uncond_prob=0.1, identifier_bound=1000, identifier_prob=0.5,
+                   max_shard_size="15MB")
+
+
 @dataclass
 class SandboxTrainConfig:
     seed: int = 0
@@ -86,20 +93,13 @@ class SandboxTrainConfig:
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "v1": {},
-        # Sandbox v2: SD-shaped VAE at 128 px, a larger UNet and text encoder, compositional captions that name what
-        # each photo shows (identity traits, expression, gaze, light, background) and rare tokens bound one-to-one to
-        # 1000 training identities, so that the text encoder learns to carry words it rarely sees. Its step counts
-        # are for a GPU (bf16); on 2 CPU cores use --minutes and rerun to resume.
-        "v2": dict(architecture="sandbox-v2", caption_style="v2", attribute_prob=0.7, uncond_prob=0.1,
-                   identifier_bound=1000, identifier_prob=0.5, identities_per_class=3000, photos_per_identity=6,
-                   vae_steps=3000, vae_batch=64, unet_steps=30000, unet_batch=128, unet_lr=3e-4, text_lr=5e-4,
-                   max_shard_size="15MB"),
-        # v2's language and denoiser in v1's 64 px world, at v1's compute (4500 x 32 denoiser steps): the v2 world
-        # that 2 CPU cores train in one sitting (about 100 min).
-        "v2-64": dict(architecture="sandbox-v2-64", caption_style="v2", attribute_prob=0.7, uncond_prob=0.1,
-                      identifier_bound=1000, identifier_prob=0.5, identities_per_class=3000, photos_per_identity=6,
-                      vae_steps=900, vae_batch=32, unet_steps=4500, unet_batch=32, unet_lr=5e-4, text_lr=1e-3,
-                      max_shard_size="15MB"),
+        # Sandbox v2: SD-shaped VAE at 128 px, a larger UNet and text encoder, and v2's captions (V2_CAPTIONS). Its
+        # step counts are for a GPU (bf16); on 2 CPU cores use --minutes and rerun to resume.
+        "v2": dict(architecture="sandbox-v2", **V2_CAPTIONS, vae_steps=3000, vae_batch=64, unet_steps=30000,
+                   unet_batch=128, unet_lr=3e-4, text_lr=5e-4),
+        # v2's captions and denoiser in v1's 64 px world at v1's step counts: the v2 world that 2 CPU cores train in
+        # one sitting (about 100 min).
+        "v2-64": dict(architecture="sandbox-v2-64", **V2_CAPTIONS),
     }
 
     @classmethod
