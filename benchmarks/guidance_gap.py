@@ -24,7 +24,7 @@ import argparse
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="sandbox", help="pipeline directory, or 'sandbox' (the shipped model)")
+    parser.add_argument("--model", default="sandbox", help="pipeline directory, or a shipped sandbox model's name ('sandbox', 'sandbox-v2-64', ...)")
     parser.add_argument("--attacked", help="the model after the attacker's fine-tuning (pipeline directory)")
     parser.add_argument("--images", help="folder of the subject's photos (default: sandbox renders of --identity)")
     parser.add_argument("--identity", type=int, default=0, help="sandbox held-out identity (without --images)")
@@ -39,7 +39,7 @@ def main() -> None:
     from noclone.errors import NocloneError
     from noclone.models.pipeline import load_pipeline
     from noclone.training.data import LatentSet, pipeline_resolution
-    from noclone.training.diffusion import encode_prompts, step_generator, training_scheduler
+    from noclone.training.diffusion import encode_prompts, predicted_noise, step_generator, training_scheduler
 
     try:
         timesteps = [int(t) for t in args.timesteps.split(",")]
@@ -47,9 +47,9 @@ def main() -> None:
         raise SystemExit(f"error: --timesteps {args.timesteps!r}: give integers separated by commas") from None
     torch.set_grad_enabled(False)
     try:
-        from noclone.sandbox.assets import model_dir
+        from noclone.sandbox.assets import model_path
 
-        model = load_pipeline(model_dir() if args.model == "sandbox" else args.model)
+        model = load_pipeline(model_path(args.model))
         attacked = load_pipeline(args.attacked) if args.attacked else None
         if args.images:
             from noclone.attacks.base import load_subject_images
@@ -69,7 +69,7 @@ def main() -> None:
 
     def predict(pipe, noisy, t, prompt):
         cond = encode_prompts(pipe.text_encoder, pipe.tokenizer, [prompt] * len(noisy))
-        return pipe.unet(noisy, t, cond).sample.float()
+        return predicted_noise(scheduler, pipe.unet(noisy, t, cond).sample.float(), noisy, t)  # v converted to eps
 
     print(f"{len(photos)} photos; instance prompt {instance!r}; all norms relative to ||eps||")
     header = "t     err('')  gap(instance)  gap(class)"

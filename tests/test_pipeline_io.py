@@ -45,6 +45,18 @@ def test_sd2_v_prediction_round_trip(tmp_path):
     assert not torch.allclose(diffusion_target(loaded.scheduler, latents, noise, t), noise)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sd2", "sandbox-v2-64-zsnr"])
+def test_a_perfect_prediction_converts_back_to_the_noise(preset):
+    from noclone.models.architectures import build_scheduler
+    from noclone.training.diffusion import diffusion_target, predicted_noise
+
+    scheduler = build_scheduler(preset)
+    latents, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 999])
+    noisy = scheduler.add_noise(latents, noise, t)
+    recovered = predicted_noise(scheduler, diffusion_target(scheduler, latents, noise, t), noisy, t)
+    assert torch.allclose(recovered, noise, atol=1e-4)
+
+
 def test_pickle_checkpoints_refused(tmp_path, tiny_model_dir):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"not even a pickle")

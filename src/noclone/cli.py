@@ -101,10 +101,10 @@ def cmd_sandbox_train(args: argparse.Namespace) -> None:
     if args.minutes is not None and args.minutes <= 0:
         raise NocloneError(f"--minutes {args.minutes} must be positive")
     init_from = args.init_from
-    if init_from == "sandbox":
-        from noclone.sandbox.assets import model_dir
+    if init_from:
+        from noclone.sandbox.assets import model_path
 
-        init_from = model_dir()
+        init_from = model_path(init_from)  # a shipped model's name or a path
     _refuse_existing(args.out, args.overwrite)
     train_sandbox_model(args.out, config, init_from=init_from)
 
@@ -277,9 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sandbox.add_parser("train", help="reproduce the sandbox model from scratch")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="v1", choices=("v1", "v2", "v2-64"),
+    p.add_argument("--preset", default="v1", choices=("v1", "v2", "v2-64", "v2-64-zsnr"),
                    help="v1: the shipped model's recipe; v2: the 128 px SD-shaped world (GPU-sized); v2-64: v2's "
-                        "captions, identifiers and denoiser at 64 px (2 CPU cores, ~100 min); see docs/fidelity.md")
+                        "captions, identifiers and denoiser at 64 px (2 CPU cores, ~100 min); v2-64-zsnr: v2-64 with "
+                        "v-prediction at zero terminal SNR; see docs/fidelity.md")
     p.add_argument("--device", help="cpu (default) or cuda; on cuda the forward passes run in bf16 autocast")
     p.add_argument("--minutes", type=float, help="time budget: stop, write the model so far, rerun to resume")
     p.add_argument("--render-workers", type=int, default=1, help="processes rendering the training set")
@@ -294,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "one-to-one: token k names the k-th identity only, which is oversampled")
     p.add_argument("--identifier-prob", type=float,
                    help="share of the identifier stage's captions that name an identifier (default 0.3)")
-    p.add_argument("--init-from", type=_model_arg, help="skip stage 1: start the identifier stage from this sandbox model "
-                   "('sandbox' = the shipped one)")
+    p.add_argument("--init-from", type=_model_arg, help="skip stage 1: start from this sandbox model (a path or a shipped "
+                   "name such as 'sandbox-v2-64'): the identifier stage, or a v2 preset's denoiser continued")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_sandbox_train)
     p = sandbox.add_parser("train-evaluator", help="reproduce the sandbox identity evaluator")

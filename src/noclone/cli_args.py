@@ -20,7 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model, --config, --allow-pickle, --device, --dtype."""
     p.add_argument("--model", default="sandbox", type=model_arg,
                    help="diffusers directory, .safetensors file, or 'sandbox' for the embedded model (default; "
-                        "'sandbox-v1' pins v1; 'sandbox-v2-64' is the candidate v2 world)")
+                        "'sandbox-v1' pins v1; 'sandbox-v2-64' and 'sandbox-v2-64-zsnr' are candidate v2 worlds)")
     p.add_argument("--config", help="local diffusers directory describing an original-layout single-file checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt/.bin/.pt)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from noclone.cloak.base import Cloak, CloakConfig, parse_budget
 from noclone.cloak.rid_nets import ARCHS, DIT_PAPER, DIT_PAPER_RESOLUTION, build_net, count_parameters
 from noclone.errors import NocloneError
-from noclone.training.diffusion import encode_prompts, step_generator, training_scheduler
+from noclone.training.diffusion import encode_prompts, predicted_noise, step_generator, training_scheduler
 from noclone.training.distributed import Distributed, current, place_pipeline
 from noclone.training.loop import LoopConfig, run_training
 from noclone.training.precision import upcast_trainable
@@ -351,16 +351,6 @@ def _freeze(pipe) -> None:
         module.eval().requires_grad_(False)
 
 
-def _eps_prediction(scheduler, output: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The model's epsilon prediction (converted from v for v-prediction models)."""
-    if scheduler.config.prediction_type == "epsilon":
-        return output
-    if scheduler.config.prediction_type == "v_prediction":
-        abar = scheduler.alphas_cumprod.to(z_t.device)[t].float().view(-1, 1, 1, 1)
-        return abar.sqrt() * output + (1 - abar).sqrt() * z_t
-    raise NocloneError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
-
-
 def adv_sds_loss(pipe, x_def: torch.Tensor, cond: torch.Tensor, generator: torch.Generator, t_min: int = 0,
                  t_max: int | None = None, dist: Distributed | None = None) -> dict[str, torch.Tensor]:
     """L_k = 0.5 mean||z_t - sg(z_t - g)||^2, g = -(1 - abar_t)(eps_pred - eps), for one frozen pipeline.
@@ -382,7 +372,7 @@ def adv_sds_loss(pipe, x_def: torch.Tensor, cond: torch.Tensor, generator: torch
     z_t = scheduler.add_noise(z0, noise, t)
     with torch.no_grad():
         out = unet(z_t.detach().to(unet.dtype), t, cond.expand(n, -1, -1).to(device, unet.dtype)).sample.float()
-        eps_pred = _eps_prediction(scheduler, out, z_t.detach(), t)
+        eps_pred = predicted_noise(scheduler, out, z_t.detach(), t)
         w = (1 - scheduler.alphas_cumprod.to(device)[t].float()).view(-1, 1, 1, 1)
         g = -w * (eps_pred - noise)
         mse = F.mse_loss(eps_pred, noise)

@@ -421,12 +421,13 @@ def vae_ceiling(pipe, subjects: list[dict], size: int, photos: int = 16) -> dict
 
 
 def guidance_gaps(pipe, subjects: list[dict], size: int, timestep: int = GAP_TIMESTEP) -> dict[str, float]:
-    """Per class: ||eps(z_t, 'a photo of a <class>') - eps(z_t, '')|| / ||eps|| on the subjects' photos."""
+    """Per class: ||eps(z_t, 'a photo of a <class>') - eps(z_t, '')|| / ||eps|| on the subjects' photos (a
+    v-prediction model's outputs are converted to eps, so both kinds are measured in the same units)."""
     import torch
 
     from noclone.sandbox.render import render
     from noclone.training.data import LatentSet, pipeline_resolution
-    from noclone.training.diffusion import encode_prompts, step_generator, training_scheduler
+    from noclone.training.diffusion import encode_prompts, predicted_noise, step_generator, training_scheduler
 
     scheduler = training_scheduler(pipe)
     out = {}
@@ -439,6 +440,7 @@ def guidance_gaps(pipe, subjects: list[dict], size: int, timestep: int = GAP_TIM
             noisy = scheduler.add_noise(latents, noise, ts)
             cond, uncond = (encode_prompts(pipe.text_encoder, pipe.tokenizer, [p] * len(noisy))
                             for p in (f"a photo of a {c}", ""))
-            gap = pipe.unet(noisy, ts, cond).sample - pipe.unet(noisy, ts, uncond).sample
+            gap = (predicted_noise(scheduler, pipe.unet(noisy, ts, cond).sample, noisy, ts)
+                   - predicted_noise(scheduler, pipe.unet(noisy, ts, uncond).sample, noisy, ts))
             out[c] = float(gap.norm() / noise.norm())
     return out

@@ -11,9 +11,11 @@ WEIGHTS = Path(__file__).parent / "weights"
 
 
 # Names of the shipped models. 'sandbox' is the default world; 'sandbox-v1' pins v1, so scripts and published
-# figures keep their model when the default changes. 'sandbox-v2-64' is the candidate world (v2's captions, rare
-# tokens and denoiser at 64 px; docs/fidelity.md): not the default until its fidelity card passes more than v1's.
-SHIPPED_MODELS = {"sandbox": "model", "sandbox-v1": "model", "sandbox-v2-64": "model-v2-64"}
+# figures keep their model when the default changes. 'sandbox-v2-64' is a candidate world (v2's captions, rare
+# tokens and denoiser at 64 px; docs/fidelity.md); 'sandbox-v2-64-zsnr' is the same world with v-prediction at zero
+# terminal SNR. Neither is the default until its fidelity card passes more than v1's.
+SHIPPED_MODELS = {"sandbox": "model", "sandbox-v1": "model", "sandbox-v2-64": "model-v2-64",
+                  "sandbox-v2-64-zsnr": "model-v2-64-zsnr"}
 
 
 def model_dir(name: str = "sandbox") -> Path:

@@ -73,7 +73,7 @@ class SandboxTrainConfig:
     unet_lr: float = 5e-4
     text_lr: float = 1e-3
     ema_decay: float = 0.999
-    snr_gamma: float = 5.0
+    snr_gamma: float | None = 5.0       # min-SNR-gamma loss weights; None: the plain (uniform) loss
     uncond_prob: float = 0.1
     attribute_prob: float = 0.5
     identifier_steps: int = 0           # second stage (identifier captions); 0 = single-stage (sandbox v1)
@@ -100,6 +100,10 @@ class SandboxTrainConfig:
         # v2's captions and denoiser in v1's 64 px world at v1's step counts: the v2 world that 2 CPU cores train in
         # one sitting (about 100 min).
         "v2-64": dict(architecture="sandbox-v2-64", **V2_CAPTIONS),
+        # v2-64 with v-prediction at zero terminal SNR (architectures.PRESETS["sandbox-v2-64-zsnr"]). Plain v-loss,
+        # as SD2 trains: min-SNR weights are 0 at zero SNR, the one step where the model must make the image's
+        # colours from the prompt alone.
+        "v2-64-zsnr": dict(architecture="sandbox-v2-64-zsnr", **V2_CAPTIONS, snr_gamma=None),
     }
 
     @classmethod
@@ -303,6 +307,8 @@ def train_denoiser(pipe, images: np.ndarray, labels, work: Path, cfg: SandboxTra
         cond = encode_prompts(text_encoder, pipe.tokenizer, prompts)
         noisy, t, target = noised(pipe.scheduler, latents, g)
         err = prediction_error(unet, noisy, t, cond, target, reduction="per-sample")
+        if cfg.snr_gamma is None:
+            return {"loss": err.mean(), "mse": err.mean()}
         weights = min_snr_weights(pipe.scheduler, t, cfg.snr_gamma).to(err.device)
         return {"loss": (err * weights).mean(), "mse": err.mean()}
 
@@ -407,10 +413,11 @@ def train_sandbox_model(out: str | Path, cfg: SandboxTrainConfig | None = None, 
         log.info("VAE ready (%.0f s)", time.time() - started)
         complete = train_denoiser(pipe, images, labels, work, cfg, deadline=deadline)
     else:
-        from diffusers import DDPMScheduler
+        from noclone.models.architectures import build_scheduler
 
         pipe = load_pipeline(init_from, dtype="fp32")
-        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        # the preset's noise schedule and prediction type, which may differ from the starting model's
+        pipe.scheduler = build_scheduler(cfg.architecture)
         pipe.unet.requires_grad_(True)
         pipe.text_encoder.requires_grad_(True)
         log.info("starting from %s", init_from)

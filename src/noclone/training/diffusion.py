@@ -80,6 +80,18 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+def predicted_noise(scheduler, output: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The UNet's output as a noise (epsilon) prediction: converted from v for v-prediction models, so that
+    measurements in units of ||eps|| mean the same for both kinds."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    if kind == "v_prediction":
+        abar = scheduler.alphas_cumprod.to(z_t.device)[t.to(z_t.device)].float().view(-1, 1, 1, 1)
+        return abar.sqrt() * output + (1 - abar).sqrt() * z_t
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
 def noised(scheduler, latents: torch.Tensor, generator: torch.Generator, timesteps: torch.Tensor | None = None):
     """(noisy latents, timesteps, target) with t ~ U{0..T-1} and fresh Gaussian noise from `generator`."""
     noise = torch.randn(latents.shape, generator=generator)
