@@ -2,6 +2,7 @@
 
     noclone sandbox train --out DIR [--seed 0] [--identities 3000] [--unet-steps 4000] [--identifier-steps 1500]
     noclone sandbox train --out DIR --init-from MODEL --identifier-steps 1500   # the second stage only
+    noclone sandbox train --preset v2-64-zsnr --init-from sandbox-v2-64 --out DIR   # continued at zero terminal SNR
 
 An optional second stage fine-tunes with *identifier captions* ("a photo of vlo dog"): a pool of rare CLIP tokens,
 each bound to a few training identities. A text encoder trained from scratch on class templates alone learns to
