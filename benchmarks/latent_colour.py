@@ -35,21 +35,19 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from PIL import Image
 
+    from noclone.data.images import images_to_tensor, tensor_to_images
     from noclone.eval.metrics import identity_match_rate
     from noclone.models.pipeline import load_pipeline
     from noclone.sandbox.assets import model_path
     from noclone.sandbox.evaluator import load_default_evaluator
     from noclone.sandbox.render import render
     from noclone.sandbox.splits import held_out
-
-    def pixels(images) -> torch.Tensor:
-        return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    from noclone.training.diffusion import encode_images
 
     def encode(pipe, images) -> torch.Tensor:
-        with torch.no_grad():
-            return pipe.vae.encode(pixels(images).to(pipe.vae.dtype)).latent_dist.mean.float() * pipe.vae.config.scaling_factor
+        """Scaled latent means, as the UNet sees them."""
+        return encode_images(pipe.vae, images_to_tensor(images, size), batch_size=64)[0]
 
     def generate(pipe, prompt: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents, their starting noise) for `n` generations of `prompt`."""
@@ -62,8 +60,7 @@ def main() -> None:
 
     def decode(pipe, latents: torch.Tensor) -> list:
         with torch.no_grad():
-            x = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)).sample.float()
-        return [Image.fromarray(((p.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()) for p in x]
+            return tensor_to_images(pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)).sample)
 
     torch.manual_seed(args.seed)
     pipe = load_pipeline(str(model_path(args.model)), dtype="fp32")
